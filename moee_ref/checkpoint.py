@@ -1,0 +1,213 @@
+"""Finding a checkpoint and loading its safetensors into MoEDecoder.
+
+A source is a local directory or a Hugging Face hub id. Only config,
+tokenizer and safetensors files are ever fetched; pickle-based weights
+(.bin, .pt) are refused and no code from a checkpoint is run.
+
+Loading is strict and streaming: every expected tensor is checked by name and
+shape from the safetensors headers first, then the model is built on the
+meta device and materialised one decoder layer at a time from memory-mapped
+shards, so two full copies of the weights never exist at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .config import ModelArgs, read_config
+from .errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from .families import FAMILIES
+from .layout import NameMap, build, leaves, outer
+from .model import MoEDecoder
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a hub download fetches: enough to build the model and its tokenizer, nothing executable.
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "*.safetensors",
+    INDEX_FILE,
+]
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local checkpoint directory for `source`, downloading from the hub when it is an id."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+        return path
+    text = str(source)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith("/"):
+        raise CheckpointError(f"{text}: no such directory, and not a hub id of the form 'owner/name'")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repository, gated, network errors: all end here
+        raise ModelNotFoundError(
+            f"could not get '{repo_id}' from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"Without network, download it elsewhere (huggingface-cli download {repo_id} "
+            f"--include '*.json' '*.safetensors') and pass that local directory instead"
+        ) from exc
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, from its index when sharded."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc}); re-download it") from exc
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{directory}: shard(s) listed in {INDEX_FILE} are missing: {', '.join(missing)}; download them")
+        return [directory / n for n in names]
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise UnsafeCheckpointError(
+            f"{directory} holds only pickle-based weights ({', '.join(pickled)}). Loading pickle can run arbitrary code, "
+            "so moee-ref never does; convert them to safetensors in a trusted environment, or use the safetensors release"
+        )
+    raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; the weights must be in safetensors format")
+
+
+class ShardReader:
+    """Header-level view of all shards: which tensor lives where, with what shape."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.location: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            with _open(file) as handle:
+                for name in handle.keys():
+                    self.location[name] = file
+                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
+        missing = sorted(set(expected) - set(self.shapes))
+        unexpected = sorted(set(self.shapes) - set(expected))
+        wrong = sorted(
+            f"{n} (checkpoint {list(self.shapes[n])}, expected {list(s)})"
+            for n, s in expected.items()
+            if n in self.shapes and self.shapes[n] != tuple(s)
+        )
+        problems = [
+            _listing("missing tensors", missing),
+            _listing("unexpected tensors", unexpected),
+            _listing("wrongly shaped tensors", wrong),
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            raise CheckpointError(
+                f"checkpoint does not match its config.json: {'; '.join(problems)}. "
+                "Check that config.json belongs to these weights"
+            )
+
+    def reading(self) -> "_OpenShards":
+        return _OpenShards(self)
+
+
+class _OpenShards:
+    """Shards opened (memory-mapped) for one loading step and closed after it, so pages can be released."""
+
+    def __init__(self, reader: ShardReader):
+        self.reader = reader
+        self.stack = ExitStack()
+        self.handles: dict[Path, object] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stack.close()
+
+    def read(self, name: str) -> torch.Tensor:
+        file = self.reader.location[name]
+        if file not in self.handles:
+            self.handles[file] = self.stack.enter_context(_open(file))
+        try:
+            return self.handles[file].get_tensor(name)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({exc}); the file is corrupt, re-download it") from exc
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); it may be truncated or corrupt, re-download it") from exc
+
+
+def _listing(label: str, names: list[str], limit: int = 12) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} {label}: {shown}{more}"
+
+
+def name_map_groups(args: ModelArgs) -> list[NameMap]:
+    """The name map in loading order: embeddings, each decoder layer, then final norm and head."""
+    family = FAMILIES[args.family]
+    before, after = outer(args)
+    return [before, *(family.layer_names(args, layer) for layer in range(args.num_layers)), after]
+
+
+def expected_shapes(groups: Iterable[NameMap]) -> dict[str, tuple[int, ...]]:
+    return {leaf.name: leaf.shape for group in groups for recipe in group.values() for leaf in leaves(recipe)}
+
+
+def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MoEDecoder:
+    """Load a supported MoE checkpoint (local directory or hub id) as an MoEDecoder in eval mode."""
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise CheckpointError(f"dtype {dtype} is not supported; use torch.float32 (CPU), float64, bfloat16 or float16")
+    directory = resolve_source(source)
+    args = read_config(directory)
+    reader = ShardReader(shard_files(directory))
+    groups = name_map_groups(args)
+    reader.check(expected_shapes(groups))
+
+    with torch.device("meta"):
+        model = MoEDecoder(args)
+    for group in groups:
+        with reader.reading() as shards:
+            for param_name, recipe in group.items():
+                _assign(model, param_name, build(recipe, shards.read, dtype))
+    unset = [n for n, p in model.named_parameters() if p.is_meta]
+    if unset:  # the name map forgot a parameter: a bug in moee-ref, not in the checkpoint
+        raise AssertionError(f"parameters left unloaded: {unset}")
+    model.source_dir = directory
+    return model.eval().requires_grad_(False)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    current = getattr(owner, attr)
+    if current.shape != tensor.shape:  # the name map and the model disagree: a bug, not bad input
+        raise AssertionError(f"{name}: built {tuple(tensor.shape)}, model expects {tuple(current.shape)}")
+    setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))

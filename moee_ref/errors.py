@@ -1,0 +1,30 @@
+"""The exceptions moee-ref raises for bad input, each a documented type.
+
+Every message names the problem and says what to do about it. All of them
+derive from MoEERefError, so a caller (and the `moee` command line) can catch
+the expected failures in one place and let real bugs surface as tracebacks.
+"""
+
+
+class MoEERefError(Exception):
+    """Base class of every expected moee-ref error."""
+
+
+class ConfigError(MoEERefError, ValueError):
+    """config.json is missing a field, has an inconsistent one, or names an unsupported model."""
+
+
+class CheckpointError(MoEERefError):
+    """The weights cannot be found, read or matched to the model (missing, corrupt, wrong shape)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The checkpoint only offers pickle-based weights (.bin/.pt), which are never loaded."""
+
+
+class ModelNotFoundError(CheckpointError):
+    """A hub id could not be resolved (offline, or no such repository) and no local copy exists."""
+
+
+class InputError(MoEERefError, ValueError):
+    """Bad model or embedding input: token ids, batch shape, texts, options."""

@@ -1,0 +1,174 @@
+"""The building blocks shared by all three families, each written once.
+
+RMSNorm, rotary embeddings, attention (grouped-query capable, with the OLMoE
+and Qwen variants as flags), the SwiGLU MLP, the router and the stacked
+routed experts. model.py assembles them into a decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean square is taken in at least float32, as the reference
+        # implementations do: in bf16 it would lose most of its digits.
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xc = x.to(compute)
+        normed = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin tables [B, T, head_dim] for the given positions [B, T].
+
+    Angles are computed in float32, like the training code of all three
+    models: doing it in float64 would differ from what the weights saw.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions[..., None].float() * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2) of x [B, H, T, head_dim] by the position angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        q_out, kv_out = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, q_out, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(q_out, args.hidden_size, bias=False)
+        # OLMoE normalises q and k over the whole projection (all heads at once), before RoPE.
+        self.q_norm = RMSNorm(q_out, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(kv_out, args.rms_norm_eps) if args.qk_norm else None
+        self.clip_qkv = args.clip_qkv
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # OLMoE clamps after the q/k norms
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # mask None means "no padding": plain causal attention, the fastest kernel.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one matrix [2 * size, dim]."""
+
+    def __init__(self, dim: int, size: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * size, bias=False)
+        self.down = nn.Linear(size, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+@dataclass
+class LayerRouting:
+    """What the router of one MoE layer decided, for N tokens."""
+
+    logits: torch.Tensor  # [N, E] float32, before softmax
+    probs: torch.Tensor  # [N, E] float32, softmax over all experts
+    topk_ids: torch.Tensor  # [N, k] experts that process each token
+    topk_weights: torch.Tensor  # [N, k] float32, the weights their outputs are mixed with
+
+
+class Router(nn.Module):
+    """Softmax over all experts, then the top k; optionally renormalised."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
+        self.top_k, self.norm_topk_prob = args.top_k, args.norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> LayerRouting:
+        logits = F.linear(x, self.weight).float()
+        probs = logits.softmax(dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return LayerRouting(logits, probs, ids, weights)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked tensors and run only on the tokens routed to them."""
+
+    def __init__(self, num_experts: int, dim: int, size: int):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * size, dim))
+        self.down = nn.Parameter(torch.empty(num_experts, dim, size))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # Group the (token, expert) assignments by expert once, so that each
+        # active expert runs one matmul pair over a contiguous block of tokens.
+        top_k = ids.shape[-1]
+        flat_ids = ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat_ids, minlength=self.gate_up.shape[0]).tolist()
+        grouped = x[token_of]
+        out = torch.empty_like(grouped)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            block = grouped[start : start + count]
+            gate, up = F.linear(block, self.gate_up[expert]).chunk(2, dim=-1)
+            out[start : start + count] = F.linear(F.silu(gate) * up, self.down[expert])
+            start += count
+        out *= weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+class MoE(nn.Module):
+    """Routed experts, plus the shared expert(s) that every token goes through where a family has them."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.router = Router(args)
+        self.experts = RoutedExperts(args.num_experts, args.hidden_size, args.expert_size)
+        self.shared = SwiGLU(args.hidden_size, args.shared_expert_size) if args.shared_expert_size else None
+        # Qwen scales its shared expert by sigmoid(w . x) per token; DeepSeekMoE adds its shared experts as they are.
+        self.shared_gate = nn.Linear(args.hidden_size, 1, bias=False) if args.shared_expert_gated else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+        routing = self.router(x)
+        out = self.experts(x, routing.topk_ids, routing.topk_weights)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
+        return out, routing

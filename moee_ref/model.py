@@ -1,0 +1,187 @@
+"""The decoder: embeddings, N pre-norm blocks, final norm; routing as an output.
+
+One class serves all three families; what differs between them is decided by
+ModelArgs (see config.py and families/). The forward pass returns a
+DecoderOutput whose `routing` holds every MoE layer's router logits,
+probabilities and top-k choices: they are results of the computation, not
+something observed from the side with hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelArgs
+from .errors import InputError
+from .layers import MoE, Attention, LayerRouting, RMSNorm, SwiGLU, rotary_cos_sin
+
+
+@dataclass
+class Routing:
+    """Router outputs of all MoE layers, stacked: index 1 runs over `moe_layers`."""
+
+    logits: torch.Tensor  # [B, L_moe, T, E] float32
+    probs: torch.Tensor  # [B, L_moe, T, E] float32, softmax over all experts
+    topk_ids: torch.Tensor  # [B, L_moe, T, k]
+    topk_weights: torch.Tensor  # [B, L_moe, T, k] float32, the weights actually used to mix
+    moe_layers: tuple[int, ...]  # decoder layer index of each entry
+
+    @classmethod
+    def stack(cls, per_layer: list[LayerRouting], moe_layers: tuple[int, ...], batch: int, length: int) -> "Routing":
+        def gather(field: str) -> torch.Tensor:
+            tensors = [getattr(r, field).reshape(batch, length, -1) for r in per_layer]
+            return torch.stack(tensors, dim=1)
+
+        return cls(gather("logits"), gather("probs"), gather("topk_ids"), gather("topk_weights"), moe_layers)
+
+
+@dataclass
+class DecoderOutput:
+    hidden_states: torch.Tensor  # [B, T, D] after the final norm
+    routing: Routing
+    logits: torch.Tensor | None = None  # [B, T, V], only with return_logits=True
+    layer_hidden_states: tuple[torch.Tensor, ...] | None = None  # output of each block, with return_layer_states=True
+
+    # The routing contract, spelled as flat attributes too.
+    @property
+    def router_logits(self) -> torch.Tensor:
+        return self.routing.logits
+
+    @property
+    def router_probs(self) -> torch.Tensor:
+        return self.routing.probs
+
+    @property
+    def topk_ids(self) -> torch.Tensor:
+        return self.routing.topk_ids
+
+    @property
+    def topk_weights(self) -> torch.Tensor:
+        return self.routing.topk_weights
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return self.routing.moe_layers
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x)); the MLP is an MoE or a plain SwiGLU."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.attn = Attention(args)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.is_moe = layer in args.moe_layers
+        self.mlp = MoE(args) if self.is_moe else SwiGLU(args.hidden_size, args.dense_size)
+
+    def forward(self, x, cos, sin, mask) -> tuple[torch.Tensor, LayerRouting | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        batch, length, dim = x.shape
+        flat = self.mlp_norm(x).reshape(-1, dim)
+        if self.is_moe:
+            out, routing = self.mlp(flat)
+        else:
+            out, routing = self.mlp(flat), None
+        return x + out.reshape(batch, length, dim), routing
+
+
+class MoEDecoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.source_dir = None  # set by the loader: where config, tokenizer and weights were found
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        return_logits: bool = False,
+        return_layer_states: bool = False,
+    ) -> DecoderOutput:
+        """Run the decoder on a batch.
+
+        input_ids [B, T]; attention_mask [B, T] with 1 on real tokens (left or
+        right padding). Positions count real tokens only, so a padded text
+        gets exactly the result it gets alone; pass position_ids to override.
+        """
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        batch, length = input_ids.shape
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        mask = attention_mask_4d(attention_mask)
+
+        x = self.embed(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, x.dtype)
+        per_layer_routing, layer_states = [], []
+        for block in self.layers:
+            x, routing = block(x, cos, sin, mask)
+            if routing is not None:
+                per_layer_routing.append(routing)
+            if return_layer_states:
+                layer_states.append(x)
+        hidden = self.norm(x)
+        logits = None
+        if return_logits:
+            head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            logits = torch.nn.functional.linear(hidden, head)
+        routing = Routing.stack(per_layer_routing, self.args.moe_layers, batch, length)
+        return DecoderOutput(hidden, routing, logits, tuple(layer_states) if return_layer_states else None)
+
+    def _check_inputs(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise InputError("input_ids must be a 2-D tensor [batch, length]; wrap a single sequence as [ids]")
+        if input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        batch, length = input_ids.shape
+        if batch == 0 or length == 0:
+            raise InputError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}; pass at least one token")
+        if length > self.args.max_position_embeddings:
+            raise InputError(
+                f"sequence length {length} exceeds max_position_embeddings={self.args.max_position_embeddings}; "
+                "truncate the input (tokenizer max_length)"
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.args.vocab_size:
+            bad = low if low < 0 else high
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size}); check the tokenizer")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise InputError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
+            )
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise InputError("attention_mask must contain only 0 (padding) and 1 (real token)")
+        if not bool(attention_mask.any(dim=-1).all()):
+            raise InputError("a row of attention_mask has no real token; drop empty sequences from the batch")
+        return input_ids.long(), attention_mask.long()
+
+
+def attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Boolean [B, 1, T, T] mask: causal, and no real query ever sees a padding key.
+
+    Every position may also see itself, so that no row is fully masked: a
+    padding query then attends to itself (its result is never read) and
+    softmax never divides by zero, so no NaN can appear in any dtype.
+    Returns None where there is no padding, for the plain causal kernel.
+    """
+    if bool(attention_mask.all()):
+        return None
+    length = attention_mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool()[:, None, None, :]
+    return allowed | torch.eye(length, dtype=torch.bool, device=attention_mask.device)
