@@ -1,0 +1,190 @@
+"""Small random checkpoints written by transformers, and the transformers models to compare against.
+
+OLMoE and Qwen1.5-MoE: OlmoeForCausalLM / Qwen2MoeForCausalLM saved with
+save_pretrained in several shards. DeepSeekMoE has no transformers class; as
+model-facts.md describes, a Qwen2-MoE model computes exactly the same
+function when the dense layers are mlp_only_layers, q/k/v biases are zero,
+the shared expert is n_shared x moe_intermediate_size wide with a gate of
+all zeros (sigmoid(0) = 0.5) and a down projection doubled (exact in
+floating point). The checkpoint is then written in DeepSeek's own tensor
+names with DeepSeek's config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+transformers = __import__("pytest").importorskip("transformers")
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Replace the default init by weights that make every part matter (norms, biases, routers)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                base = 0.0 if name.endswith("bias") else 1.0
+                param.copy_(base + 0.2 * torch.randn(param.shape, generator=generator))
+            else:
+                fan_in = param.shape[-1]
+                scale = 3.0 if name.endswith("mlp.gate.weight") else 1.0
+                param.copy_(scale * torch.randn(param.shape, generator=generator) / fan_in**0.5)
+
+
+def olmoe_config(**overrides):
+    values = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+        pad_token_id=None, eos_token_id=None, bos_token_id=None, experts_implementation="eager",
+    )
+    values.update(overrides)
+    return transformers.OlmoeConfig(**values)
+
+
+def qwen_config(**overrides):
+    values = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        num_experts=8, num_experts_per_tok=2, max_position_embeddings=64, experts_implementation="eager",
+    )
+    values.update(overrides)
+    return transformers.Qwen2MoeConfig(**values)
+
+
+def build_hf(family: str, directory: Path, seed: int = 0, shard_size: str = "60KB", **overrides):
+    """(transformers model in eval mode, checkpoint directory) for olmoe or qwen2_moe."""
+    if family == "olmoe":
+        model = transformers.OlmoeForCausalLM(olmoe_config(**overrides))
+    else:
+        model = transformers.Qwen2MoeForCausalLM(qwen_config(**overrides))
+    randomize(model, seed)
+    model.save_pretrained(directory, max_shard_size=shard_size)
+    return model.eval(), directory
+
+
+DEEPSEEK_SMALL = dict(
+    vocab_size=300, hidden_size=64, intermediate_size=120, moe_intermediate_size=24, n_routed_experts=8,
+    n_shared_experts=2, num_experts_per_tok=3, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    first_k_dense_replace=1, moe_layer_freq=1, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000,
+    norm_topk_prob=False,
+)
+
+
+def deepseek_moe_layers(cfg: dict) -> list[int]:
+    return [i for i in range(cfg["num_hidden_layers"]) if i >= cfg["first_k_dense_replace"] and i % cfg["moe_layer_freq"] == 0]
+
+
+def build_deepseek(directory: Path, seed: int = 0, shards: int = 3, **overrides):
+    """(exact Qwen2-MoE reference model, DeepSeekMoE checkpoint directory)."""
+    cfg = {**DEEPSEEK_SMALL, **overrides}
+    moe_layers = deepseek_moe_layers(cfg)
+    reference = transformers.Qwen2MoeForCausalLM(
+        qwen_config(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+            moe_intermediate_size=cfg["moe_intermediate_size"],
+            shared_expert_intermediate_size=cfg["n_shared_experts"] * cfg["moe_intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg["num_key_value_heads"], num_experts=cfg["n_routed_experts"],
+            num_experts_per_tok=cfg["num_experts_per_tok"], norm_topk_prob=cfg["norm_topk_prob"],
+            decoder_sparse_step=1, mlp_only_layers=[i for i in range(cfg["num_hidden_layers"]) if i not in moe_layers],
+            max_position_embeddings=cfg["max_position_embeddings"], rms_norm_eps=cfg["rms_norm_eps"],
+            rope_parameters={"rope_type": "default", "rope_theta": float(cfg["rope_theta"])},
+        )
+    )
+    randomize(reference, seed)
+    state = {}
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                param.zero_()
+                continue  # DeepSeekMoE has no attention bias
+            if name.endswith("shared_expert_gate.weight"):
+                param.zero_()  # sigmoid(0) = 0.5 exactly ...
+                continue
+            if name.endswith("mlp.experts.gate_up_proj"):  # transformers keeps experts fused; checkpoints do not
+                prefix = name[: -len("gate_up_proj")]
+                for expert, fused in enumerate(param):
+                    gate, up = fused.chunk(2, dim=0)
+                    state[f"{prefix}{expert}.gate_proj.weight"] = gate.clone().contiguous()
+                    state[f"{prefix}{expert}.up_proj.weight"] = up.clone().contiguous()
+                continue
+            if name.endswith("mlp.experts.down_proj"):
+                prefix = name[: -len("down_proj")]
+                for expert, down in enumerate(param):
+                    state[f"{prefix}{expert}.down_proj.weight"] = down.clone().contiguous()
+                continue
+            deepseek_name = name.replace("mlp.shared_expert.", "mlp.shared_experts.")
+            state[deepseek_name] = param.detach().clone().contiguous()
+            if name.endswith("shared_expert.down_proj.weight"):
+                param.mul_(2.0)  # ... and 0.5 * (2 W) = W, exactly
+    directory.mkdir(parents=True)
+    names = sorted(state)
+    weight_map = {}
+    for part in range(shards):
+        chunk = {n: state[n] for n in names[part::shards]}
+        file = f"model-{part + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(chunk, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in chunk})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = {
+        "architectures": ["DeepseekForCausalLM"], "model_type": "deepseek", "hidden_act": "silu",
+        "scoring_func": "softmax", "attention_bias": False, "pretraining_tp": 1, "rope_scaling": None,
+        "tie_word_embeddings": False, "auto_map": {"AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
+        **cfg,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return reference.eval(), directory
+
+
+def left_padded_batch(vocab_size: int, lengths: list[int], seed: int = 0, pad_id: int = 0, side: str = "left"):
+    """Random token ids with unequal lengths, padded on one side; returns (input_ids, attention_mask)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        ids[row, cols] = torch.randint(0, vocab_size, (n,), generator=generator)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def run_reference(model, input_ids, attention_mask):
+    """transformers forward with positions counted over real tokens (as moee-ref does)."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+            output_router_logits=True, use_cache=False,
+        )
+        hidden = out.last_hidden_state  # after the final norm
+        logits = model.lm_head(hidden)
+    batch, length = input_ids.shape
+    router_logits = torch.stack([r.reshape(batch, length, -1) for r in out.router_logits], dim=1)
+    return logits, hidden, router_logits
+
+
+def exact_float64_norms(monkeypatch) -> None:
+    """Make transformers' RMSNorm compute in float64 for a float64 model.
+
+    transformers' RMSNorm always casts to float32 (right for bf16 models), so
+    its "float64" forward carries float32 rounding at every norm, around 1e-6
+    relative after a few layers. For the float64 comparison both sides must
+    do the same math in float64; this lifts that one cast and nothing else.
+    """
+
+    def forward(self, hidden_states):
+        dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+        x = hidden_states.to(dtype)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(hidden_states.dtype)
+
+    from transformers.models.olmoe import modeling_olmoe
+    from transformers.models.qwen2_moe import modeling_qwen2_moe
+
+    monkeypatch.setattr(modeling_olmoe.OlmoeRMSNorm, "forward", forward)
+    monkeypatch.setattr(modeling_qwen2_moe.Qwen2MoeRMSNorm, "forward", forward)
