@@ -333,23 +333,28 @@ class Tokenizer:
         keeps its end; a BOS/EOS is never cut off, the text tokens are.
         ``padding_side="left"`` (the default) puts padding before the tokens.
         """
+        sequences, num_truncated = self.tokenize(texts, max_length, truncation_side, add_special_tokens)
+        return self.pad(sequences, padding_side, num_truncated)
+
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        max_length: Optional[int] = None,
+        truncation_side: str = "right",
+        add_special_tokens: bool = True,
+    ) -> tuple:
+        """(token id lists, number truncated): encode_batch without the padding, for callers that batch themselves."""
         self._check_texts(texts)
         if truncation_side not in TRUNCATION_SIDES:
             raise InputError(f"truncation_side must be one of {TRUNCATION_SIDES}, got {truncation_side!r}")
-        if padding_side not in PADDING_SIDES:
-            raise InputError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
 
         prefix = [self.bos_id] if add_special_tokens and self.adds_bos else []
         suffix = [self.eos_id] if add_special_tokens and self.adds_eos else []
         self._check_max_length(max_length, len(prefix) + len(suffix))
 
-        if not texts:
-            empty = torch.zeros((0, 0), dtype=torch.long)
-            return Batch(input_ids=empty, attention_mask=empty.clone(), lengths=[], num_truncated=0)
-
         sequences = []
         num_truncated = 0
-        for index, body in enumerate(self._text_token_ids(list(texts), add_special_tokens)):
+        for index, body in enumerate(self._text_token_ids(list(texts), add_special_tokens) if texts else []):
             if max_length is not None:
                 room = max_length - len(prefix) - len(suffix)
                 if len(body) > room:
@@ -362,7 +367,7 @@ class Tokenizer:
                     f"no BOS; drop empty texts or give them content"
                 )
             sequences.append(sequence)
-        return self._pad(sequences, padding_side, num_truncated)
+        return sequences, num_truncated
 
     def _text_token_ids(self, texts: list, add_special_tokens: bool) -> list:
         """Per text, the backend's ids without the BOS/EOS its post-processor adds (re-added by the caller)."""
@@ -396,7 +401,13 @@ class Tokenizer:
             bodies.append(ids)
         return bodies
 
-    def _pad(self, sequences: list, padding_side: str, num_truncated: int) -> Batch:
+    def pad(self, sequences: list, padding_side: str = "left", num_truncated: int = 0) -> Batch:
+        """A padded Batch of token id lists (left padding by default)."""
+        if padding_side not in PADDING_SIDES:
+            raise InputError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+        if not sequences:
+            empty = torch.zeros((0, 0), dtype=torch.long)
+            return Batch(input_ids=empty, attention_mask=empty.clone(), lengths=[], num_truncated=0)
         lengths = [len(sequence) for sequence in sequences]
         width = max(lengths)
         if min(lengths) != width and self.pad_id is None:

@@ -1,0 +1,429 @@
+"""MoEE embeddings: hidden state (HS), routing weights (RW) and their combinations.
+
+    embedder = MoEEmbedder.from_pretrained("allenai/OLMoE-1B-7B-0924")
+    vectors = embedder.encode(texts, kind="moee-sum", prompt="prompteol", alpha=1.0)
+
+Kinds (section 3 of the paper):
+  hs           final normed hidden state at the last real token
+  rw           router softmax at the last real token of every MoE layer, concatenated
+  moee-concat  [HS; RW]
+  moee-sum     [h/|h|; sqrt(alpha) r/|r|]: its dot product is cos(HS) + alpha cos(RW),
+               the paper's weighted sum of similarities, as one vector per text
+
+In the default mode an embedding depends only on its text and the options:
+texts are sorted by length and batched to cut padding, and padding never
+reaches real tokens. mode="official" reproduces the authors' public code
+instead (see official.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
+from .errors import InputError
+from .prompts import apply_prompt, list_prompts, resolve_prompt
+from .standardize import Standardizer
+from .stats import cosine_rows
+from .tokenizer import Tokenizer
+
+KINDS = ("hs", "rw", "moee-concat", "moee-sum")
+POOLINGS = ("last", "mean")
+HS_LAYERS = ("last", "mean")
+RW_VALUES = ("probs", "logits")
+TRUNCATION = (None, "left", "right")
+AUTO_PROGRESS_MIN_TEXTS = 256  # below this a progress bar is noise
+MAX_AUTO_ALPHA_PAIRS = 20000
+
+
+@dataclass
+class FeatureOptions:
+    """How HS and RW are read off the decoder (the paper's defaults; Table 5's ablations as options)."""
+
+    prompt: str | None = None  # a built-in prompt name or a template with {text}
+    pooling: str = "last"  # "last" real token, or "mean" over real tokens (HS and RW alike)
+    hs_layer: str = "last"  # "last": final normed state; "mean": mean over every block's output
+    rw_values: str = "probs"  # "probs" (softmax over all experts) or raw router "logits"
+    rw_layers: Sequence[int] | None = None  # decoder layer indices of the MoE layers to use; None: all
+    max_length: int | None = None  # token budget per text; None: the model's max_position_embeddings
+    truncation: str | None = None  # None: over-long texts are an error; "left"/"right": the side cut off
+    allow_empty: bool = False  # embed empty or whitespace-only texts (prompt only) instead of refusing them
+
+    def check(self) -> None:
+        for name, value, valid in (
+            ("pooling", self.pooling, POOLINGS),
+            ("hs_layer", self.hs_layer, HS_LAYERS),
+            ("rw_values", self.rw_values, RW_VALUES),
+            ("truncation", self.truncation, TRUNCATION),
+        ):
+            if value not in valid:
+                raise InputError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
+
+
+@dataclass
+class Features:
+    """Per text, the two raw ingredients of every kind."""
+
+    hs: np.ndarray  # [N, D] float32
+    rw: np.ndarray  # [N, L_used * E] float32
+    num_truncated: int = 0
+
+
+@dataclass
+class EncodeReport:
+    """What the last encode() call did, for callers and the command line."""
+
+    num_texts: int = 0
+    num_truncated: int = 0
+    alpha: float | None = None
+    alpha_choice: AlphaChoice | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class MoEEmbedder:
+    def __init__(self, model, tokenizer: Tokenizer, *, batch_size: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.last_report = EncodeReport()
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs) -> "MoEEmbedder":
+        from .checkpoint import load_model
+
+        model = load_model(source, dtype=dtype)
+        return cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
+
+    @property
+    def args(self):
+        return self.model.args
+
+    @staticmethod
+    def list_prompts() -> list[tuple[str, str]]:
+        return list_prompts()
+
+    def dimension(self, kind: str, rw_layers: Sequence[int] | None = None) -> int:
+        """Width of the vectors encode() returns for kind."""
+        _check_kind(kind)
+        hs = self.args.hidden_size
+        rw = len(self._rw_layer_positions(rw_layers)) * self.args.num_experts
+        return {"hs": hs, "rw": rw}.get(kind, hs + rw)
+
+    # ------------------------------------------------------------------ encode
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        kind: str = "moee-sum",
+        *,
+        prompt: str | None = None,
+        alpha: float | str | AlphaChoice = 1.0,
+        alpha_pairs: tuple[Sequence[str], Sequence[str]] | None = None,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        truncation: str | None = None,
+        normalize: bool = False,
+        standardizer: Standardizer | Sequence[Standardizer] | None = None,
+        show_progress_bar: bool | None = None,
+        mode: str = "default",
+        **feature_options,
+    ) -> np.ndarray:
+        """Embed texts; returns float32 [len(texts), dim] in input order.
+
+        alpha (moee-sum only): a number >= 0; "auto" for the label-free choice
+        of section 3.3 over the unlabeled pairs `alpha_pairs` (or, without
+        them, over pairs among `texts`); or an AlphaChoice from select_alpha().
+        standardizer: fitted Standardizer(s) for the "hs" and/or "rw" component,
+        applied before the components are combined.
+        normalize: scale each output vector to unit length.
+        """
+        _check_kind(kind)
+        if mode == "official":
+            from .official import encode_official
+
+            if standardizer is not None or feature_options or max_length is not None or truncation is not None:
+                raise InputError(
+                    "mode='official' reproduces the authors' code and takes only kind, prompt, alpha, batch_size, "
+                    "normalize and show_progress_bar; drop the other options"
+                )
+            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+                raise InputError("mode='official' takes a fixed numeric alpha, as the authors' code does")
+            vectors = encode_official(self, texts, kind, prompt=prompt, alpha=float(alpha), batch_size=batch_size, show_progress_bar=show_progress_bar)
+            self.last_report = EncodeReport(num_texts=len(texts), alpha=float(alpha) if kind == "moee-sum" else None)
+            return _normalize_rows(vectors) if normalize else vectors
+        if mode != "default":
+            raise InputError(f"mode={mode!r} is not valid; choose 'default' or 'official'")
+
+        options = FeatureOptions(prompt=prompt, max_length=max_length, truncation=truncation, **feature_options)
+        feats = self.features(texts, options, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        report = EncodeReport(num_texts=len(feats.hs), num_truncated=feats.num_truncated)
+        if feats.num_truncated:
+            report.notes.append(f"{feats.num_truncated} of {len(feats.hs)} texts were truncated to max_length")
+        hs, rw = apply_standardizers(feats.hs, feats.rw, standardizer)
+        alpha_value = None
+        if kind == "moee-sum":
+            alpha_value, report.alpha_choice = self._resolve_alpha(alpha, alpha_pairs, hs, rw, options, batch_size)
+            report.alpha = alpha_value
+        self.last_report = report
+        vectors = combine(hs, rw, kind, alpha_value)
+        return _normalize_rows(vectors) if normalize else vectors
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine similarity matrix [len(a), len(b)] of two sets of embeddings (a zero vector scores 0)."""
+        return similarity(a, b)
+
+    # ------------------------------------------------------------- ingredients
+
+    def features(
+        self,
+        texts: Sequence[str],
+        options: FeatureOptions | None = None,
+        *,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> Features:
+        """HS and RW for every text, computed batch by batch in length order and returned in input order."""
+        options = options or FeatureOptions()
+        options.check()
+        texts = _check_texts(texts, options.allow_empty)
+        batch_size = _positive_int("batch_size", batch_size or self.batch_size)
+        rw_positions = self._rw_layer_positions(options.rw_layers)
+        if not texts:
+            d_rw = len(rw_positions) * self.args.num_experts
+            return Features(np.zeros((0, self.args.hidden_size), np.float32), np.zeros((0, d_rw), np.float32))
+
+        template = resolve_prompt(options.prompt)
+        limit = self.args.max_position_embeddings
+        max_length = options.max_length if options.max_length is not None else limit
+        if options.max_length is not None and not 1 <= options.max_length <= limit:
+            raise InputError(f"max_length={options.max_length} must lie in [1, {limit}] (the model's max_position_embeddings)")
+        prompted = [apply_prompt(template, text) for text in texts]
+        sequences, _ = self.tokenizer.tokenize(prompted)
+        too_long = [i for i, seq in enumerate(sequences) if len(seq) > max_length]
+        if too_long and options.truncation is None:
+            raise InputError(
+                f"{len(too_long)} text(s) exceed max_length={max_length} tokens (first at index {too_long[0]}, "
+                f"{len(sequences[too_long[0]])} tokens); pass truncation='right' (keep the beginning) or 'left' (keep the end)"
+            )
+        if too_long:
+            sequences, _ = self.tokenizer.tokenize(prompted, max_length=max_length, truncation_side=options.truncation)
+
+        hs = np.empty((len(texts), self.args.hidden_size), np.float32)
+        rw = np.empty((len(texts), len(rw_positions) * self.args.num_experts), np.float32)
+        # Longest first: the first batch shows at once whether memory suffices, and similar lengths share a batch.
+        order = sorted(range(len(texts)), key=lambda i: -len(sequences[i]))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for rows in _progress(batches, len(texts), show_progress_bar):
+            batch = self.tokenizer.pad([sequences[i] for i in rows], padding_side="left")
+            batch_hs, batch_rw = self.run_batch(batch.input_ids, batch.attention_mask, options, rw_positions)
+            hs[rows], rw[rows] = batch_hs, batch_rw
+        return Features(hs, rw, num_truncated=len(too_long))
+
+    def run_batch(self, input_ids, attention_mask, options: FeatureOptions, rw_positions: list[int], position_ids=None):
+        """(HS [B, D], RW [B, L_used * E]) as float32 numpy for one padded batch."""
+        with torch.inference_mode():
+            out = self.model(
+                input_ids, attention_mask, position_ids=position_ids, return_layer_states=options.hs_layer == "mean"
+            )
+            mask = attention_mask.to(torch.float32)
+            if options.hs_layer == "mean":
+                # Every block's output, the last one after the final norm (the convention of
+                # transformers' output_hidden_states), averaged over layers.
+                states = list(out.layer_hidden_states[:-1]) + [out.hidden_states]
+                hidden = torch.stack(states).float().mean(0)
+            else:
+                hidden = out.hidden_states.float()
+            routing = out.router_probs if options.rw_values == "probs" else out.router_logits
+            routing = routing[:, rw_positions]  # [B, L_used, T, E]
+            if options.pooling == "last":
+                last = last_real_position(attention_mask)
+                rows = torch.arange(len(last))
+                hs = hidden[rows, last]
+                rw = routing[rows, :, last]
+            else:
+                weights = mask / mask.sum(-1, keepdim=True)
+                hs = torch.einsum("bt,btd->bd", weights, hidden)
+                rw = torch.einsum("bt,blte->ble", weights, routing)
+            return hs.numpy().astype(np.float32), rw.reshape(len(rw), -1).numpy().astype(np.float32)
+
+    def _rw_layer_positions(self, rw_layers: Sequence[int] | None) -> list[int]:
+        """Indices into the routing stack for the requested decoder layers (all MoE layers by default)."""
+        moe = list(self.args.moe_layers)
+        if rw_layers is None:
+            return list(range(len(moe)))
+        if isinstance(rw_layers, (str, bytes)) or not len(rw_layers):
+            raise InputError(f"rw_layers must be a non-empty list of MoE layer indices; the MoE layers are {moe}")
+        bad = [layer for layer in rw_layers if layer not in moe]
+        if bad:
+            raise InputError(f"rw_layers {bad} are not MoE layers of this model; choose from {moe}")
+        return [moe.index(layer) for layer in rw_layers]
+
+    # ------------------------------------------------------------------- alpha
+
+    def select_alpha(
+        self,
+        texts_a: Sequence[str],
+        texts_b: Sequence[str],
+        gold: Sequence[float] | None = None,
+        *,
+        standardizer: Standardizer | Sequence[Standardizer] | None = None,
+        batch_size: int | None = None,
+        **feature_options,
+    ) -> AlphaChoice:
+        """alpha for moee-sum from pairs: label-free without gold (section 3.3), else against the gold scores."""
+        if len(texts_a) != len(texts_b):
+            raise InputError(f"texts_a has {len(texts_a)} texts but texts_b has {len(texts_b)}; pairs need equal lengths")
+        options = FeatureOptions(**feature_options)
+        feats = self.features(list(texts_a) + list(texts_b), options, batch_size=batch_size)
+        hs, rw = apply_standardizers(feats.hs, feats.rw, standardizer)
+        n = len(texts_a)
+        return choose_alpha(cosine_rows(hs[:n], hs[n:]), cosine_rows(rw[:n], rw[n:]), gold)
+
+    def _resolve_alpha(self, alpha, alpha_pairs, hs, rw, options, batch_size) -> tuple[float, AlphaChoice | None]:
+        if isinstance(alpha, AlphaChoice):
+            return alpha.alpha, alpha
+        if isinstance(alpha, str):
+            if alpha != "auto":
+                raise InputError(f"alpha={alpha!r} is not valid; give a number >= 0, 'auto' or an AlphaChoice")
+            if alpha_pairs is not None:
+                a, b = alpha_pairs
+                choice = self.select_alpha(a, b, batch_size=batch_size, **_options_dict(options))
+            else:
+                choice = alpha_over_all_pairs(hs, rw)
+            return choice.alpha, choice
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 0:
+            raise InputError(f"alpha must be a finite number >= 0, 'auto' or an AlphaChoice; got {alpha!r}")
+        return float(alpha), None
+
+    # ---------------------------------------------------------- standardisation
+
+    def fit_standardizer(
+        self, texts: Sequence[str], component: str = "rw", *, batch_size: int | None = None, **feature_options
+    ) -> Standardizer:
+        """Per-feature statistics of one component ("hs" or "rw") over a corpus, to save and reuse."""
+        if component not in ("hs", "rw"):
+            raise InputError(f"component={component!r} is not valid; choose 'hs' or 'rw'")
+        feats = self.features(texts, FeatureOptions(**feature_options), batch_size=batch_size)
+        return Standardizer.fit(feats.hs if component == "hs" else feats.rw, kind=component)
+
+
+# ----------------------------------------------------------------------------
+# Pure functions on features, shared with the command line and the evaluators.
+
+
+def combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float | None = None) -> np.ndarray:
+    """The vectors of `kind` from the HS and RW components."""
+    _check_kind(kind)
+    if kind == "hs":
+        return np.ascontiguousarray(hs, dtype=np.float32)
+    if kind == "rw":
+        return np.ascontiguousarray(rw, dtype=np.float32)
+    if kind == "moee-concat":
+        return np.concatenate([hs, rw], axis=1).astype(np.float32)
+    if alpha is None:
+        raise InputError("moee-sum needs alpha")
+    return np.concatenate([_normalize_rows(hs), np.sqrt(alpha) * _normalize_rows(rw)], axis=1).astype(np.float32)
+
+
+def apply_standardizers(hs, rw, standardizer):
+    """Apply fitted Standardizer(s) to their component ("hs" or "rw", by their kind)."""
+    if standardizer is None:
+        return hs, rw
+    items = [standardizer] if isinstance(standardizer, Standardizer) else list(standardizer)
+    seen = set()
+    for item in items:
+        if not isinstance(item, Standardizer):
+            raise InputError(f"standardizer must be a Standardizer (or a list of them), got {type(item).__name__}")
+        if item.kind not in ("hs", "rw") or item.kind in seen:
+            raise InputError(
+                f"standardizer kind {item.kind!r}: expected one standardizer per component, of kind 'hs' or 'rw' "
+                "(fit them with MoEEmbedder.fit_standardizer)"
+            )
+        seen.add(item.kind)
+        if item.kind == "hs":
+            hs = item.transform(hs)
+        else:
+            rw = item.transform(rw)
+    return hs, rw
+
+
+def choose_alpha(sim_hs: np.ndarray, sim_rw: np.ndarray, gold=None) -> AlphaChoice:
+    if gold is None:
+        return select_alpha_unsupervised(sim_hs, sim_rw)
+    return select_alpha_supervised(sim_hs, sim_rw, np.asarray(gold, dtype=np.float64))
+
+
+def alpha_over_all_pairs(hs: np.ndarray, rw: np.ndarray, seed: int = 0) -> AlphaChoice:
+    """Label-free alpha over pairs among the texts themselves (all pairs, or a fixed-seed sample of them)."""
+    n = len(hs)
+    if n < 3:
+        raise InputError("alpha='auto' needs at least 3 texts (or alpha_pairs) to compare similarities")
+    first, second = np.triu_indices(n, k=1)
+    if len(first) > MAX_AUTO_ALPHA_PAIRS:
+        pick = np.random.default_rng(seed).choice(len(first), MAX_AUTO_ALPHA_PAIRS, replace=False)
+        first, second = first[np.sort(pick)], second[np.sort(pick)]
+    return select_alpha_unsupervised(cosine_rows(hs[first], hs[second]), cosine_rows(rw[first], rw[second]))
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+    if a.shape[1] != b.shape[1]:
+        raise InputError(f"cannot compare embeddings of width {a.shape[1]} and {b.shape[1]}")
+    return (_normalize_rows(a) @ _normalize_rows(b).T).astype(np.float32)
+
+
+def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding."""
+    length = attention_mask.shape[1]
+    return length - 1 - attention_mask.flip(-1).argmax(-1)
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise InputError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
+
+
+def _check_texts(texts, allow_empty: bool) -> list[str]:
+    if isinstance(texts, str):
+        raise InputError("texts must be a list of strings, got a single str; pass [text] instead")
+    if not isinstance(texts, (list, tuple)):
+        raise InputError(f"texts must be a list or tuple of strings, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"text at index {index} is {type(text).__name__}, not str; pass only strings")
+        if not allow_empty and not text.strip():
+            raise InputError(
+                f"text at index {index} is empty or whitespace only; remove it, or pass allow_empty=True "
+                "to embed the prompt around an empty text"
+            )
+    return list(texts)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _options_dict(options: FeatureOptions) -> dict:
+    return {k: getattr(options, k) for k in FeatureOptions.__dataclass_fields__}
+
+
+def _progress(batches, num_texts: int, show: bool | None):
+    if show is None:
+        show = num_texts >= AUTO_PROGRESS_MIN_TEXTS
+    if not show:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc="embedding", unit="batch")

@@ -1,0 +1,88 @@
+"""Official-code mode: the embeddings exactly as the authors' public code computes them.
+
+This exists to reproduce published numbers, not as a recommended way to
+embed. Point by point (see model-facts.md, "What the authors' public code does"):
+
+1. sentences are preprocessed (empty -> "."; a final "." added unless the text
+   ends in . ? ! " '; double quotes become single quotes) and put into the
+   authors' templates (`none` wraps the sentence in double quotes), then
+   underscores become spaces and the prompt is stripped;
+2. batches are taken in input order at their batch size (256 by default,
+   their encode() default), left padded with pad id 0 and the tokenizer's
+   default special tokens; position ids are 0..T-1 for every row, as
+   transformers uses when none are passed, so padding shifts positions;
+3. RW is the raw router logits for Qwen1.5-MoE and OLMoE and the softmax
+   probabilities for DeepSeekMoE;
+4. for rw and moee-concat the whole vector, and for moee-sum both HS and RW,
+   are standardised per feature within each batch ((x - mean) / (std + 1e-8),
+   sample std); HS alone is not;
+5. NaN becomes zero.
+
+Two consequences the default mode avoids: an embedding depends on which
+texts share its batch, and on how much padding its row received.
+The authors also ran the model in 4-bit NF4 with bf16 compute; that is not
+reproduced (no bitsandbytes here), so numbers match up to quantisation.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .embed import FeatureOptions, _check_kind, _positive_int, _progress, combine
+from .errors import InputError
+from .prompts import OFFICIAL_PROMPTS, apply_official_prompt
+from .standardize import standardize_per_batch
+
+OFFICIAL_BATCH_SIZE = 256
+OFFICIAL_PAD_ID = 0
+# Which router output the authors' code concatenates, by family.
+OFFICIAL_RW_VALUES = {"olmoe": "logits", "qwen2_moe": "logits", "deepseek": "probs"}
+
+
+def encode_official(embedder, texts: Sequence[str], kind: str, *, prompt: str | None, alpha: float, batch_size: int | None, show_progress_bar: bool | None) -> np.ndarray:
+    _check_kind(kind)
+    name = (prompt or "none").lower()
+    if name not in OFFICIAL_PROMPTS:
+        raise InputError(
+            f"mode='official' takes one of the authors' prompt names ({', '.join(OFFICIAL_PROMPTS)}), got {prompt!r}"
+        )
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise InputError("texts must be a list of strings")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"text at index {index} is {type(text).__name__}, not str; pass only strings")
+    batch_size = _positive_int("batch_size", batch_size or OFFICIAL_BATCH_SIZE)
+    args = embedder.args
+    options = FeatureOptions(rw_values=OFFICIAL_RW_VALUES[args.family])
+    rw_positions = list(range(len(args.moe_layers)))
+    width = embedder.dimension(kind)
+    if not texts:
+        return np.zeros((0, width), np.float32)
+
+    prompts = [apply_official_prompt(name, text) for text in texts]
+    chunks = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
+    out = np.empty((len(texts), width), np.float32)
+    for rows in _progress(chunks, len(texts), show_progress_bar):
+        sequences, _ = embedder.tokenizer.tokenize([prompts[i] for i in rows])
+        batch = embedder.tokenizer.pad(sequences, padding_side="left")
+        input_ids = batch.input_ids.masked_fill(batch.attention_mask == 0, OFFICIAL_PAD_ID)
+        if input_ids.shape[1] > args.max_position_embeddings:
+            raise InputError(
+                f"a prompt of {input_ids.shape[1]} tokens exceeds max_position_embeddings={args.max_position_embeddings}"
+            )
+        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        hs, rw = embedder.run_batch(input_ids, batch.attention_mask, options, rw_positions, position_ids=positions)
+        out[rows] = official_combine(hs, rw, kind, alpha)
+    return np.where(np.isnan(out), np.float32(0.0), out)
+
+
+def official_combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float) -> np.ndarray:
+    """One batch's vectors with the authors' per-batch standardisation."""
+    if kind == "hs":
+        return hs
+    if kind == "moee-sum":
+        return combine(standardize_per_batch(hs), standardize_per_batch(rw), kind, alpha)
+    return standardize_per_batch(combine(hs, rw, kind))
