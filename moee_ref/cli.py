@@ -1,8 +1,8 @@
 """The `moee` command line.
 
-Exit codes: 0 success; 1 an expected error (bad file, bad model, bad input),
-printed as one line without a traceback (add --verbose for one); 2 a usage
-error, from argparse.
+Exit codes: 0 success; 1 an expected error (missing file, bad model, bad
+input), printed as one line without a traceback (--verbose adds it);
+2 a usage error, one line; 3 `moee verify` found a mismatch beyond tolerance.
 """
 
 from __future__ import annotations
@@ -15,38 +15,207 @@ from pathlib import Path
 
 from .errors import MoEERefError
 
+EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 1, 2, 3
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) naming the command and pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 class UsageError(Exception):
-    """Wrong combination of command-line options (exit 2)."""
+    """Options that parse but do not fit together (exit 2)."""
 
 
-def add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="SRC", help="local checkpoint directory or hub id (owner/name)")
+# --------------------------------------------------------------------------- helpers
 
 
-def cmd_demo(ns: argparse.Namespace) -> int:
+def load_embedder(ns):
     import torch
 
-    from .checkpoint import load_model
-    from .demo import BANNER, DEMO_TEXT, demo_checkpoints
-    from .info import format_facts, format_routing_table, model_facts, routing_table
-    from .tokenizer import Tokenizer
+    from .embed import MoEEmbedder
 
-    print(BANNER)
-    for family, path in demo_checkpoints(Path(ns.dir)).items():
-        model = load_model(path)
-        tokenizer = Tokenizer.from_dir(path)
-        print(f"\n=== {family}: {path}")
-        print(format_facts(model_facts(model.args, tokenizer)))
-        batch = tokenizer.encode_batch([DEMO_TEXT])
-        with torch.inference_mode():
-            out = model(batch.input_ids, batch.attention_mask)
-        print(f"\nrouting at the last token of {DEMO_TEXT!r} ({batch.lengths[0]} tokens):")
-        print(format_routing_table(routing_table(out, row=0, position=-1)))
+    return MoEEmbedder.from_pretrained(ns.model, dtype=getattr(torch, ns.dtype))
+
+
+def feature_options(ns):
+    from .embed import FeatureOptions
+
+    return FeatureOptions(
+        prompt=ns.prompt,
+        pooling=ns.pooling,
+        hs_layer=ns.hs_layer,
+        rw_values=ns.rw_values,
+        rw_layers=ns.rw_layers,
+        max_length=ns.max_length,
+        truncation=ns.truncation,
+        allow_empty=getattr(ns, "allow_empty", False),
+    )
+
+
+def parse_alpha(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number >= 0 or 'auto', got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"alpha must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 1,2,5; got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def load_standardizers(paths):
+    from .standardize import Standardizer
+
+    return [Standardizer.load(p) for p in paths] if paths else None
+
+
+def progress_wanted(ns) -> bool | None:
+    return False if ns.no_progress else None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_embed(ns) -> int:
+    from .data import read_texts
+    from .outputs import output_format, write_embeddings
+
+    fmt = output_format(ns.output, ns.format)
+    texts = read_texts(ns.input, ns.field)
+    embedder = load_embedder(ns)
+    options = feature_options(ns)
+    common = dict(kind=ns.kind, alpha=ns.alpha, batch_size=ns.batch_size, normalize=ns.normalize, show_progress_bar=progress_wanted(ns))
+    if ns.mode == "official":
+        vectors = embedder.encode(texts, prompt=ns.prompt, mode="official", **common)
+    else:
+        opts = {k: v for k, v in vars(options).items() if k not in ("prompt", "max_length", "truncation")}
+        vectors = embedder.encode(
+            texts, prompt=options.prompt, max_length=options.max_length, truncation=options.truncation,
+            standardizer=load_standardizers(ns.standardizer), **common, **opts,
+        )
+    write_embeddings(ns.output, vectors, fmt, texts if fmt == "jsonl" else None)
+    report = embedder.last_report
+    alpha = f", alpha {report.alpha:.4g}" if report.alpha is not None else ""
+    print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims{alpha}) -> {ns.output}", file=sys.stderr)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
-def cmd_info(ns: argparse.Namespace) -> int:
+def cmd_route(ns) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .embed import last_real_position
+    from .info import format_routing_table, routing_table
+    from .prompts import apply_prompt, resolve_prompt
+    from .tokenizer import Tokenizer
+
+    model = load_model(ns.model, dtype=getattr(torch, ns.dtype))
+    tokenizer = Tokenizer.from_dir(model.source_dir)
+    template = resolve_prompt(ns.prompt)
+    prompted = [apply_prompt(template, t) for t in ns.texts]
+    batch = tokenizer.encode_batch(prompted, max_length=ns.max_length, truncation_side="left" if ns.max_length else "right")
+    with torch.inference_mode():
+        out = model(batch.input_ids, batch.attention_mask)
+    last = last_real_position(batch.attention_mask)
+    results = []
+    for row, text in enumerate(ns.texts):
+        positions = range(int(last[row]) - batch.lengths[row] + 1, int(last[row]) + 1) if ns.all_tokens else [int(last[row])]
+        tokens = []
+        for pos in positions:
+            token_id = int(batch.input_ids[row, pos])
+            tokens.append({"position": pos - (int(last[row]) - batch.lengths[row] + 1), "token_id": token_id,
+                           "token": tokenizer.decode([token_id]), "layers": routing_table(out, row, pos, top=ns.top)})
+        results.append({"text": text, "tokens": tokens})
+    if ns.json:
+        print(json.dumps({"model": str(ns.model), "moe_layers": list(out.moe_layers), "texts": results}, indent=2))
+    else:
+        for result in results:
+            print(f"\n{result['text']!r}")
+            for token in result["tokens"]:
+                print(f"-- token {token['position']} {token['token']!r} (id {token['token_id']})")
+                print(format_routing_table(token["layers"]))
+    if ns.png:
+        from .plot import routing_heatmap
+
+        probs = out.router_probs[0, :, int(last[0])].numpy()
+        routing_heatmap(probs, list(out.moe_layers), ns.png, f"router probabilities at the last token of {ns.texts[0][:40]!r}")
+        print(f"wrote {ns.png}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_sts(ns) -> int:
+    from .data import read_pairs
+    from .evaluate import evaluate_sts, format_sts_table
+
+    if ns.alpha == "auto":
+        raise UsageError("--alpha sets the fixed alpha row; the auto row is always reported")
+    pairs = read_pairs(ns.pairs, ns.format)
+    dev = read_pairs(ns.dev_pairs, ns.format) if ns.dev_pairs else None
+    embedder = load_embedder(ns)
+    result = evaluate_sts(
+        embedder, pairs, alpha=ns.alpha, dev_pairs=dev, options=feature_options(ns), batch_size=ns.batch_size,
+        standardizer=load_standardizers(ns.standardizer), show_progress_bar=progress_wanted(ns),
+    )
+    result["model"] = str(ns.model)
+    result["prompt"] = ns.prompt or "none"
+    print(json.dumps(result, indent=2) if ns.json else format_sts_table(result))
+    return 0
+
+
+def cmd_eval_mteb(ns) -> int:
+    from .mteb_wrapper import require_mteb, run_mteb
+
+    require_mteb()
+    embedder = load_embedder(ns)
+    tasks = [t for t in ns.tasks.split(",") if t.strip()]
+    if ns.alpha == "auto":
+        raise UsageError("moee eval mteb takes a fixed --alpha")
+    opts = {k: v for k, v in vars(feature_options(ns)).items() if k != "prompt"}
+    results = run_mteb(embedder, tasks, kind=ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size, output_dir=ns.output_dir, **opts)
+    if ns.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for task, scores in results.items():
+            print(f"{task:<40} main score {scores['main_score']:.4f}")
+    return 0
+
+
+def cmd_verify(ns) -> int:
+    from .checkpoint import load_model
+    from .tokenizer import Tokenizer
+    from .verify import format_report, load_reference, verify
+
+    model = load_model(ns.model)
+    reference = load_reference(model.source_dir, model.args)
+    report = verify(model, Tokenizer.from_dir(model.source_dir), reference)
+    print(json.dumps(report.to_dict(), indent=2) if ns.json else format_report(report))
+    return 0 if report.passed else EXIT_MISMATCH
+
+
+def cmd_info(ns) -> int:
     from .checkpoint import resolve_source
     from .config import read_config
     from .info import format_facts, model_facts
@@ -56,40 +225,140 @@ def cmd_info(ns: argparse.Namespace) -> int:
     args = read_config(directory)
     tokenizer = Tokenizer.from_dir(directory) if (directory / "tokenizer.json").is_file() else None
     facts = model_facts(args, tokenizer)
+    facts["source"] = str(directory)
     print(json.dumps(facts, indent=2) if ns.json else format_facts(facts))
     return 0
 
 
+def cmd_prompts(ns) -> int:
+    from .prompts import list_prompts
+
+    prompts = list_prompts()
+    if ns.json:
+        print(json.dumps([{"name": n, "template": t} for n, t in prompts], indent=2))
+    else:
+        width = max(len(n) for n, _ in prompts)
+        for name, template in prompts:
+            print(f"{name:<{width}}  {template}")
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(ns.dir), main)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def add_model(p) -> None:
+    p.add_argument("--model", required=True, metavar="SRC", help="local checkpoint directory or hub id (owner/name)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (default float32; bf16 is very slow on CPUs without bf16 units)")
+
+
+def add_features(p, alpha_default="1.0") -> None:
+    from .embed import HS_LAYERS, POOLINGS, RW_VALUES
+
+    p.add_argument("--prompt", default=None, help="built-in prompt name (see `moee prompts`) or a template with {text}; default none")
+    p.add_argument("--alpha", type=parse_alpha, default=parse_alpha(alpha_default), help="moee-sum weight of RW: a number >= 0 or 'auto' (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass (default %(default)s)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="token budget per text (default: the model's maximum)")
+    p.add_argument("--truncation", choices=["left", "right"], default=None, help="cut over-long texts on this side (default: refuse them)")
+    p.add_argument("--pooling", choices=POOLINGS, default="last", help="token pooling for HS and RW (default last)")
+    p.add_argument("--hs-layer", choices=HS_LAYERS, default="last", help="HS from the last layer or the mean of all layers")
+    p.add_argument("--rw-values", choices=RW_VALUES, default="probs", help="routing weights as probabilities or raw logits")
+    p.add_argument("--rw-layers", type=parse_layers, default=None, metavar="L1,L2,...", help="MoE layers to use for RW (default all)")
+    p.add_argument("--standardizer", action="append", default=None, metavar="FILE.npz", help="fitted standardizer for the hs or rw component (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moee", description="MoE embeddings (HS, RW, MoEE) from OLMoE, Qwen1.5-MoE and DeepSeekMoE.")
+    from .embed import KINDS
+
+    parser = Parser(prog="moee", description="MoE embeddings (HS, RW, MoEE) from OLMoE, Qwen1.5-MoE and DeepSeekMoE checkpoints.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    demo = commands.add_parser("demo", help="build small random checkpoints offline and show what moee-ref sees in them")
-    demo.add_argument("--dir", default="demo-checkpoints", help="where to build them (default: %(default)s)")
-    demo.set_defaults(run=cmd_demo)
+    p = commands.add_parser("embed", help="embed texts (one per line, or a JSONL field) into .npy or .jsonl")
+    add_model(p)
+    p.add_argument("--input", required=True, metavar="FILE|-", help="texts, one per line ('-' for stdin); .jsonl files are read by --field")
+    p.add_argument("--field", default=None, help="JSONL field holding the text (default 'text' for .jsonl input)")
+    p.add_argument("--output", required=True, metavar="OUT", help="output file; written under a temporary name and renamed when complete")
+    p.add_argument("--format", choices=["npy", "jsonl"], default=None, help="output format (default: from the output name)")
+    p.add_argument("--kind", choices=KINDS, default="moee-sum", help="embedding kind (default %(default)s)")
+    p.add_argument("--normalize", action="store_true", help="scale every vector to unit length")
+    p.add_argument("--allow-empty", action="store_true", help="embed empty lines (the prompt alone) instead of refusing them")
+    p.add_argument("--mode", choices=["default", "official"], default="default", help="'official' reproduces the authors' code (see README)")
+    add_features(p)
+    p.set_defaults(run=cmd_embed)
 
-    info = commands.add_parser("info", help="facts about a checkpoint: layers, experts, parameters, memory, tokenizer")
-    add_model(info)
-    info.add_argument("--json", action="store_true", help="print JSON")
-    info.set_defaults(run=cmd_info)
+    p = commands.add_parser("route", help="which experts each MoE layer picks for a text, as a table, JSON or heatmap")
+    add_model(p)
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--prompt", default=None, help="prompt name or template with {text}")
+    p.add_argument("--all-tokens", action="store_true", help="every token, not only the last")
+    p.add_argument("--top", type=positive_int, default=None, help="show only the N heaviest experts of the top-k")
+    p.add_argument("--max-length", type=positive_int, default=None, help="keep only the last N tokens")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--png", metavar="FILE", default=None, help="layer x expert heatmap of the first text's last token (needs the plot extra)")
+    p.set_defaults(run=cmd_route)
+
+    p = commands.add_parser("eval", help="score embeddings: sts (pairs with gold scores) or mteb")
+    evals = p.add_subparsers(dest="suite", required=True, metavar="SUITE", parser_class=Parser)
+    q = evals.add_parser("sts", help="Spearman/Pearson of hs, rw, moee-concat and moee-sum against gold scores")
+    add_model(q)
+    q.add_argument("--pairs", required=True, metavar="FILE", help="TSV/CSV with header sentence1,sentence2,score, or JSONL with those keys")
+    q.add_argument("--dev-pairs", default=None, metavar="FILE", help="labelled development pairs: adds a row with the supervised alpha")
+    q.add_argument("--format", choices=["tsv", "csv", "jsonl"], default=None, help="pair file format (default: from the name)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    add_features(q)
+    q.set_defaults(run=cmd_eval_sts)
+    q = evals.add_parser("mteb", help="run MTEB tasks with an encoder wrapper (needs the mteb extra and the task data)")
+    add_model(q)
+    q.add_argument("--tasks", required=True, help="comma-separated MTEB task names, e.g. STS12,SICK-R")
+    q.add_argument("--kind", choices=KINDS, default="moee-sum", help="embedding kind (default %(default)s)")
+    q.add_argument("--output-dir", default=None, help="where mteb writes its result files")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    add_features(q)
+    q.set_defaults(run=cmd_eval_mteb)
+
+    p = commands.add_parser("verify", help="compare moee-ref with transformers on a checkpoint (needs the test extra)")
+    add_model(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_verify)
+
+    p = commands.add_parser("info", help="family, layers, experts, parameter counts, memory, tokenizer, RW dimension")
+    p.add_argument("--model", required=True, metavar="SRC", help="local checkpoint directory or hub id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_info)
+
+    p = commands.add_parser("prompts", help="the built-in prompt names and templates")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_prompts)
+
+    p = commands.add_parser("demo", help="build small random checkpoints offline and run the commands on them")
+    p.add_argument("--dir", default="demo-checkpoints", help="where to build them (default: %(default)s)")
+    p.set_defaults(run=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    command = " ".join(filter(None, [ns.command, getattr(ns, "suite", None)]))
     try:
         return ns.run(ns)
     except UsageError as exc:
-        parser.error(str(exc))  # exits 2
+        print(f"moee {command}: error: {exc} (see moee {command} --help)", file=sys.stderr)
+        return EXIT_USAGE
     except (MoEERefError, OSError) as exc:
         if ns.verbose:
             traceback.print_exc()
-        print(f"moee {ns.command}: error: {exc}", file=sys.stderr)
-        return 1
+        print(f"moee {command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        print(f"moee {ns.command}: interrupted", file=sys.stderr)
+        print(f"moee {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -50,6 +50,8 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
         "attention_bias": False,
         "hidden_act": "silu",
         "tie_word_embeddings": False,
+        "eos_token_id": 0,  # ids of the synthetic tokenizer's special tokens
+        "pad_token_id": 1,
     },
     "qwen2_moe": {
         "architectures": ["Qwen2MoeForCausalLM"],
@@ -73,6 +75,8 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
         "use_sliding_window": False,
         "hidden_act": "silu",
         "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
     },
     "deepseek": {
         "architectures": ["DeepseekForCausalLM"],
@@ -99,6 +103,8 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
         "pretraining_tp": 1,
         "hidden_act": "silu",
         "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 0,
     },
 }
 

@@ -1,0 +1,143 @@
+"""Reading the command line's inputs: texts (plain lines or JSONL) and scored sentence pairs (TSV, CSV, JSONL).
+
+Every error names the file and the line, so a bad row in a large file can be found.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+PAIR_FIELDS = ("sentence1", "sentence2", "score")
+PAIR_FORMATS = ("tsv", "csv", "jsonl")
+
+
+@dataclass
+class Pairs:
+    first: list[str]
+    second: list[str]
+    scores: list[float] | None  # None where the file has no score column
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+def _read_text(path: str) -> tuple[str, str]:
+    """(content, display name); '-' reads standard input."""
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return file.read_text(encoding="utf-8"), path
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def read_texts(path: str, field: str | None = None) -> list[str]:
+    """One text per line; with `field` (or a .jsonl name) each line is a JSON object and field names its text."""
+    content, name = _read_text(path)
+    if field is None and name.endswith(".jsonl"):
+        field = "text"
+    lines = content.splitlines()
+    if field is None:
+        return lines
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        record = _json_line(line, name, number)
+        if field not in record:
+            raise InputError(f"{name}, line {number}: no field {field!r} (fields: {', '.join(record)})")
+        value = record[field]
+        if not isinstance(value, str):
+            raise InputError(f"{name}, line {number}: field {field!r} is {type(value).__name__}, not a string")
+        texts.append(value)
+    return texts
+
+
+def read_pairs(path: str, fmt: str | None = None, require_scores: bool = True) -> Pairs:
+    """Pairs with gold scores: TSV/CSV with a header naming sentence1, sentence2, score; or JSONL objects with those keys."""
+    content, name = _read_text(path)
+    fmt = fmt or _format_from_name(name)
+    if fmt not in PAIR_FORMATS:
+        raise InputError(f"{name}: unknown pair format {fmt!r}; use one of {', '.join(PAIR_FORMATS)} (--format)")
+    rows = _jsonl_rows(content, name) if fmt == "jsonl" else _table_rows(content, name, "\t" if fmt == "tsv" else ",")
+    pairs = Pairs([], [], [] if require_scores else None)
+    has_scores = require_scores
+    for number, row in rows:
+        for key in ("sentence1", "sentence2"):
+            if not isinstance(row.get(key), str):
+                raise InputError(f"{name}, line {number}: {key} is missing or not text")
+        pairs.first.append(row["sentence1"])
+        pairs.second.append(row["sentence2"])
+        if has_scores:
+            pairs.scores.append(_score(row.get("score"), name, number))
+    if not pairs.first:
+        raise InputError(f"{name}: no pairs found")
+    return pairs
+
+
+def _format_from_name(name: str) -> str:
+    suffix = Path(name).suffix.lower().lstrip(".")
+    if suffix in PAIR_FORMATS:
+        return suffix
+    raise InputError(f"{name}: cannot tell the format from the file name; pass --format {'|'.join(PAIR_FORMATS)}")
+
+
+def _table_rows(content: str, name: str, delimiter: str):
+    reader = csv.reader(io.StringIO(content), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InputError(f"{name}: empty file; expected a header line with {', '.join(PAIR_FIELDS)}") from None
+    header = [h.strip() for h in header]
+    missing = [f for f in ("sentence1", "sentence2") if f not in header]
+    if missing:
+        raise InputError(f"{name}, line 1: header lacks {', '.join(missing)}; expected columns {', '.join(PAIR_FIELDS)}")
+    try:
+        for values in reader:
+            number = reader.line_num
+            if not values or all(not v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                raise InputError(f"{name}, line {number}: {len(values)} fields, the header has {len(header)}")
+            yield number, dict(zip(header, values))
+    except csv.Error as exc:
+        raise InputError(f"{name}, line {reader.line_num}: {exc}") from exc
+
+
+def _jsonl_rows(content: str, name: str):
+    for number, line in enumerate(content.splitlines(), start=1):
+        if line.strip():
+            yield number, _json_line(line, name, number)
+
+
+def _json_line(line: str, name: str, number: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{name}, line {number}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(record, dict):
+        raise InputError(f"{name}, line {number}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _score(value, name: str, number: int) -> float:
+    if value is None or value == "":
+        raise InputError(f"{name}, line {number}: score is missing")
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}, line {number}: score {value!r} is not a number") from None
+    if not math.isfinite(score):
+        raise InputError(f"{name}, line {number}: score {value!r} is not finite")
+    return score

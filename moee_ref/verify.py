@@ -1,0 +1,175 @@
+"""`moee verify`: run a checkpoint through moee-ref and through transformers and compare.
+
+transformers is an optional dependency (the `test` extra). OLMoE and
+Qwen1.5-MoE load with transformers' own classes and loader. DeepSeekMoE has
+no transformers class; its reference is the exact Qwen2-MoE equivalent of
+model-facts.md, filled straight from the checkpoint's tensors (not through
+moee-ref's loader, so a mistake there cannot hide on both sides).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MoEERefError
+
+VERIFY_SENTENCES = [
+    "The cat sat on the mat.",
+    "Mixture-of-experts models route every token to a few experts.",
+    "A short one.",
+    'This sentence : "Routers are embeddings too." means in one word:"',
+]
+# float32 rounding differs between any two implementations (kernel choice, summation order) and
+# grows with depth; these bounds leave room for a 28-layer model. The test suite holds small
+# models to 1e-5 / 1e-6; a real divergence (a wrong norm, bias or routing rule) is orders larger.
+TOLERANCES = {"logits_rel": 1e-4, "hidden_rel": 1e-4, "router_probs_abs": 1e-5}
+
+
+class VerifyUnavailable(MoEERefError):
+    """transformers is not installed, so there is nothing to verify against."""
+
+
+@dataclass
+class VerifyReport:
+    family: str
+    tokens: int
+    logits_rel: float
+    hidden_rel: float
+    router_probs_abs: float
+    topk_agreement: float  # share of (token, layer) whose top-k expert set is identical
+    topk_real_mismatches: int  # differing top-k sets not explained by a near-tie within the probability tolerance
+    passed: bool
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        def verdict(ok):
+            return "ok" if ok else "MISMATCH"
+
+        t = TOLERANCES
+        return [
+            ("logits, max rel. error", f"{self.logits_rel:.2e}", f"<= {t['logits_rel']:.0e}", verdict(self.logits_rel <= t["logits_rel"])),
+            ("hidden states, max rel. error", f"{self.hidden_rel:.2e}", f"<= {t['hidden_rel']:.0e}", verdict(self.hidden_rel <= t["hidden_rel"])),
+            ("router probs, max abs. error", f"{self.router_probs_abs:.2e}", f"<= {t['router_probs_abs']:.0e}", verdict(self.router_probs_abs <= t["router_probs_abs"])),
+            ("top-k experts identical", f"{100 * self.topk_agreement:.2f}%", "100% (near-ties aside)", verdict(self.topk_real_mismatches == 0)),
+        ]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tolerances": TOLERANCES}
+
+
+def format_report(report: VerifyReport) -> str:
+    lines = [f"{report.family}: {report.tokens} real tokens compared, float32", f"{'check':<32} {'measured':>10}  {'tolerance':<24} result"]
+    lines += [f"{name:<32} {value:>10}  {tol:<24} {verdict}" for name, value, tol, verdict in report.rows()]
+    lines.append("PASS" if report.passed else "FAIL: moee-ref and transformers disagree beyond tolerance")
+    return "\n".join(lines)
+
+
+def load_reference(directory: Path, args):
+    """transformers' model of the checkpoint, float32, eval mode."""
+    try:
+        import transformers
+    except ImportError:
+        raise VerifyUnavailable("moee verify needs transformers: pip install 'moee-ref[test]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    if args.family == "deepseek":
+        return _deepseek_reference(transformers, directory, args)
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def _deepseek_reference(transformers, directory: Path, args):
+    from safetensors import safe_open
+
+    from .checkpoint import shard_files
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.dense_size or 1,
+        moe_intermediate_size=args.expert_size, shared_expert_intermediate_size=args.shared_expert_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+        num_experts=args.num_experts, num_experts_per_tok=args.top_k, norm_topk_prob=args.norm_topk_prob,
+        decoder_sparse_step=1, mlp_only_layers=list(args.dense_layers), max_position_embeddings=args.max_position_embeddings,
+        rms_norm_eps=args.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        tie_word_embeddings=args.tie_word_embeddings,
+    )
+    with torch.device("meta"):
+        model = transformers.Qwen2MoeForCausalLM(config)
+    handles = {}
+    location = {}
+    for file in shard_files(directory):
+        handle = safe_open(str(file), framework="pt")
+        handles[file] = handle
+        for name in handle.keys():
+            location[name] = file
+
+    def read(name):
+        return handles[location[name]].get_tensor(name).float()
+
+    state = {}
+    for name, param in model.named_parameters():
+        if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "shared_expert_gate.weight")):
+            state[name] = torch.zeros(param.shape)  # no bias in DeepSeekMoE; sigmoid(0) = 0.5 on the shared expert
+        elif name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            state[name] = torch.stack(
+                [torch.cat([read(f"{prefix}{e}.gate_proj.weight"), read(f"{prefix}{e}.up_proj.weight")]) for e in range(args.num_experts)]
+            )
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            state[name] = torch.stack([read(f"{prefix}{e}.down_proj.weight") for e in range(args.num_experts)])
+        elif ".mlp.shared_expert." in name:
+            tensor = read(name.replace(".mlp.shared_expert.", ".mlp.shared_experts."))
+            state[name] = 2.0 * tensor if name.endswith("down_proj.weight") else tensor  # 0.5 * (2 W) = W exactly
+        else:
+            state[name] = read(name)
+    model.load_state_dict(state, assign=True, strict=True)
+    # Buffers that are not in any checkpoint (rotary frequencies) must be built for real, off the meta device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.eval()
+
+
+def verify(model, tokenizer, reference) -> VerifyReport:
+    batch = tokenizer.encode_batch(VERIFY_SENTENCES)
+    ids, mask = batch.input_ids, batch.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        ours = model(ids, mask, return_logits=True)
+        ref = reference.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_router_logits=True, use_cache=False)
+        ref_logits = reference.lm_head(ref.last_hidden_state)
+    real = mask.bool()
+    batch_size, length = ids.shape
+    ref_probs = torch.stack([r.reshape(batch_size, length, -1) for r in ref.router_logits], dim=1).float().softmax(-1)
+    real_routing = real[:, None, :].expand(-1, ref_probs.shape[1], -1)
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    k = model.args.top_k
+    ours_sets = ours.topk_ids.sort(-1).values[real_routing]
+    ref_top = ref_probs.topk(k + 1 if k < ref_probs.shape[-1] else k, dim=-1)
+    ref_sets = ref_top.indices[..., :k].sort(-1).values[real_routing]
+    same = (ours_sets == ref_sets).all(-1)
+    if k < ref_probs.shape[-1]:
+        # A swap between the k-th and (k+1)-th expert is a near-tie when their probabilities are within tolerance.
+        gap = (ref_top.values[..., k - 1] - ref_top.values[..., k])[real_routing]
+        real_mismatches = int((~same & (gap > TOLERANCES["router_probs_abs"])).sum())
+    else:
+        real_mismatches = int((~same).sum())
+    report = VerifyReport(
+        family=model.args.family,
+        tokens=int(real.sum()),
+        logits_rel=rel(ours.logits[real], ref_logits[real]),
+        hidden_rel=rel(ours.hidden_states[real], ref.last_hidden_state[real]),
+        router_probs_abs=float((ours.router_probs - ref_probs)[real_routing].abs().max()),
+        topk_agreement=float(same.float().mean()),
+        topk_real_mismatches=real_mismatches,
+        passed=False,
+    )
+    report.passed = (
+        report.logits_rel <= TOLERANCES["logits_rel"]
+        and report.hidden_rel <= TOLERANCES["hidden_rel"]
+        and report.router_probs_abs <= TOLERANCES["router_probs_abs"]
+        and real_mismatches == 0
+    )
+    return report
