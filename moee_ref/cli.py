@@ -221,11 +221,15 @@ def cmd_info(ns) -> int:
     from .info import format_facts, model_facts
     from .tokenizer import Tokenizer
 
-    directory = resolve_source(ns.model)
-    args = read_config(directory)
-    tokenizer = Tokenizer.from_dir(directory) if (directory / "tokenizer.json").is_file() else None
+    given = Path(ns.model)
+    if given.is_file() and given.suffix == ".json":  # a bare config.json: facts without weights or tokenizer
+        args, tokenizer = read_config(given), None
+    else:
+        directory = resolve_source(ns.model)
+        args = read_config(directory)
+        tokenizer = Tokenizer.from_dir(directory) if (directory / "tokenizer.json").is_file() else None
     facts = model_facts(args, tokenizer)
-    facts["source"] = str(directory)
+    facts["source"] = str(ns.model)
     print(json.dumps(facts, indent=2) if ns.json else format_facts(facts))
     return 0
 
@@ -329,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_verify)
 
     p = commands.add_parser("info", help="family, layers, experts, parameter counts, memory, tokenizer, RW dimension")
-    p.add_argument("--model", required=True, metavar="SRC", help="local checkpoint directory or hub id")
+    p.add_argument("--model", required=True, metavar="SRC", help="checkpoint directory, hub id, or a config.json file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_info)
 
