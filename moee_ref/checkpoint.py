@@ -31,6 +31,8 @@ from .model import MoEDecoder
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Buffers some LLaMA-style checkpoints carry that are not weights: recomputed, so ignored when present.
+RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
 # What a hub download fetches: enough to build the model and its tokenizer, nothing executable.
 HUB_PATTERNS = [
     "config.json",
@@ -109,7 +111,7 @@ class ShardReader:
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
         missing = sorted(set(expected) - set(self.shapes))
-        unexpected = sorted(set(self.shapes) - set(expected))
+        unexpected = sorted(n for n in set(self.shapes) - set(expected) if not n.endswith(RECOMPUTED_BUFFERS))
         wrong = sorted(
             f"{n} (checkpoint {list(self.shapes[n])}, expected {list(s)})"
             for n, s in expected.items()

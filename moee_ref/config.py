@@ -196,7 +196,7 @@ def parse_config(raw: dict[str, Any], origin: str = "config.json") -> ModelArgs:
     model_type = raw.get("model_type")
     if model_type is None:
         raise ConfigError(f"{origin}: field 'model_type' is missing; supported: {', '.join(FAMILIES)}")
-    family = FAMILIES.get(model_type)
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise ConfigError(
             f"{origin}: model_type {model_type!r} is not supported; supported model types: {', '.join(FAMILIES)}"

@@ -64,35 +64,52 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(kv_out, args.rms_norm_eps) if args.qk_norm else None
         self.clip_qkv = args.clip_qkv
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention over x [B, T, D].
+
+        keep [B, P]: compute queries (and the output) only at these positions;
+        keys and values still cover every position. The embedding reads one
+        position of the last layer, so there it skips most of the work.
+        mask: boolean [B, 1, P or T, T], or None for plain causal attention.
+        """
         batch, length, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        x_q = x if keep is None else x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        q, k, v = self.q_proj(x_q), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:  # OLMoE clamps after the q/k norms
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        queries = q.shape[1]
+        q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # mask None means "no padding": plain causal attention, the fastest kernel.
+        if keep is None:
+            q = apply_rotary(q, cos, sin)
+        else:
+            index = keep[..., None].expand(-1, -1, cos.shape[-1])
+            q = apply_rotary(q, cos.gather(1, index), sin.gather(1, index))
+        k = apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, queries, -1))
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), with gate and up fused into one matrix [2 * size, dim]."""
+    """down(silu(gate(x)) * up(x)): the dense MLP and the shared experts.
+
+    gate and up stay two matrices, as in the checkpoints and in transformers,
+    so that the float32 rounding is the reference's too.
+    """
 
     def __init__(self, dim: int, size: int):
         super().__init__()
-        self.gate_up = nn.Linear(dim, 2 * size, bias=False)
+        self.gate = nn.Linear(dim, size, bias=False)
+        self.up = nn.Linear(dim, size, bias=False)
         self.down = nn.Linear(size, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 @dataclass

@@ -62,8 +62,8 @@ def build(recipe: Recipe, read: Callable[[str], torch.Tensor], dtype: torch.dtyp
 # (they all follow the LLaMA naming of the Hugging Face checkpoints).
 
 
-def swiglu(ckpt_prefix: str, dim: int, size: int) -> dict[str, Recipe]:
-    """A SwiGLU MLP stored as gate_proj, up_proj, down_proj."""
+def expert(ckpt_prefix: str, dim: int, size: int) -> dict[str, Recipe]:
+    """One routed expert stored as gate_proj, up_proj, down_proj; gate and up fused into one matrix."""
     return {
         "gate_up": Cat((Tensor(f"{ckpt_prefix}.gate_proj.weight", (size, dim)), Tensor(f"{ckpt_prefix}.up_proj.weight", (size, dim)))),
         "down": Tensor(f"{ckpt_prefix}.down_proj.weight", (dim, size)),
@@ -96,7 +96,7 @@ def block_norms(args: ModelArgs, layer: int) -> NameMap:
 def routed_experts(args: ModelArgs, layer: int) -> NameMap:
     """Router and experts stored one by one as mlp.experts.{e}.*_proj; stacked here."""
     ckpt, ours = f"model.layers.{layer}.mlp", f"layers.{layer}.mlp"
-    per_expert = [swiglu(f"{ckpt}.experts.{e}", args.hidden_size, args.expert_size) for e in range(args.num_experts)]
+    per_expert = [expert(f"{ckpt}.experts.{e}", args.hidden_size, args.expert_size) for e in range(args.num_experts)]
     return {
         f"{ours}.router.weight": Tensor(f"{ckpt}.gate.weight", (args.num_experts, args.hidden_size)),
         f"{ours}.experts.gate_up": Stack(tuple(p["gate_up"] for p in per_expert)),
@@ -106,7 +106,11 @@ def routed_experts(args: ModelArgs, layer: int) -> NameMap:
 
 def mlp(ckpt_prefix: str, our_prefix: str, dim: int, size: int) -> NameMap:
     """A plain SwiGLU module (dense layer or shared expert) under our_prefix."""
-    return {f"{our_prefix}.{k}.weight": v for k, v in swiglu(ckpt_prefix, dim, size).items()}
+    return {
+        f"{our_prefix}.gate.weight": Tensor(f"{ckpt_prefix}.gate_proj.weight", (size, dim)),
+        f"{our_prefix}.up.weight": Tensor(f"{ckpt_prefix}.up_proj.weight", (size, dim)),
+        f"{our_prefix}.down.weight": Tensor(f"{ckpt_prefix}.down_proj.weight", (dim, size)),
+    }
 
 
 def outer(args: ModelArgs) -> tuple[NameMap, NameMap]:

@@ -78,8 +78,10 @@ class Block(nn.Module):
         self.is_moe = layer in args.moe_layers
         self.mlp = MoE(args) if self.is_moe else SwiGLU(args.hidden_size, args.dense_size)
 
-    def forward(self, x, cos, sin, mask) -> tuple[torch.Tensor, LayerRouting | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, keep=None) -> tuple[torch.Tensor, LayerRouting | None]:
+        """keep [B, P]: return only these positions (queries and MLP run on them alone)."""
+        residual = x if keep is None else x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        x = residual + self.attn(self.attn_norm(x), cos, sin, mask, keep)
         batch, length, dim = x.shape
         flat = self.mlp_norm(x).reshape(-1, dim)
         if self.is_moe:
@@ -109,6 +111,7 @@ class MoEDecoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
+        keep_positions: torch.Tensor | None = None,
         return_logits: bool = False,
         return_layer_states: bool = False,
     ) -> DecoderOutput:
@@ -117,29 +120,50 @@ class MoEDecoder(nn.Module):
         input_ids [B, T]; attention_mask [B, T] with 1 on real tokens (left or
         right padding). Positions count real tokens only, so a padded text
         gets exactly the result it gets alone; pass position_ids to override.
+        keep_positions [B, P]: return hidden states, routing and layer states at
+        these positions only; the last block then computes just them.
         """
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         batch, length = input_ids.shape
         if position_ids is None:
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        mask = attention_mask_4d(attention_mask)
+        if keep_positions is not None:
+            keep_positions = self._check_keep(keep_positions, batch, length)
+        full_mask = attention_mask_4d(attention_mask)
 
         x = self.embed(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, x.dtype)
         per_layer_routing, layer_states = [], []
-        for block in self.layers:
-            x, routing = block(x, cos, sin, mask)
+        last = len(self.layers) - 1
+        for i, block in enumerate(self.layers):
+            if i == last and keep_positions is not None:
+                # Only the kept positions of the last block are ever read: run its queries and MLP on them alone.
+                x, routing = block(x, cos, sin, attention_mask_4d(attention_mask, keep_positions), keep_positions)
+            else:
+                x, routing = block(x, cos, sin, full_mask)
+                if keep_positions is not None and routing is not None:
+                    routing = _gather_routing(routing, keep_positions, length)
             if routing is not None:
                 per_layer_routing.append(routing)
             if return_layer_states:
-                layer_states.append(x)
+                layer_states.append(x if i == last or keep_positions is None else _gather(x, keep_positions))
         hidden = self.norm(x)
         logits = None
         if return_logits:
             head = self.embed.weight if self.lm_head is None else self.lm_head.weight
             logits = torch.nn.functional.linear(hidden, head)
-        routing = Routing.stack(per_layer_routing, self.args.moe_layers, batch, length)
+        out_length = length if keep_positions is None else keep_positions.shape[1]
+        routing = Routing.stack(per_layer_routing, self.args.moe_layers, batch, out_length)
         return DecoderOutput(hidden, routing, logits, tuple(layer_states) if return_layer_states else None)
+
+    def _check_keep(self, keep, batch, length):
+        if not isinstance(keep, torch.Tensor) or keep.dim() != 2 or keep.shape[0] != batch or keep.shape[1] == 0:
+            raise InputError(f"keep_positions must be a tensor [batch={batch}, P] of positions with P >= 1")
+        if keep.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise InputError(f"keep_positions must hold integer positions, got dtype {keep.dtype}")
+        if int(keep.min()) < 0 or int(keep.max()) >= length:
+            raise InputError(f"keep_positions must lie in [0, {length}), the sequence length")
+        return keep.long()
 
     def _check_inputs(self, input_ids, attention_mask):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -160,6 +184,8 @@ class MoEDecoder(nn.Module):
             raise InputError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size}); check the tokenizer")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if not isinstance(attention_mask, torch.Tensor):
+            raise InputError(f"attention_mask must be a tensor [batch, length] (or None), got {type(attention_mask).__name__}")
         if attention_mask.shape != input_ids.shape:
             raise InputError(
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
@@ -171,17 +197,35 @@ class MoEDecoder(nn.Module):
         return input_ids.long(), attention_mask.long()
 
 
-def attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """Boolean [B, 1, T, T] mask: causal, and no real query ever sees a padding key.
+def attention_mask_4d(attention_mask: torch.Tensor, query_positions: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean [B, 1, Q, T] mask: causal, and no real query ever sees a padding key.
 
     Every position may also see itself, so that no row is fully masked: a
     padding query then attends to itself (its result is never read) and
     softmax never divides by zero, so no NaN can appear in any dtype.
-    Returns None where there is no padding, for the plain causal kernel.
+    Returns None where there is no padding and every position is a query,
+    for the plain causal kernel.
     """
-    if bool(attention_mask.all()):
+    if query_positions is None and bool(attention_mask.all()):
         return None
-    length = attention_mask.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal & attention_mask.bool()[:, None, None, :]
-    return allowed | torch.eye(length, dtype=torch.bool, device=attention_mask.device)
+    batch, length = attention_mask.shape
+    keys = torch.arange(length, device=attention_mask.device)
+    queries = keys.expand(batch, -1) if query_positions is None else query_positions
+    causal = keys[None, None, :] <= queries[:, :, None]  # [B, Q, T]
+    allowed = causal & attention_mask.bool()[:, None, :]
+    allowed |= keys[None, None, :] == queries[:, :, None]
+    return allowed[:, None]
+
+
+def _gather(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _gather_routing(routing: LayerRouting, keep: torch.Tensor, length: int) -> LayerRouting:
+    """One layer's routing (flat over B*T tokens) at the kept positions only (flat over B*P)."""
+    batch = keep.shape[0]
+
+    def pick(t):
+        return _gather(t.reshape(batch, length, -1), keep).reshape(-1, t.shape[-1])
+
+    return LayerRouting(pick(routing.logits), pick(routing.probs), pick(routing.topk_ids), pick(routing.topk_weights))

@@ -31,7 +31,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(base + 0.2 * torch.randn(param.shape, generator=generator))
             else:
                 fan_in = param.shape[-1]
-                scale = 3.0 if name.endswith("mlp.gate.weight") else 1.0
+                scale = 1.5 if name.endswith("mlp.gate.weight") else 1.0
                 param.copy_(scale * torch.randn(param.shape, generator=generator) / fan_in**0.5)
 
 

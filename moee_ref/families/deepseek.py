@@ -30,6 +30,11 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
         raise cfg.error("first_k_dense_replace", f"must lie in [0, {num_layers}], got {first_dense}")
     freq = cfg.positive("moe_layer_freq", 1)
     moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
+    if not moe_layers:
+        raise cfg.error(
+            "first_k_dense_replace",
+            f"({first_dense}) with moe_layer_freq {freq} leaves no MoE layer among {num_layers}; at least one is needed",
+        )
     expert_size = cfg.positive("moe_intermediate_size")
     n_shared = cfg.get("n_shared_experts", int, 0)
     if n_shared < 0:

@@ -22,6 +22,14 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
     if bad:
         raise cfg.error("mlp_only_layers", f"has entries {bad} that are not layer indices in [0, {num_layers})")
     moe_layers = tuple(i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0)
+    if not moe_layers:
+        raise cfg.error(
+            "mlp_only_layers",
+            f"{mlp_only} with decoder_sparse_step {step} leaves no MoE layer among {num_layers}; at least one is needed",
+        )
+    shared_size = cfg.get("shared_expert_intermediate_size", int, 0)
+    if shared_size < 0:
+        raise cfg.error("shared_expert_intermediate_size", f"must be zero or positive, got {shared_size}")
     return ModelArgs(
         family=MODEL_TYPE,
         num_experts=num_experts,
@@ -30,8 +38,8 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
         moe_layers=moe_layers,
         # intermediate_size is always present in the released configs, even where no layer is dense.
         dense_size=cfg.positive("intermediate_size") if len(moe_layers) < num_layers else 0,
-        shared_expert_size=cfg.get("shared_expert_intermediate_size", int, 0),
-        shared_expert_gated=True,
+        shared_expert_size=shared_size,
+        shared_expert_gated=shared_size > 0,  # the gate scales the shared expert; without one there is none
         # Older configs (the released one) have no qkv_bias field: the bias is always there.
         qkv_bias=cfg.get("qkv_bias", bool, True),
         **common,

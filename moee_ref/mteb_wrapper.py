@@ -1,0 +1,272 @@
+"""MTEB evaluation of MoEE embeddings (optional extra: pip install 'moee-ref[mteb]').
+
+    encoder = MoEEEncoder(embedder, "moee-sum", prompt="prompteol", alpha=1.0)
+    mteb.evaluate(encoder, tasks)                       # mteb's own entry point, or:
+    scores = run_mteb(embedder, ["STS12", "STS13"], kind="moee-sum", prompt="prompteol")
+
+MoEEEncoder follows mteb's EncoderProtocol (mteb >= 2): encode() receives a
+DataLoader of batches and reads their "text" field, which mteb fills for every
+text task (for reranking documents it is title and body joined, for queries
+the query with its instruction). The prompt is the fixed MoEE prompt (none,
+PromptEOL, ...) for every task: mteb's per-task instructions are not used, as
+in the paper. Similarity is cosine; for moee-sum the vectors are
+[h/|h|; sqrt(alpha) r/|r|], so cosine ranks pairs as the paper's weighted sum.
+
+mteb itself is imported only when an encoder's metadata is built or
+run_mteb() runs, so this module imports without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .embed import KINDS, FeatureOptions, MoEEmbedder
+from .errors import InputError, MoEERefError
+from .prompts import PLACEHOLDER, list_prompts, resolve_prompt
+
+MISSING_MTEB = "moee eval mteb needs the optional mteb package: pip install 'moee-ref[mteb]'"
+REFERENCE = "https://github.com/tianyi-lab/MoE-Embedding"
+
+
+class MissingExtraError(MoEERefError):
+    """An optional dependency (an extra of moee-ref) is not installed."""
+
+
+class TaskDataError(MoEERefError):
+    """An MTEB task's dataset could not be loaded (usually: no network and no local copy)."""
+
+
+def require_mteb():
+    """The mteb module, or MissingExtraError when it is not installed."""
+    try:
+        import mteb
+    except ImportError as exc:
+        raise MissingExtraError(MISSING_MTEB) from exc
+    return mteb
+
+
+class MoEEEncoder:
+    """An mteb encoder (mteb.models.EncoderProtocol) for one MoEE configuration of an MoEEmbedder."""
+
+    def __init__(
+        self,
+        embedder: MoEEmbedder,
+        kind: str = "moee-sum",
+        *,
+        prompt: str | None = None,
+        alpha: float = 1.0,
+        batch_size: int | None = None,
+        **feature_options,
+    ):
+        if kind not in KINDS:
+            raise InputError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise InputError(
+                f"alpha must be a finite number >= 0 for MTEB, got {alpha!r}: each side of a pair is encoded "
+                "separately, so choose alpha beforehand (MoEEmbedder.select_alpha) instead of 'auto'"
+            )
+        feature_options.setdefault("allow_empty", True)  # MTEB data holds some empty texts
+        try:
+            options = FeatureOptions(prompt=prompt, **feature_options)
+        except TypeError as exc:
+            valid = ", ".join(f for f in FeatureOptions.__dataclass_fields__ if f != "prompt")
+            raise InputError(f"unknown feature option ({exc}); valid options: {valid}") from None
+        options.check()
+        self.template = resolve_prompt(prompt)  # fails early on an unknown prompt name
+        self.embedder = embedder
+        self.kind = kind
+        self.prompt = prompt
+        self.alpha = float(alpha)
+        self.batch_size = batch_size
+        self.feature_options = {k: v for k, v in vars(options).items() if k != "prompt"}
+        self._meta = None
+
+    # ------------------------------------------------------------ the protocol
+
+    def encode(self, inputs, *, task_metadata=None, hf_split=None, hf_subset=None, prompt_type=None, **kwargs) -> np.ndarray:
+        """float32 [N, dim] for the texts of all batches of `inputs`, in order."""
+        texts: list[str] = []
+        for batch in inputs:
+            if "text" not in batch:
+                raise InputError(f"MoEE embeds text only; this batch has no 'text' field (fields: {sorted(batch)})")
+            texts.extend(batch["text"])
+        # Without a prompt and without BOS/EOS an empty text gives the model no token at all: its vector is zero
+        # (cosine 0 to everything) instead of an error.
+        tokenizer = self.embedder.tokenizer
+        no_tokens = self.template == PLACEHOLDER and not (tokenizer.adds_bos or tokenizer.adds_eos)
+        keep = [i for i, text in enumerate(texts) if not (no_tokens and text == "")]
+        vectors = np.zeros((len(texts), self.embedder.dimension(self.kind, self.feature_options["rw_layers"])), np.float32)
+        vectors[keep] = self.embedder.encode(
+            [texts[i] for i in keep],
+            self.kind,
+            prompt=self.prompt,
+            alpha=self.alpha,
+            batch_size=self.batch_size or kwargs.get("batch_size"),
+            show_progress_bar=kwargs.get("show_progress_bar"),
+            **self.feature_options,
+        )
+        return vectors
+
+    def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity matrix [len(embeddings1), len(embeddings2)] (a zero vector scores 0)."""
+        return _unit_rows(embeddings1) @ _unit_rows(embeddings2).T
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity of each row of embeddings1 with the same row of embeddings2."""
+        return (_unit_rows(embeddings1) * _unit_rows(embeddings2)).sum(-1)
+
+    @property
+    def mteb_model_meta(self):
+        if self._meta is None:
+            self._meta = self._build_meta()
+        return self._meta
+
+    # ---------------------------------------------------------------- metadata
+
+    def _build_meta(self):
+        require_mteb()
+        from mteb.models.model_meta import ModelMeta
+
+        args = self.embedder.args
+        model = self.embedder.model
+        total, active = args.parameter_counts()
+        source = getattr(model, "source_dir", None)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return ModelMeta(
+            loader=None,  # built in Python from an MoEEmbedder, not loaded by name
+            name=f"moee-ref/{args.family}-{self.kind}",
+            revision=Path(source).name if source else "local",  # a hub snapshot's folder is its commit
+            release_date=None,
+            languages=None,
+            n_parameters=total,
+            n_active_parameters_override=active,
+            memory_usage_mb=round(weight_bytes / 2**20, 2),
+            max_tokens=self.feature_options["max_length"] or args.max_position_embeddings,
+            embed_dim=self.embedder.dimension(self.kind, self.feature_options["rw_layers"]),
+            license=None,
+            open_weights=None,
+            public_training_code=None,
+            public_training_data=None,
+            framework=["PyTorch"],
+            reference=REFERENCE,
+            similarity_fn_name="cosine",
+            use_instructions=self.template != PLACEHOLDER,
+            training_datasets=None,
+            experiment_kwargs=self._experiment_kwargs(),
+        )
+
+    def _experiment_kwargs(self) -> dict[str, Any]:
+        """What distinguishes this configuration; mteb keeps each one's results in its own folder."""
+        names = {template: name for name, template in list_prompts()}
+        prompt = names.get(self.template) or "custom-" + hashlib.sha256(self.template.encode()).hexdigest()[:8]
+        settings: dict[str, Any] = {"prompt": prompt}
+        if self.kind == "moee-sum":
+            settings["alpha"] = self.alpha
+        defaults = FeatureOptions(allow_empty=True)
+        for key, value in self.feature_options.items():
+            if value != getattr(defaults, key):
+                settings[key] = list(value) if key == "rw_layers" else value
+        return settings
+
+
+def run_mteb(
+    embedder: MoEEmbedder,
+    task_names: Iterable[Any],
+    *,
+    kind: str = "moee-sum",
+    prompt: str | None = None,
+    alpha: float = 1.0,
+    batch_size: int | None = None,
+    output_dir: str | Path | None = None,
+    languages: list[str] | None = None,
+    **feature_options,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate one MoEE configuration on MTEB tasks; {task: {"main_score", "main_score_name", "scores", ...}}.
+
+    task_names: MTEB task names and/or task objects (mteb AbsTask instances).
+    output_dir: where mteb writes its per-task result files (none are written without it).
+    languages: keep only the subsets of named tasks that are wholly in these languages (["eng"]: the
+    English-only evaluation of the paper, e.g. STS17's en-en alone).
+    """
+    mteb = require_mteb()
+    encoder = MoEEEncoder(embedder, kind, prompt=prompt, alpha=alpha, batch_size=batch_size, **feature_options)
+    cache = mteb.ResultCache(output_dir) if output_dir is not None else None
+    results = {}
+    for task in _tasks(mteb, task_names, languages):
+        # Load the data here (an aggregate task: that of its parts) to report a clear error when it is unavailable.
+        to_load = [part for part in getattr(task.metadata, "tasks", None) or [task] if not part.data_loaded]
+        for part in to_load:
+            _load(part)
+        try:
+            outcome = mteb.evaluate(
+                encoder,
+                task,
+                cache=cache,
+                overwrite_strategy="always",
+                encode_kwargs={"batch_size": encoder.batch_size or embedder.batch_size},
+                co2_tracker=False,
+                show_progress_bar=False,
+            )
+        finally:
+            for part in to_load:
+                part.unload_data()
+        (result,) = outcome.task_results
+        results[task.metadata.name] = {
+            "main_score": float(result.get_score()),
+            "main_score_name": task.metadata.main_score,
+            "task_type": task.metadata.type,
+            "scores": _json_ready(result.scores),
+            "evaluation_time": result.evaluation_time,
+        }
+    return results
+
+
+def _tasks(mteb, task_names, languages) -> list:
+    if isinstance(task_names, str):
+        task_names = [task_names]
+    tasks = []
+    for item in task_names:
+        if not isinstance(item, str):
+            tasks.append(item)
+            continue
+        try:
+            tasks.append(mteb.get_task(item, languages=languages, exclusive_language_filter=True))
+        except KeyError as exc:
+            raise InputError(f"unknown MTEB task {item!r} ({exc.args[0] if exc.args else exc})") from None
+        except ValueError as exc:
+            raise InputError(f"MTEB task {item!r} has no subset in languages {languages} ({exc})") from None
+    return tasks
+
+
+def _load(task) -> None:
+    name = task.metadata.name
+    try:
+        task.load_data()
+    except Exception as exc:  # network, hub and file errors come in many types
+        raise TaskDataError(
+            f"MTEB task {name!r}: its data could not be loaded ({type(exc).__name__}: {exc}). MTEB datasets "
+            f"are downloaded from the Hugging Face hub ({task.metadata.dataset.get('path', '?')}), so this needs "
+            "network, or a local cache that already holds them (HF_HOME / HF_DATASETS_CACHE; set "
+            "HF_DATASETS_OFFLINE=1 to use it without network)"
+        ) from exc
+
+
+def _unit_rows(x) -> torch.Tensor:
+    x = torch.as_tensor(x).float()
+    return torch.nn.functional.normalize(x.reshape(1, -1) if x.ndim == 1 else x, dim=-1)
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

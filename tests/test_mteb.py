@@ -1,0 +1,228 @@
+"""The MTEB wrapper, run through mteb's real evaluation on local in-memory tasks (no download)."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+mteb = pytest.importorskip("mteb")
+
+from datasets import Dataset, DatasetDict  # noqa: E402  (mteb depends on datasets)
+from mteb.abstasks import AbsTaskClassification, AbsTaskSTS  # noqa: E402
+from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from moee_ref.embed import MoEEmbedder  # noqa: E402
+from moee_ref.errors import InputError, MoEERefError  # noqa: E402
+from moee_ref.mteb_wrapper import (  # noqa: E402
+    MISSING_MTEB,
+    MissingExtraError,
+    MoEEEncoder,
+    TaskDataError,
+    require_mteb,
+    run_mteb,
+)
+from moee_ref.stats import spearman  # noqa: E402
+from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint  # noqa: E402
+
+SUBJECTS = ["The cat", "A young dog", "My neighbour", "The old teacher", "A small child", "The pilot"]
+ACTIONS = ["sleeps on the sofa", "reads a long book", "runs in the park", "cooks dinner for friends", "sings a song"]
+PAIRS = [(f"{s} {a}.", f"{s} {b}.") for s in SUBJECTS for a, b in zip(ACTIONS, ACTIONS[1:] + ACTIONS[:1])]
+PAIRS[3] = (PAIRS[3][0], "")  # MTEB data holds a few empty texts; they must not crash the run
+GOLD = [float((7 * i) % 11) / 2 for i in range(len(PAIRS))]  # distinct-ish scores in [0, 5]
+
+COMMON = dict(
+    description="Local in-memory task for the moee-ref tests.",
+    reference="https://example.org/moee-ref-tests",
+    dataset={"path": "local/moee-ref-tests", "revision": "1"},
+    category="t2t",
+    modalities=["text"],
+    eval_splits=["test"],
+    eval_langs=["eng-Latn"],
+    date=("2024-01-01", "2024-01-02"),
+    domains=["Written"],
+    task_subtypes=[],
+    license="mit",
+    annotations_creators="derived",
+    dialect=[],
+    sample_creation="created",
+    bibtex_citation="",
+)
+
+
+class LocalSTS(AbsTaskSTS):
+    metadata = TaskMetadata(name="MoEERefLocalSTS", type="STS", main_score="cosine_spearman", **COMMON)
+    min_score = 0
+    max_score = 5
+
+    def load_data(self, num_proc=None, **kwargs):
+        first, second = zip(*PAIRS)
+        data = {"sentence1": list(first), "sentence2": list(second), "score": GOLD}
+        self.dataset = DatasetDict({"test": Dataset.from_dict(data)})
+        self.data_loaded = True
+
+
+class LocalClassification(AbsTaskClassification):
+    metadata = TaskMetadata(name="MoEERefLocalClassification", type="Classification", main_score="accuracy", **COMMON)
+    n_experiments = 2
+
+    def load_data(self, num_proc=None, **kwargs):
+        def split(offset):
+            texts = [f"{s} {a}." for s in SUBJECTS[offset::2] for a in ACTIONS]
+            return Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(len(texts))]})
+
+        self.dataset = DatasetDict({"train": split(0), "test": split(1)})
+        self.data_loaded = True
+
+
+class OfflineSTS(LocalSTS):
+    metadata = TaskMetadata(name="MoEERefOfflineSTS", type="STS", main_score="cosine_spearman", **COMMON)
+
+    def load_data(self, num_proc=None, **kwargs):
+        raise ConnectionError("Couldn't reach 'local/moee-ref-tests' on the Hub (LocalEntryNotFoundError)")
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    path = write_random_checkpoint(tmp_path_factory.mktemp("mteb") / "olmoe", SMALL_CONFIGS["olmoe"])
+    return MoEEmbedder.from_pretrained(path, batch_size=8)
+
+
+def loader(texts, batch_size=4):
+    """Batches as mteb builds them for a text task."""
+    return DataLoader(Dataset.from_dict({"text": texts}), batch_size=batch_size)
+
+
+def test_sts_score_is_the_spearman_of_the_encoder_vectors(embedder, tmp_path):
+    options = dict(kind="moee-sum", prompt="prompteol", alpha=0.5)
+    results = run_mteb(embedder, [LocalSTS()], batch_size=4, output_dir=tmp_path, **options)
+    entry = results["MoEERefLocalSTS"]
+    assert json.loads(json.dumps(results)) == results
+    assert entry["main_score_name"] == "cosine_spearman" and math.isfinite(entry["main_score"])
+    (scores,) = entry["scores"]["test"]
+
+    first, second = (list(side) for side in zip(*PAIRS))
+    encode = dict(kind=options["kind"], prompt=options["prompt"], alpha=options["alpha"], allow_empty=True)
+    a, b = embedder.encode(first, **encode), embedder.encode(second, **encode)
+    cosine = [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
+    expected = spearman(cosine, GOLD)
+    assert entry["main_score"] == pytest.approx(expected, abs=1e-6)
+    assert scores["spearman"] == pytest.approx(expected, abs=1e-6)  # via the encoder's own similarity_pairwise
+    assert list(tmp_path.rglob("MoEERefLocalSTS.json")), "mteb wrote no result file into output_dir"
+
+
+def test_classification_runs(embedder):
+    results = run_mteb(embedder, [LocalClassification()], kind="hs", prompt=None, alpha=1.0)
+    score = results["MoEERefLocalClassification"]["main_score"]
+    assert math.isfinite(score) and 0.0 <= score <= 1.0
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        mteb.mocks.MockClusteringTask,
+        mteb.mocks.LegacyMockClusteringFastTask,
+        mteb.mocks.MockPairClassificationTask,
+        mteb.mocks.MockRerankingTask,
+        mteb.mocks.MockSummarizationTask,
+    ],
+    ids=lambda cls: cls.metadata.type,
+)
+def test_the_other_task_types_of_the_paper_run(embedder, task):
+    (entry,) = run_mteb(embedder, [task()], kind="moee-sum", prompt="prompteol", alpha=1.0).values()
+    assert math.isfinite(entry["main_score"])
+
+
+def test_kinds_and_prompts_pass_through(embedder):
+    texts = [f"{s} {a}." for s in SUBJECTS[:2] for a in ACTIONS] + [" "]
+
+    def vectors(kind, prompt, **options):
+        encoder = MoEEEncoder(embedder, kind, prompt=prompt, alpha=2.0, **options)
+        got = encoder.encode(loader(texts), task_metadata=None, hf_split="test", hf_subset="default")
+        want = embedder.encode(texts, kind, prompt=prompt, alpha=2.0, allow_empty=True, **options)
+        np.testing.assert_array_equal(got, want)  # every batch's texts, in order
+        assert got.shape[1] == encoder.mteb_model_meta.embed_dim
+        return got
+
+    hs, rw = vectors("hs", None), vectors("rw", None)
+    assert hs.shape[1] == embedder.args.hidden_size and rw.shape[1] == embedder.args.routing_dim
+    assert not np.allclose(vectors("hs", "prompteol"), hs)
+    assert not np.allclose(vectors("hs", None, pooling="mean"), hs)
+    assert vectors("moee-concat", None).shape[1] == hs.shape[1] + rw.shape[1]
+
+
+def test_empty_texts_do_not_crash(embedder):
+    texts = ["A cat sleeps.", "", "A dog runs."]
+    for prompt in (None, "prompteol"):
+        encoder = MoEEEncoder(embedder, "moee-sum", prompt=prompt)
+        got = encoder.encode(loader(texts, batch_size=2), task_metadata=None, hf_split="test", hf_subset="default")
+        if prompt is None:  # the olmoe-style tokenizer adds no BOS: an empty text has no token, hence a zero vector
+            assert not embedder.tokenizer.adds_bos and not got[1].any()
+            np.testing.assert_array_equal(got[[0, 2]], embedder.encode(texts[::2], "moee-sum"))
+        else:  # with a prompt there are tokens to embed
+            np.testing.assert_array_equal(got, embedder.encode(texts, "moee-sum", prompt=prompt, allow_empty=True))
+    results = run_mteb(embedder, [LocalSTS()], kind="rw", prompt=None)  # PAIRS holds an empty text
+    assert math.isfinite(results["MoEERefLocalSTS"]["main_score"])
+
+
+def test_model_meta(embedder):
+    encoder = MoEEEncoder(embedder, "moee-sum", prompt="PromptEOL", alpha=0.25, rw_layers=[1, 2])
+    meta = encoder.mteb_model_meta
+    assert isinstance(meta, mteb.models.model_meta.ModelMeta) and isinstance(encoder, mteb.models.EncoderProtocol)
+    assert meta.name == "moee-ref/olmoe-moee-sum" and meta.revision == "olmoe"
+    assert meta.similarity_fn_name.value == "cosine" and meta.use_instructions
+    assert meta.embed_dim == embedder.args.hidden_size + 2 * embedder.args.num_experts
+    assert meta.n_parameters == embedder.args.parameter_counts()[0]
+    assert meta.experiment_kwargs == {"prompt": "prompteol", "alpha": 0.25, "rw_layers": [1, 2]}
+    plain = MoEEEncoder(embedder, "hs").mteb_model_meta
+    assert plain.experiment_kwargs == {"prompt": "none"} and not plain.use_instructions
+
+
+def test_moee_sum_cosine_is_the_weighted_sum(embedder):
+    texts = [f"{s} {a}." for s in SUBJECTS[:3] for a in ACTIONS[:2]]
+    alpha = 0.7
+    hs, rw = embedder.encode(texts, "hs"), embedder.encode(texts, "rw")
+    encoder = MoEEEncoder(embedder, "moee-sum", alpha=alpha)
+    vectors = encoder.encode(loader(texts), task_metadata=None, hf_split="test", hf_subset="default")
+    sim = encoder.similarity(vectors, torch.as_tensor(vectors)).numpy()
+    weighted = (embedder.similarity(hs, hs) + alpha * embedder.similarity(rw, rw)) / (1 + alpha)
+    np.testing.assert_allclose(sim, weighted, atol=1e-5)
+    pairwise = encoder.similarity_pairwise(vectors[:-1], vectors[1:]).numpy()
+    np.testing.assert_allclose(pairwise, np.diag(weighted, 1), atol=1e-5)
+    assert float(encoder.similarity(vectors[0], vectors[1])) == pytest.approx(weighted[0, 1], abs=1e-5)  # 1-D inputs
+    assert float(encoder.similarity(np.zeros(vectors.shape[1]), vectors[0])) == 0.0
+
+
+def test_bad_options_are_input_errors(embedder):
+    for kwargs in (dict(kind="nope"), dict(alpha="auto"), dict(alpha=-1.0), dict(prompt="no-such-prompt"), dict(poolling="mean")):
+        with pytest.raises(InputError):
+            MoEEEncoder(embedder, **kwargs)
+    with pytest.raises(InputError, match="unknown MTEB task 'NoSuchTaskAnywhere'"):
+        run_mteb(embedder, ["NoSuchTaskAnywhere"])
+    with pytest.raises(InputError, match="'STS12' has no subset in languages"):
+        run_mteb(embedder, ["STS12"], languages=["deu"])
+
+
+def test_unavailable_data_is_a_clear_error(embedder):
+    with pytest.raises(TaskDataError, match="MoEERefOfflineSTS.*network.*local cache") as info:
+        run_mteb(embedder, [OfflineSTS()])
+    assert isinstance(info.value, MoEERefError) and isinstance(info.value.__cause__, ConnectionError)
+
+
+def test_missing_mteb_is_reported(embedder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mteb", None)  # what `import mteb` meets when it is not installed
+    with pytest.raises(MissingExtraError, match=re.escape(MISSING_MTEB)):
+        require_mteb()
+    with pytest.raises(MissingExtraError, match=re.escape(MISSING_MTEB)):
+        run_mteb(embedder, ["STS12"])
+    assert issubclass(MissingExtraError, MoEERefError)
+
+
+def test_importing_the_wrapper_does_not_import_mteb():
+    code = "import sys, moee_ref.mteb_wrapper; assert 'mteb' not in sys.modules, 'mteb was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
