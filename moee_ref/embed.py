@@ -146,13 +146,16 @@ class MoEEmbedder:
         if mode == "official":
             from .official import encode_official
 
-            if standardizer is not None or feature_options or max_length is not None or truncation is not None:
+            if (
+                standardizer is not None or feature_options or max_length is not None or truncation is not None
+                or alpha_pairs is not None
+            ):
                 raise InputError(
                     "mode='official' reproduces the authors' code and takes only kind, prompt, alpha, batch_size, "
                     "normalize and show_progress_bar; drop the other options"
                 )
-            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-                raise InputError("mode='official' takes a fixed numeric alpha, as the authors' code does")
+            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha) or alpha < 0:
+                raise InputError(f"mode='official' takes a fixed numeric alpha >= 0, as the authors' code does; got {alpha!r}")
             vectors = encode_official(self, texts, kind, prompt=prompt, alpha=float(alpha), batch_size=batch_size, show_progress_bar=show_progress_bar)
             self.last_report = EncodeReport(num_texts=len(texts), alpha=float(alpha) if kind == "moee-sum" else None)
             return _normalize_rows(vectors) if normalize else vectors
@@ -167,7 +170,7 @@ class MoEEmbedder:
         hs, rw = apply_standardizers(feats.hs, feats.rw, standardizer)
         alpha_value = None
         if kind == "moee-sum":
-            alpha_value, report.alpha_choice = self._resolve_alpha(alpha, alpha_pairs, hs, rw, options, batch_size)
+            alpha_value, report.alpha_choice = self._resolve_alpha(alpha, alpha_pairs, hs, rw, options, batch_size, standardizer)
             report.alpha = alpha_value
         self.last_report = report
         vectors = combine(hs, rw, kind, alpha_value)
@@ -191,7 +194,7 @@ class MoEEmbedder:
         options = options or FeatureOptions()
         options.check()
         texts = _check_texts(texts, options.allow_empty)
-        batch_size = _positive_int("batch_size", batch_size or self.batch_size)
+        batch_size = _positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
         rw_positions = self._rw_layer_positions(options.rw_layers)
         if not texts:
             d_rw = len(rw_positions) * self.args.num_experts
@@ -200,23 +203,28 @@ class MoEEmbedder:
         template = resolve_prompt(options.prompt)
         limit = self.args.max_position_embeddings
         max_length = options.max_length if options.max_length is not None else limit
-        if options.max_length is not None and not 1 <= options.max_length <= limit:
+        if options.max_length is not None and (
+            isinstance(options.max_length, bool) or not isinstance(options.max_length, int) or not 1 <= options.max_length <= limit
+        ):
             raise InputError(f"max_length={options.max_length} must lie in [1, {limit}] (the model's max_position_embeddings)")
         prompted = [apply_prompt(template, text) for text in texts]
-        sequences, _ = self.tokenizer.tokenize(prompted)
+        sequences, _ = self.tokenizer.tokenize(prompted, allow_empty=options.allow_empty)
         too_long = [i for i, seq in enumerate(sequences) if len(seq) > max_length]
         if too_long and options.truncation is None:
             raise InputError(
                 f"{len(too_long)} text(s) exceed max_length={max_length} tokens (first at index {too_long[0]}, "
                 f"{len(sequences[too_long[0]])} tokens); pass truncation='right' (keep the beginning) or 'left' (keep the end)"
             )
-        if too_long:
-            sequences, _ = self.tokenizer.tokenize(prompted, max_length=max_length, truncation_side=options.truncation)
+        for i in too_long:
+            sequences[i] = self._truncate_inside_prompt(template, texts[i], max_length, options.truncation, i)
 
-        hs = np.empty((len(texts), self.args.hidden_size), np.float32)
-        rw = np.empty((len(texts), len(rw_positions) * self.args.num_experts), np.float32)
+        hs = np.zeros((len(texts), self.args.hidden_size), np.float32)
+        rw = np.zeros((len(texts), len(rw_positions) * self.args.num_experts), np.float32)
+        # A text that gives no token at all (empty, no prompt, no BOS; only with allow_empty) keeps a zero
+        # vector: cosine 0 to everything, never NaN.
+        nonempty = [i for i in range(len(texts)) if sequences[i]]
         # Longest first: the first batch shows at once whether memory suffices, and similar lengths share a batch.
-        order = sorted(range(len(texts)), key=lambda i: -len(sequences[i]))
+        order = sorted(nonempty, key=lambda i: -len(sequences[i]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for rows in _progress(batches, len(texts), show_progress_bar):
             batch = self.tokenizer.pad([sequences[i] for i in rows], padding_side="left")
@@ -224,28 +232,55 @@ class MoEEmbedder:
             hs[rows], rw[rows] = batch_hs, batch_rw
         return Features(hs, rw, num_truncated=len(too_long))
 
+    def _truncate_inside_prompt(self, template: str, text: str, max_length: int, side: str, index: int) -> list[int]:
+        """Token ids of the prompt around the longest cut of `text` that fits max_length.
+
+        The text is cut, never the prompt: PromptEOL's closing words are what
+        the last token reads. Cuts are made on the text's own tokens (the start
+        kept for side 'right', the end for 'left') and checked by tokenizing
+        the whole prompt again, since tokens at the seams can merge.
+        """
+        text_ids = self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+        def prompt_ids(keep: int) -> list[int]:
+            piece = text_ids[:keep] if side == "right" else text_ids[len(text_ids) - keep :]
+            return self.tokenizer.tokenize([apply_prompt(template, self.tokenizer.decode(piece) if keep else "")], allow_empty=True)[0][0]
+
+        if len(prompt_ids(0)) > max_length:
+            raise InputError(
+                f"text at index {index}: the prompt alone takes {len(prompt_ids(0))} tokens, more than max_length={max_length}; "
+                "raise max_length or use a shorter prompt"
+            )
+        low, high = 0, len(text_ids)  # prompt_ids(low) fits; find the largest keep that fits
+        while low < high:
+            mid = (low + high + 1) // 2
+            if len(prompt_ids(mid)) <= max_length:
+                low = mid
+            else:
+                high = mid - 1
+        return prompt_ids(low)
+
     def run_batch(self, input_ids, attention_mask, options: FeatureOptions, rw_positions: list[int], position_ids=None):
         """(HS [B, D], RW [B, L_used * E]) as float32 numpy for one padded batch."""
+        last_only = options.pooling == "last"
+        keep = last_real_position(attention_mask)[:, None] if last_only else None
         with torch.inference_mode():
             out = self.model(
-                input_ids, attention_mask, position_ids=position_ids, return_layer_states=options.hs_layer == "mean"
+                input_ids, attention_mask, position_ids=position_ids, keep_positions=keep,
+                return_layer_states=options.hs_layer == "mean",
             )
-            mask = attention_mask.to(torch.float32)
             if options.hs_layer == "mean":
-                # Every block's output, the last one after the final norm (the convention of
-                # transformers' output_hidden_states), averaged over layers.
+                # Mean over the output of every block, the last one taken after the final norm.
                 states = list(out.layer_hidden_states[:-1]) + [out.hidden_states]
                 hidden = torch.stack(states).float().mean(0)
             else:
                 hidden = out.hidden_states.float()
             routing = out.router_probs if options.rw_values == "probs" else out.router_logits
-            routing = routing[:, rw_positions]  # [B, L_used, T, E]
-            if options.pooling == "last":
-                last = last_real_position(attention_mask)
-                rows = torch.arange(len(last))
-                hs = hidden[rows, last]
-                rw = routing[rows, :, last]
+            routing = routing[:, rw_positions]  # [B, L_used, T or 1, E]
+            if last_only:  # the model returned the last real position only
+                hs, rw = hidden[:, 0], routing[:, :, 0]
             else:
+                mask = attention_mask.to(torch.float32)
                 weights = mask / mask.sum(-1, keepdim=True)
                 hs = torch.einsum("bt,btd->bd", weights, hidden)
                 rw = torch.einsum("bt,blte->ble", weights, routing)
@@ -284,21 +319,24 @@ class MoEEmbedder:
         n = len(texts_a)
         return choose_alpha(cosine_rows(hs[:n], hs[n:]), cosine_rows(rw[:n], rw[n:]), gold)
 
-    def _resolve_alpha(self, alpha, alpha_pairs, hs, rw, options, batch_size) -> tuple[float, AlphaChoice | None]:
+    def _resolve_alpha(self, alpha, alpha_pairs, hs, rw, options, batch_size, standardizer=None) -> tuple[float, AlphaChoice | None]:
+        if alpha_pairs is not None:
+            if alpha != "auto":
+                raise InputError("alpha_pairs are the unlabeled pairs for alpha='auto'; with a fixed alpha drop them")
+            if not isinstance(alpha_pairs, (tuple, list)) or len(alpha_pairs) != 2:
+                raise InputError("alpha_pairs must be (texts_a, texts_b): two lists of the same length")
         if isinstance(alpha, AlphaChoice):
-            return alpha.alpha, alpha
+            return _check_alpha(alpha.alpha), alpha
         if isinstance(alpha, str):
             if alpha != "auto":
                 raise InputError(f"alpha={alpha!r} is not valid; give a number >= 0, 'auto' or an AlphaChoice")
             if alpha_pairs is not None:
                 a, b = alpha_pairs
-                choice = self.select_alpha(a, b, batch_size=batch_size, **_options_dict(options))
+                choice = self.select_alpha(a, b, standardizer=standardizer, batch_size=batch_size, **_options_dict(options))
             else:
                 choice = alpha_over_all_pairs(hs, rw)
             return choice.alpha, choice
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 0:
-            raise InputError(f"alpha must be a finite number >= 0, 'auto' or an AlphaChoice; got {alpha!r}")
-        return float(alpha), None
+        return _check_alpha(alpha), None
 
     # ---------------------------------------------------------- standardisation
 
@@ -407,6 +445,12 @@ def _check_texts(texts, allow_empty: bool) -> list[str]:
                 "to embed the prompt around an empty text"
             )
     return list(texts)
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 0:
+        raise InputError(f"alpha must be a finite number >= 0, 'auto' or an AlphaChoice; got {alpha!r}")
+    return float(alpha)
 
 
 def _positive_int(name: str, value) -> int:

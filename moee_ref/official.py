@@ -33,7 +33,7 @@ import torch
 
 from .embed import FeatureOptions, _check_kind, _positive_int, _progress, combine
 from .errors import InputError
-from .prompts import OFFICIAL_PROMPTS, apply_official_prompt
+from .prompts import OFFICIAL_PROMPTS, _lookup_builtin, apply_official_prompt
 from .standardize import standardize_per_batch
 
 OFFICIAL_BATCH_SIZE = 256
@@ -44,8 +44,8 @@ OFFICIAL_RW_VALUES = {"olmoe": "logits", "qwen2_moe": "logits", "deepseek": "pro
 
 def encode_official(embedder, texts: Sequence[str], kind: str, *, prompt: str | None, alpha: float, batch_size: int | None, show_progress_bar: bool | None) -> np.ndarray:
     _check_kind(kind)
-    name = (prompt or "none").lower()
-    if name not in OFFICIAL_PROMPTS:
+    name = "none" if prompt is None else prompt
+    if not isinstance(name, str) or _lookup_builtin(name, OFFICIAL_PROMPTS) is None:
         raise InputError(
             f"mode='official' takes one of the authors' prompt names ({', '.join(OFFICIAL_PROMPTS)}), got {prompt!r}"
         )
@@ -54,7 +54,7 @@ def encode_official(embedder, texts: Sequence[str], kind: str, *, prompt: str | 
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputError(f"text at index {index} is {type(text).__name__}, not str; pass only strings")
-    batch_size = _positive_int("batch_size", batch_size or OFFICIAL_BATCH_SIZE)
+    batch_size = _positive_int("batch_size", OFFICIAL_BATCH_SIZE if batch_size is None else batch_size)
     args = embedder.args
     options = FeatureOptions(rw_values=OFFICIAL_RW_VALUES[args.family])
     rw_positions = list(range(len(args.moe_layers)))

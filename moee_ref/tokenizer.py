@@ -342,8 +342,12 @@ class Tokenizer:
         max_length: Optional[int] = None,
         truncation_side: str = "right",
         add_special_tokens: bool = True,
+        allow_empty: bool = False,
     ) -> tuple:
-        """(token id lists, number truncated): encode_batch without the padding, for callers that batch themselves."""
+        """(token id lists, number truncated): encode_batch without the padding, for callers that batch themselves.
+
+        allow_empty: a text that gives no token at all comes back as [] instead of raising.
+        """
         self._check_texts(texts)
         if truncation_side not in TRUNCATION_SIDES:
             raise InputError(f"truncation_side must be one of {TRUNCATION_SIDES}, got {truncation_side!r}")
@@ -361,7 +365,7 @@ class Tokenizer:
                     body = body[:room] if truncation_side == "right" else body[len(body) - room:]
                     num_truncated += 1
             sequence = prefix + body + suffix
-            if not sequence:
+            if not sequence and not allow_empty:
                 raise InputError(
                     f"text at index {index} encodes to no tokens (it is empty) and this tokenizer adds "
                     f"no BOS; drop empty texts or give them content"

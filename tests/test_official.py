@@ -1,0 +1,313 @@
+"""mode="official": the authors' public code, point by point as official.py's docstring lists it.
+
+Every expectation is rebuilt by hand from the tokenizer's ids and one direct
+decoder call on a batch padded the authors' way (pad id 0 on the left,
+positions 0..T-1). The hand batch is the very computation the embedder should
+run, so features agree within 1e-6 relative and standardised vectors within
+1e-5 relative (standardisation divides by small spreads).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from embed_fixtures import (  # noqa: F401  (fixtures are used by name)
+    TEXTS,
+    deepseek,
+    embedders,
+    max_rel_error,
+    olmoe,
+    qwen,
+    sample_std_standardize,
+    single_thread,
+)
+from moee_ref.alpha import AlphaChoice
+from moee_ref.embed import KINDS
+from moee_ref.errors import InputError
+from moee_ref.official import OFFICIAL_BATCH_SIZE, OFFICIAL_RW_VALUES
+from moee_ref.prompts import BUILTIN_PROMPTS, apply_official_prompt
+from moee_ref.standardize import Standardizer
+
+FAMILIES = ["olmoe", "qwen2_moe", "deepseek"]
+FEATURE_TOL = 1e-6
+STANDARDISED_TOL = 1e-5
+# A quoted word, an empty text (becomes "."), a question (no "." appended), an underscore.
+OFFICIAL_TEXTS = ['He said "hi" to me', "", "Where is the nearest station?", "snake_case names are fine"]
+
+
+def hand_batch(embedder, texts, prompt="none"):
+    """(HS [B, D], RW [B, L*E], input_ids, attention_mask, position_ids) of one batch built the authors' way."""
+    sequences = [embedder.tokenizer.encode(apply_official_prompt(prompt, text)) for text in texts]
+    width = max(map(len, sequences))
+    input_ids = torch.zeros(len(texts), width, dtype=torch.long)  # pad id 0
+    mask = torch.zeros(len(texts), width, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
+        mask[row, width - len(sequence) :] = 1
+    positions = torch.arange(width).expand(len(texts), width)
+    with torch.inference_mode():
+        out = embedder.model(input_ids, mask, position_ids=positions)
+    routing = out.router_logits if OFFICIAL_RW_VALUES[embedder.args.family] == "logits" else out.router_probs
+    rw = routing[:, :, -1].reshape(len(texts), -1)
+    return out.hidden_states[:, -1].numpy(), rw.numpy(), input_ids, mask, positions
+
+
+def unit_rows(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# --- 1. prompts ----------------------------------------------------------------------
+
+
+def test_official_prompts_preprocess_and_wrap():
+    assert apply_official_prompt("none", 'He said "hi" to me') == "\"He said 'hi' to me.\""
+    assert apply_official_prompt("none", "") == '"."'
+    assert apply_official_prompt("none", "Where is it?") == '"Where is it?"'
+    assert apply_official_prompt("none", "snake_case names") == '"snake case names."'
+    assert apply_official_prompt("prompteol", "Cats sleep") == 'This sentence : "Cats sleep." means in one word:"'
+    assert apply_official_prompt("PromptEOL", "  Cats sleep") == 'This sentence : "  Cats sleep." means in one word:"'
+    assert apply_official_prompt("none", "  padded ") == '"  padded ."'
+    assert apply_official_prompt("none", "  ") == '"  ."'
+
+
+# --- 2. tokens, padding, positions -------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_batch_fed_to_the_model_is_the_authors_batch(embedders, family, monkeypatch):
+    embedder = embedders[family]
+    hs, _, input_ids, mask, positions = hand_batch(embedder, OFFICIAL_TEXTS, prompt="none")
+    assert (mask == 0).any()  # the batch really is padded
+    if family == "olmoe":
+        assert embedder.tokenizer.pad_id == 1  # its own pad token is not 0: the official pad id is forced
+    if family == "deepseek":
+        assert bool((input_ids[mask.bool()].reshape(-1)[:1] == embedder.tokenizer.bos_id).all())
+
+    calls = []
+    forward = embedder.model.forward
+
+    def spy(input_ids, attention_mask=None, **kwargs):
+        calls.append((input_ids.clone(), attention_mask.clone(), kwargs["position_ids"].clone()))
+        return forward(input_ids, attention_mask, **kwargs)
+
+    monkeypatch.setitem(embedder.model.__dict__, "forward", spy)
+    vectors = embedder.encode(OFFICIAL_TEXTS, "hs", mode="official")
+    monkeypatch.undo()
+
+    assert len(calls) == 1
+    fed_ids, fed_mask, fed_positions = calls[0]
+    assert torch.equal(fed_ids, input_ids)
+    assert torch.equal(fed_mask, mask)
+    assert torch.equal(fed_positions, positions)
+    # HS is the final normed state at the last position, not standardised
+    assert vectors.dtype == np.float32
+    assert max_rel_error(vectors, hs) <= FEATURE_TOL
+
+
+def test_prompt_names_are_the_builtin_names_in_any_spelling(olmoe):
+    texts = OFFICIAL_TEXTS[:3]
+    canonical = olmoe.encode(texts, "hs", mode="official", prompt="language_style")
+    hs, *_ = hand_batch(olmoe, texts, prompt="language_style")
+    assert max_rel_error(canonical, hs) <= FEATURE_TOL
+    for spelling in ("Language Style", "language-style", "LANGUAGE_STYLE"):
+        np.testing.assert_array_equal(olmoe.encode(texts, "hs", mode="official", prompt=spelling), canonical)
+    # no prompt means the authors' "none" (the text in double quotes), unlike the default mode
+    np.testing.assert_array_equal(
+        olmoe.encode(texts, "hs", mode="official"), olmoe.encode(texts, "hs", mode="official", prompt="none")
+    )
+
+
+# --- 3. RW values by family ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, values", [("olmoe", "logits"), ("qwen2_moe", "logits"), ("deepseek", "probs")])
+def test_rw_is_standardised_logits_or_probs_by_family(embedders, family, values):
+    embedder = embedders[family]
+    assert OFFICIAL_RW_VALUES[family] == values
+    texts = TEXTS[:5]
+    _, rw, input_ids, mask, positions = hand_batch(embedder, texts)
+    got = embedder.encode(texts, "rw", mode="official")
+    assert got.shape == (5, embedder.dimension("rw"))
+    assert max_rel_error(got, sample_std_standardize(rw)) <= STANDARDISED_TOL
+    # the other router output gives other vectors: the choice is visible
+    with torch.inference_mode():
+        out = embedder.model(input_ids, mask, position_ids=positions)
+    other = (out.router_probs if values == "logits" else out.router_logits)[:, :, -1].reshape(5, -1).numpy()
+    assert np.abs(got - sample_std_standardize(other)).max() > 0.1
+
+
+# --- 4. per-batch standardisation -----------------------------------------------------------
+
+
+def test_rw_is_standardised_within_each_batch_of_the_given_size(olmoe):
+    got = olmoe.encode(TEXTS, "rw", mode="official", batch_size=4)
+    for start in (0, 4):  # batches in input order
+        _, rw, *_ = hand_batch(olmoe, TEXTS[start : start + 4])
+        assert max_rel_error(got[start : start + 4], sample_std_standardize(rw)) <= STANDARDISED_TOL
+        np.testing.assert_allclose(got[start : start + 4].mean(0), 0.0, atol=1e-5)
+        np.testing.assert_allclose(got[start : start + 4].std(0, ddof=1), 1.0, atol=1e-4)
+
+
+def test_official_vectors_depend_on_the_batch_and_default_ones_do_not(olmoe):
+    for kind in ("rw", "moee-concat", "moee-sum"):
+        by_two = olmoe.encode(TEXTS, kind, mode="official", batch_size=2)
+        by_four = olmoe.encode(TEXTS, kind, mode="official", batch_size=4)
+        assert np.abs(by_two - by_four).max() > 0.1, kind
+        default_two = olmoe.encode(TEXTS, kind, batch_size=2)
+        assert max_rel_error(default_two, olmoe.encode(TEXTS, kind, batch_size=4)) <= STANDARDISED_TOL
+
+
+def test_default_batch_size_is_the_authors_256(olmoe):
+    assert OFFICIAL_BATCH_SIZE == 256 and olmoe.batch_size == 16
+    texts = [f"{text} ({i})" for i, text in enumerate(TEXTS * 3)]  # 24 texts: one batch of 256, two of 16
+    default = olmoe.encode(texts, "rw", mode="official")
+    np.testing.assert_array_equal(default, olmoe.encode(texts, "rw", mode="official", batch_size=256))
+    assert np.abs(default - olmoe.encode(texts, "rw", mode="official", batch_size=16)).max() > 0.1
+
+
+# --- moee-concat and moee-sum -----------------------------------------------------------------
+
+
+def test_moee_concat_standardises_the_whole_vector(olmoe):
+    hs, rw, *_ = hand_batch(olmoe, TEXTS[:5])
+    got = olmoe.encode(TEXTS[:5], "moee-concat", mode="official")
+    assert max_rel_error(got, sample_std_standardize(np.hstack([hs, rw]))) <= STANDARDISED_TOL
+
+
+@pytest.mark.parametrize("alpha", [0.0, 2.0])
+def test_moee_sum_standardises_both_parts_then_weights_unit_vectors(olmoe, alpha):
+    hs, rw, *_ = hand_batch(olmoe, TEXTS[:5])
+    expected = np.hstack([unit_rows(sample_std_standardize(hs)), math.sqrt(alpha) * unit_rows(sample_std_standardize(rw))])
+    got = olmoe.encode(TEXTS[:5], "moee-sum", mode="official", alpha=alpha)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=STANDARDISED_TOL)
+    np.testing.assert_allclose(np.linalg.norm(got.astype(np.float64), axis=1), math.sqrt(1 + alpha), atol=1e-6)
+    assert olmoe.last_report.alpha == alpha
+    unit = olmoe.encode(TEXTS[:5], "moee-sum", mode="official", alpha=alpha, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(unit.astype(np.float64), axis=1), 1.0, atol=1e-6)
+
+
+def test_hs_alone_is_not_standardised(olmoe):
+    hs, *_ = hand_batch(olmoe, TEXTS[:5])
+    got = olmoe.encode(TEXTS[:5], "hs", mode="official")
+    assert max_rel_error(got, hs) <= FEATURE_TOL
+    assert np.abs(got.mean(0)).max() > 0.1  # standardised columns would have mean 0
+
+
+# --- 5. NaN becomes zero ------------------------------------------------------------------------
+
+
+def test_a_batch_of_one_has_no_spread_and_gives_zeros(olmoe):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the undefined std is handled, not warned about
+        for kind in ("rw", "moee-concat", "moee-sum"):
+            single = olmoe.encode([TEXTS[0]], kind, mode="official")
+            np.testing.assert_array_equal(single, np.zeros((1, olmoe.dimension(kind)), np.float32))
+            by_one = olmoe.encode(TEXTS[:3], kind, mode="official", batch_size=1)
+            np.testing.assert_array_equal(by_one, np.zeros((3, olmoe.dimension(kind)), np.float32))
+        hs = olmoe.encode([TEXTS[0]], "hs", mode="official")
+    hand, *_ = hand_batch(olmoe, [TEXTS[0]])
+    assert max_rel_error(hs, hand) <= FEATURE_TOL
+    # a normalised zero row stays zero rather than becoming NaN
+    np.testing.assert_array_equal(olmoe.encode([TEXTS[0]], "rw", mode="official", normalize=True), 0.0)
+
+
+def test_nan_in_a_feature_becomes_zero_in_every_kind(olmoe, monkeypatch):
+    run_batch = olmoe.run_batch
+
+    def poisoned(*args, **kwargs):  # a NaN in HS of the first row, as a bf16 overflow could give
+        hs, rw = run_batch(*args, **kwargs)
+        hs[0, :3] = np.nan
+        return hs, rw
+
+    clean = olmoe.encode(TEXTS[:4], "hs", mode="official")
+    monkeypatch.setitem(olmoe.__dict__, "run_batch", poisoned)
+    got = olmoe.encode(TEXTS[:4], "hs", mode="official")
+    np.testing.assert_array_equal(got[0, :3], 0.0)
+    np.testing.assert_array_equal(got[0, 3:], clean[0, 3:])
+    np.testing.assert_array_equal(got[1:], clean[1:])
+    for kind in ("moee-concat", "moee-sum"):
+        assert np.all(np.isfinite(olmoe.encode(TEXTS[:4], kind, mode="official"))), kind
+
+
+def test_a_constant_feature_within_a_batch_gives_zero_not_nan(olmoe):
+    # the same text twice: every feature is constant, the sample std is 0 and (x - mean) / (0 + 1e-8) is 0
+    twice = olmoe.encode([TEXTS[0], TEXTS[0]], "rw", mode="official")
+    np.testing.assert_array_equal(twice, 0.0)
+
+
+# --- 6. what official mode refuses ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"standardizer": Standardizer(mean=np.zeros(64), std=np.ones(64), kind="rw")},
+        {"max_length": 32},
+        {"truncation": "left"},
+        {"pooling": "mean"},
+        {"hs_layer": "mean"},
+        {"rw_values": "probs"},
+        {"rw_layers": [1]},
+        {"allow_empty": True},
+        {"alpha_pairs": (TEXTS[:3], TEXTS[3:6])},
+    ],
+    ids=lambda options: next(iter(options)),
+)
+def test_options_of_the_default_mode_are_refused(olmoe, options):
+    with pytest.raises(
+        InputError,
+        match="mode='official' reproduces the authors' code and takes only kind, prompt, alpha, batch_size, "
+        "normalize and show_progress_bar; drop the other options",
+    ):
+        olmoe.encode(TEXTS[:3], "moee-sum", mode="official", **options)
+
+
+@pytest.mark.parametrize(
+    "alpha",
+    ["auto", AlphaChoice(alpha=1.0, score=1.0, criterion="hand-made"), -1.0, float("nan"), float("inf"), True, None],
+    ids=["auto", "AlphaChoice", "negative", "nan", "inf", "bool", "None"],
+)
+def test_only_a_fixed_non_negative_alpha_is_taken(olmoe, alpha):
+    with pytest.raises(InputError, match="mode='official' takes a fixed numeric alpha >= 0, as the authors' code does"):
+        olmoe.encode(TEXTS[:3], "moee-sum", mode="official", alpha=alpha)
+
+
+@pytest.mark.parametrize("prompt", ["promptEOLL", BUILTIN_PROMPTS["prompteol"], "Say {text}", "", 5])
+def test_only_the_authors_prompt_names_are_taken(olmoe, prompt):
+    names = ", ".join(BUILTIN_PROMPTS)
+    with pytest.raises(InputError, match=f"mode='official' takes one of the authors' prompt names \\({names}\\), got"):
+        olmoe.encode(TEXTS[:3], "hs", mode="official", prompt=prompt)
+
+
+@pytest.mark.parametrize(
+    "texts, kwargs, message",
+    [
+        ("a bare string", {}, "texts must be a list of strings"),
+        (["fine", None], {}, "text at index 1 is NoneType, not str"),
+        (TEXTS[:2], {"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        (TEXTS[:2], {"batch_size": 1.5}, "batch_size must be a positive integer, got 1.5"),
+    ],
+)
+def test_bad_input_is_refused(olmoe, texts, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        olmoe.encode(texts, "rw", mode="official", **kwargs)
+    with pytest.raises(InputError, match="kind='sum' is not valid; choose one of hs, rw, moee-concat, moee-sum"):
+        olmoe.encode(TEXTS[:2], "sum", mode="official")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_list_gives_an_empty_matrix(olmoe, kind):
+    vectors = olmoe.encode([], kind, mode="official")
+    assert vectors.shape == (0, olmoe.dimension(kind)) and vectors.dtype == np.float32
+
+
+def test_progress_bar_on_request(olmoe, capfd):
+    olmoe.encode(TEXTS[:3], "rw", mode="official", batch_size=1, show_progress_bar=True)
+    assert "3/3" in capfd.readouterr().err
+    olmoe.encode(TEXTS[:3], "rw", mode="official", batch_size=1)
+    assert capfd.readouterr().err == ""
