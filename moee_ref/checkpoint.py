@@ -31,6 +31,7 @@ from .model import MoEDecoder
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+STORED_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I64": 8, "I32": 4}
 # Buffers some LLaMA-style checkpoints carry that are not weights: recomputed, so ignored when present.
 RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
 # What a hub download fetches: enough to build the model and its tokenizer, nothing executable.
@@ -102,11 +103,14 @@ class ShardReader:
         self.files = files
         self.location: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.element_sizes: dict[str, int] = {}  # bytes per element as stored
         for file in files:
             with _open(file) as handle:
                 for name in handle.keys():
+                    tensor_slice = handle.get_slice(name)
                     self.location[name] = file
-                    self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+                    self.shapes[name] = tuple(tensor_slice.get_shape())
+                    self.element_sizes[name] = STORED_SIZES.get(tensor_slice.get_dtype(), 4)
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
@@ -183,8 +187,16 @@ def expected_shapes(groups: Iterable[NameMap]) -> dict[str, tuple[int, ...]]:
     return {leaf.name: leaf.shape for group in groups for recipe in group.values() for leaf in leaves(recipe)}
 
 
-def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MoEDecoder:
-    """Load a supported MoE checkpoint (local directory or hub id) as an MoEDecoder in eval mode."""
+def load_model(
+    source: str | os.PathLike, dtype: torch.dtype = torch.float32, *, int8: bool = False, lm_head: bool = True
+) -> MoEDecoder:
+    """Load a supported MoE checkpoint (local directory or hub id) as an MoEDecoder in eval mode.
+
+    dtype: the compute dtype; weights stored in another dtype are converted
+    layer by layer as they are read. int8: keep attention and expert matrices
+    as int8 with per-channel scales (quant.py). lm_head=False skips the output
+    matrix, which embeddings never use.
+    """
     if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise CheckpointError(f"dtype {dtype} is not supported; use torch.float32 (CPU), float64, bfloat16 or float16")
     directory = resolve_source(source)
@@ -192,17 +204,24 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     reader = ShardReader(shard_files(directory))
     groups = name_map_groups(args)
     reader.check(expected_shapes(groups))
+    if not lm_head:
+        groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
 
     with torch.device("meta"):
-        model = MoEDecoder(args)
-    for group in groups:
+        model = MoEDecoder(args, with_lm_head=lm_head)
+    for index, group in enumerate(groups):
         with reader.reading() as shards:
             for param_name, recipe in group.items():
                 _assign(model, param_name, build(recipe, shards.read, dtype))
+        if int8 and 1 <= index <= args.num_layers:
+            from .quant import quantize_block_
+
+            quantize_block_(model.layers[index - 1])  # before the next layer is read: never all of it in float
     unset = [n for n, p in model.named_parameters() if p.is_meta]
     if unset:  # the name map forgot a parameter: a bug in moee-ref, not in the checkpoint
         raise AssertionError(f"parameters left unloaded: {unset}")
     model.source_dir = directory
+    model.int8 = int8
     return model.eval().requires_grad_(False)
 
 

@@ -93,11 +93,35 @@ class MoEEmbedder:
         self.last_report = EncodeReport()
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, dtype: torch.dtype = torch.float32, **kwargs) -> "MoEEmbedder":
-        from .checkpoint import load_model
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        *,
+        int8: bool = False,
+        memory_budget: str | int | None = None,
+        spill_dir: str | None = None,
+        **kwargs,
+    ) -> "MoEEmbedder":
+        """Load a checkpoint for embedding (without its LM head, which embeddings never use).
 
-        model = load_model(source, dtype=dtype)
+        memory_budget (e.g. "8GB"): layer-streamed corpus mode for models larger
+        than memory (streaming.py); each encode() call then reads every layer once.
+        int8: weight-only int8 for attention and expert matrices (quant.py).
+        """
+        if memory_budget is not None:
+            from .streaming import StreamedModel
+
+            model = StreamedModel(source, dtype, memory_budget=memory_budget, int8=int8, spill_dir=spill_dir)
+        else:
+            from .checkpoint import load_model
+
+            model = load_model(source, dtype=dtype, int8=int8, lm_head=False)
         return cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.model, torch.nn.Module)
 
     @property
     def args(self):
@@ -226,11 +250,27 @@ class MoEEmbedder:
         # Longest first: the first batch shows at once whether memory suffices, and similar lengths share a batch.
         order = sorted(nonempty, key=lambda i: -len(sequences[i]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for rows in _progress(batches, len(texts), show_progress_bar):
-            batch = self.tokenizer.pad([sequences[i] for i in rows], padding_side="left")
-            batch_hs, batch_rw = self.run_batch(batch.input_ids, batch.attention_mask, options, rw_positions)
-            hs[rows], rw[rows] = batch_hs, batch_rw
+        if self.streamed:
+            self._features_streamed(batches, sequences, options, rw_positions, hs, rw, show_progress_bar)
+        else:
+            for rows in _progress(batches, len(texts), show_progress_bar):
+                batch = self.tokenizer.pad([sequences[i] for i in rows], padding_side="left")
+                batch_hs, batch_rw = self.run_batch(batch.input_ids, batch.attention_mask, options, rw_positions)
+                hs[rows], rw[rows] = batch_hs, batch_rw
         return Features(hs, rw, num_truncated=len(too_long))
+
+    def _features_streamed(self, batches, sequences, options, rw_positions, hs, rw, show_progress_bar):
+        """All batches through the streamed model at once: each layer is read once for the whole corpus."""
+        if options.hs_layer != "last":
+            raise InputError("hs_layer='mean' is not available in the layer-streamed mode; use hs_layer='last'")
+        padded = [self.tokenizer.pad([sequences[i] for i in rows], padding_side="left") for rows in batches]
+        work = [
+            (b.input_ids, b.attention_mask, last_real_position(b.attention_mask)[:, None] if options.pooling == "last" else None)
+            for b in padded
+        ]
+        outputs = self.model.run(work, show_progress_bar=_show(show_progress_bar, len(sequences)))
+        for rows, batch, out in zip(batches, padded, outputs):
+            hs[rows], rw[rows] = pool(out, batch.attention_mask, options, rw_positions)
 
     def _truncate_inside_prompt(self, template: str, text: str, max_length: int, side: str, index: int) -> list[int]:
         """Token ids of the prompt around the longest cut of `text` that fits max_length.
@@ -262,29 +302,15 @@ class MoEEmbedder:
 
     def run_batch(self, input_ids, attention_mask, options: FeatureOptions, rw_positions: list[int], position_ids=None):
         """(HS [B, D], RW [B, L_used * E]) as float32 numpy for one padded batch."""
-        last_only = options.pooling == "last"
-        keep = last_real_position(attention_mask)[:, None] if last_only else None
+        if self.streamed:
+            raise InputError("run_batch needs a resident model; the layer-streamed mode works on whole corpora (features())")
+        keep = last_real_position(attention_mask)[:, None] if options.pooling == "last" else None
         with torch.inference_mode():
             out = self.model(
                 input_ids, attention_mask, position_ids=position_ids, keep_positions=keep,
                 return_layer_states=options.hs_layer == "mean",
             )
-            if options.hs_layer == "mean":
-                # Mean over the output of every block, the last one taken after the final norm.
-                states = list(out.layer_hidden_states[:-1]) + [out.hidden_states]
-                hidden = torch.stack(states).float().mean(0)
-            else:
-                hidden = out.hidden_states.float()
-            routing = out.router_probs if options.rw_values == "probs" else out.router_logits
-            routing = routing[:, rw_positions]  # [B, L_used, T or 1, E]
-            if last_only:  # the model returned the last real position only
-                hs, rw = hidden[:, 0], routing[:, :, 0]
-            else:
-                mask = attention_mask.to(torch.float32)
-                weights = mask / mask.sum(-1, keepdim=True)
-                hs = torch.einsum("bt,btd->bd", weights, hidden)
-                rw = torch.einsum("bt,blte->ble", weights, routing)
-            return hs.numpy().astype(np.float32), rw.reshape(len(rw), -1).numpy().astype(np.float32)
+        return pool(out, attention_mask, options, rw_positions)
 
     def _rw_layer_positions(self, rw_layers: Sequence[int] | None) -> list[int]:
         """Indices into the routing stack for the requested decoder layers (all MoE layers by default)."""
@@ -352,6 +378,31 @@ class MoEEmbedder:
 
 # ----------------------------------------------------------------------------
 # Pure functions on features, shared with the command line and the evaluators.
+
+
+def pool(out, attention_mask: torch.Tensor, options: FeatureOptions, rw_positions: list[int]):
+    """(HS, RW) per row, float32 numpy, from one batch's decoder output.
+
+    With pooling "last" the decoder was asked for the last real position only
+    (keep_positions), so its outputs have one position per row.
+    """
+    with torch.inference_mode():
+        if options.hs_layer == "mean":
+            # Mean over the output of every block, the last one taken after the final norm.
+            states = list(out.layer_hidden_states[:-1]) + [out.hidden_states]
+            hidden = torch.stack(states).float().mean(0)
+        else:
+            hidden = out.hidden_states.float()
+        routing = out.router_probs if options.rw_values == "probs" else out.router_logits
+        routing = routing[:, rw_positions]  # [B, L_used, T or 1, E]
+        if options.pooling == "last":
+            hs, rw = hidden[:, 0], routing[:, :, 0]
+        else:
+            mask = attention_mask.to(torch.float32)
+            weights = mask / mask.sum(-1, keepdim=True)
+            hs = torch.einsum("bt,btd->bd", weights, hidden)
+            rw = torch.einsum("bt,blte->ble", weights, routing)
+        return hs.numpy().astype(np.float32), rw.reshape(len(rw), -1).numpy().astype(np.float32)
 
 
 def combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float | None = None) -> np.ndarray:
@@ -463,11 +514,13 @@ def _options_dict(options: FeatureOptions) -> dict:
     return {k: getattr(options, k) for k in FeatureOptions.__dataclass_fields__}
 
 
-def _progress(batches, num_texts: int, show: bool | None):
-    if show is None:
-        show = num_texts >= AUTO_PROGRESS_MIN_TEXTS
-    if not show:
-        return batches
+def _show(show: bool | None, num_texts: int) -> bool:
+    return num_texts >= AUTO_PROGRESS_MIN_TEXTS if show is None else show
+
+
+def _progress(items, num_texts: int, show: bool | None, desc: str = "embedding", unit: str = "batch"):
+    if not _show(show, num_texts):
+        return items
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc="embedding", unit="batch")
+    return tqdm(items, desc=desc, unit=unit)

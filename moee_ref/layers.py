@@ -147,6 +147,14 @@ class RoutedExperts(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * size, dim))
         self.down = nn.Parameter(torch.empty(num_experts, dim, size))
 
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    def expert_matrices(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """([2 * size, dim], [dim, size]) weights of one expert (the int8 variant dequantizes here)."""
+        return self.gate_up[expert], self.down[expert]
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # Group the (token, expert) assignments by expert once, so that each
         # active expert runs one matmul pair over a contiguous block of tokens.
@@ -154,16 +162,17 @@ class RoutedExperts(nn.Module):
         flat_ids = ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
         token_of = order // top_k
-        counts = torch.bincount(flat_ids, minlength=self.gate_up.shape[0]).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         grouped = x[token_of]
         out = torch.empty_like(grouped)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
+            gate_up, down = self.expert_matrices(expert, x.dtype)
             block = grouped[start : start + count]
-            gate, up = F.linear(block, self.gate_up[expert]).chunk(2, dim=-1)
-            out[start : start + count] = F.linear(F.silu(gate) * up, self.down[expert])
+            gate, up = F.linear(block, gate_up).chunk(2, dim=-1)
+            out[start : start + count] = F.linear(F.silu(gate) * up, down)
             start += count
         out *= weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)

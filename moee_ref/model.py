@@ -92,13 +92,16 @@ class Block(nn.Module):
 
 
 class MoEDecoder(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, with_lm_head: bool = True):
         super().__init__()
         self.args = args
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Embeddings never need the output matrix (vocab x hidden: 0.4B parameters for DeepSeekMoE).
+        separate_head = with_lm_head and not args.tie_word_embeddings
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if separate_head else None
+        self.with_lm_head = with_lm_head
         self.source_dir = None  # set by the loader: where config, tokenizer and weights were found
 
     @property
@@ -150,6 +153,8 @@ class MoEDecoder(nn.Module):
         hidden = self.norm(x)
         logits = None
         if return_logits:
+            if not self.with_lm_head:
+                raise InputError("this model was loaded without its LM head (for embeddings); load it with lm_head=True for logits")
             head = self.embed.weight if self.lm_head is None else self.lm_head.weight
             logits = torch.nn.functional.linear(hidden, head)
         out_length = length if keep_positions is None else keep_positions.shape[1]

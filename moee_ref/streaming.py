@@ -1,0 +1,296 @@
+"""Layer-streamed corpus mode: embed with a model larger than memory.
+
+Every batch of a corpus goes through decoder layer l before layer l+1 is
+read, so each weight is read from the safetensors shards once per corpus,
+not once per batch. Only one layer (two while the next one is read ahead)
+is ever resident, converted to the compute dtype or to int8. The hidden
+states of all batches between layers stay in memory up to the budget and are
+spilled to a temporary file beyond it.
+
+The arithmetic is the resident model's own: the same Block modules, built
+layer by layer from the same name map, so results match the resident mode.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .checkpoint import ShardReader, expected_shapes, name_map_groups, resolve_source, shard_files
+from .config import read_config
+from .errors import InputError, MoEERefError
+from .layers import LayerRouting, RMSNorm, rotary_cos_sin
+from .layout import build, leaves
+from .model import Block, DecoderOutput, Routing, _gather_routing, attention_mask_4d
+
+WORKING_FACTOR = 12  # transient tensors of one batch in one block, in units of that batch's hidden states
+RUNTIME_OVERHEAD = 256 * 2**20  # allowance for what is not weights or activations (index tensors, routing outputs)
+
+
+class SpillError(MoEERefError, OSError):
+    """Spilling activations to disk failed (typically: the disk is full)."""
+
+
+def parse_bytes(text: str | int) -> int:
+    """'8GB', '512MiB', '2.5G', or a number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", str(text).lower())
+        if not match:
+            raise InputError(f"memory budget {text!r} is not a size; write it like 8GB, 512MB or 2.5G")
+        number, prefix, _ = match.groups()
+        # GB and GiB alike mean 2**30: budgets are about memory, which comes in binary units.
+        value = int(float(number) * (1024 ** ("kmgt".index(prefix) + 1) if prefix else 1))
+    if value <= 0:
+        raise InputError(f"memory budget must be positive, got {text!r}")
+    return value
+
+
+def _format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass
+class StreamStats:
+    weight_bytes_read: int = 0  # bytes of checkpoint tensors read (their stored dtype)
+    spilled: bool = False
+    activation_bytes: int = 0
+    layer_bytes_max: int = 0
+
+
+class ActivationStore:
+    """Hidden states of every batch between layers: in memory, or in a temporary file when over budget."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, budget: int, spill_dir: str | None):
+        self.shapes, self.dtype = shapes, dtype
+        element = torch.tensor([], dtype=dtype).element_size()
+        sizes = [int(np.prod(s)) * element for s in shapes]
+        self.total = sum(sizes)
+        self.spilled = self.total > budget
+        self.tensors: list[torch.Tensor | None] = [None] * len(shapes)
+        self.directory = None
+        if self.spilled:
+            self.offsets = np.cumsum([0] + sizes)
+            self.directory = tempfile.mkdtemp(prefix="moee-spill-", dir=spill_dir)
+            self.path = os.path.join(self.directory, "activations.bin")
+            try:
+                with open(self.path, "wb") as handle:
+                    # Reserve the whole file now: a full disk fails here, before any compute.
+                    os.posix_fallocate(handle.fileno(), 0, self.total)
+            except OSError as exc:
+                self.close()
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise SpillError(
+                        f"no room to spill {_format_bytes(self.total)} of activations in {spill_dir or tempfile.gettempdir()}: "
+                        "free disk space, choose another --spill-dir, or raise the memory budget"
+                    ) from exc
+                raise SpillError(f"cannot create the spill file in {spill_dir or tempfile.gettempdir()}: {exc}") from exc
+            self.memmap = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(self.total,))
+
+    def put(self, index: int, tensor: torch.Tensor) -> None:
+        if not self.spilled:
+            self.tensors[index] = tensor
+            return
+        raw = tensor.contiguous().view(torch.uint8).numpy().reshape(-1)
+        try:
+            self.memmap[self.offsets[index] : self.offsets[index + 1]] = raw
+        except OSError as exc:  # pragma: no cover - the space was reserved up front
+            raise SpillError(f"writing spilled activations failed: {exc}") from exc
+
+    def get(self, index: int) -> torch.Tensor:
+        if not self.spilled:
+            return self.tensors[index]
+        raw = np.array(self.memmap[self.offsets[index] : self.offsets[index + 1]])
+        return torch.from_numpy(raw).view(self.dtype).reshape(self.shapes[index])
+
+    def close(self) -> None:
+        if getattr(self, "memmap", None) is not None:
+            del self.memmap
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
+class StreamedModel:
+    """Runs whole corpora through a checkpoint one decoder layer at a time (see the module doc)."""
+
+    def __init__(self, source, dtype: torch.dtype = torch.float32, *, memory_budget, int8: bool = False,
+                 spill_dir: str | None = None, prefetch: bool = True):
+        self.source_dir = resolve_source(source)
+        self.args = read_config(self.source_dir)
+        self.reader = ShardReader(shard_files(self.source_dir))
+        groups = name_map_groups(self.args)
+        self.reader.check(expected_shapes(groups))
+        self.embed_group, self.layer_groups = groups[0], groups[1:-1]
+        self.norm_group = {k: v for k, v in groups[-1].items() if k != "lm_head.weight"}
+        self.dtype, self.int8, self.prefetch = dtype, int8, prefetch
+        self.budget = parse_bytes(memory_budget)
+        self.spill_dir = spill_dir
+        self.stats = StreamStats()
+        self.element = torch.tensor([], dtype=dtype).element_size()
+        self.layer_bytes = [self._resident_bytes(group) for group in self.layer_groups]
+        self.stats.layer_bytes_max = max(self.layer_bytes)
+
+    # ------------------------------------------------------------------ memory plan
+
+    def _resident_bytes(self, group) -> int:
+        """Bytes of one layer as held for compute (float, or int8 matrices with their scales)."""
+        total = 0
+        for name, recipe in group.items():
+            count = sum(int(np.prod(leaf.shape)) for leaf in leaves(recipe))
+            quantized = self.int8 and not name.endswith(("norm.weight", "router.weight", ".bias", "shared_gate.weight"))
+            total += count if quantized else count * self.element
+        return total
+
+    def _source_bytes(self, group) -> int:
+        return sum(int(np.prod(leaf.shape)) * self._stored_size(leaf.name) for recipe in group.values() for leaf in leaves(recipe))
+
+    def _stored_size(self, name: str) -> int:
+        return self.reader.element_sizes[name]
+
+    def weights_need(self) -> int:
+        """Bytes the weights take at the worst moment: a resident layer, the next one built, its float copy and source."""
+        largest = max(range(len(self.layer_groups)), key=lambda i: self.layer_bytes[i])
+        float_copy = self._resident_bytes_as_float(self.layer_groups[largest]) if self.int8 else 0
+        building = self.layer_bytes[largest] + float_copy + self._source_bytes(self.layer_groups[largest])
+        return (self.layer_bytes[largest] if self.prefetch else 0) + building
+
+    def _resident_bytes_as_float(self, group) -> int:
+        return sum(int(np.prod(leaf.shape)) for recipe in group.values() for leaf in leaves(recipe)) * self.element
+
+    def memory_plan(self, batch_shapes: list[tuple[int, int]]) -> dict[str, int]:
+        """Bytes for weights, one batch's working memory, and the smallest budget that works for these batches."""
+        d = self.args.hidden_size
+        tokens = max(b * t for b, t in batch_shapes)
+        largest_batch = tokens * d * self.element
+        expert_temp = tokens * self.args.top_k * 3 * self.args.expert_size * self.element
+        working = WORKING_FACTOR * largest_batch + expert_temp
+        embed_bytes = self._resident_bytes_as_float(self.embed_group) + self._source_bytes(self.embed_group)
+        weights = max(self.weights_need(), embed_bytes)
+        # The smallest budget keeps one batch's hidden states in memory and spills all others.
+        smallest = weights + working + largest_batch + RUNTIME_OVERHEAD
+        return {"weights": weights, "working": working, "smallest": smallest}
+
+    def plan(self, batch_shapes: list[tuple[int, int]]) -> int:
+        """Check the budget against one corpus and return the bytes left for stored activations."""
+        need = self.memory_plan(batch_shapes)
+        if self.budget < need["smallest"]:
+            raise InputError(
+                f"memory budget {_format_bytes(self.budget)} is too small for one layer of this model at this batch size: "
+                f"the smallest budget that works is {_format_bytes(need['smallest'])} "
+                f"(weights {_format_bytes(need['weights'])}, batch working memory {_format_bytes(need['working'])}); "
+                "raise --memory-budget, lower --batch-size, or add --int8"
+            )
+        return self.budget - need["weights"] - need["working"] - RUNTIME_OVERHEAD
+
+    # ------------------------------------------------------------------ layers
+
+    def _build(self, names_to_recipes, module):
+        with self.reader.reading() as shards:
+            for name, recipe in names_to_recipes.items():
+                tensor = build(recipe, shards.read, self.dtype)
+                owner_name, _, attr = name.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                setattr(owner, attr, torch.nn.Parameter(tensor, requires_grad=False))
+        self.stats.weight_bytes_read += self._source_bytes(names_to_recipes)
+        return module
+
+    def build_layer(self, layer: int) -> Block:
+        prefix = f"layers.{layer}."
+        with torch.device("meta"):
+            block = Block(self.args, layer)
+        group = {name[len(prefix):]: recipe for name, recipe in self.layer_groups[layer].items()}
+        self._build(group, block)
+        if self.int8:
+            from .quant import quantize_block_
+
+            quantize_block_(block)
+        return block.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ forward
+
+    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], position_ids=None,
+            show_progress_bar: bool = False) -> list[DecoderOutput]:
+        """Decoder outputs for every (input_ids, attention_mask, keep_positions) batch, like MoEDecoder.forward."""
+        if not batches:
+            return []
+        for ids, mask, _ in batches:
+            if ids.shape[1] > self.args.max_position_embeddings:
+                raise InputError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings={self.args.max_position_embeddings}")
+            if int(ids.min()) < 0 or int(ids.max()) >= self.args.vocab_size:
+                raise InputError(f"token ids outside the vocabulary [0, {self.args.vocab_size})")
+        activation_room = self.plan([tuple(ids.shape) for ids, _, _ in batches])
+        shapes = [(ids.shape[0], ids.shape[1], self.args.hidden_size) for ids, _, _ in batches]
+        store = ActivationStore(shapes, self.dtype, activation_room, self.spill_dir)
+        self.stats.spilled, self.stats.activation_bytes = store.spilled, store.total
+        try:
+            return self._run(batches, store, position_ids, show_progress_bar)
+        finally:
+            store.close()
+
+    def _run(self, batches, store: ActivationStore, position_ids, show_progress_bar: bool):
+        masks = [mask.long() for _, mask, _ in batches]
+        positions = [(m.cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids[i] for i, m in enumerate(masks)]
+        full_masks = [attention_mask_4d(m) for m in masks]
+        last_masks = [attention_mask_4d(m, keep) if keep is not None else full for m, (_, _, keep), full in zip(masks, batches, full_masks)]
+
+        embed = torch.nn.Embedding(self.args.vocab_size, self.args.hidden_size, device="meta")
+        self._build({"weight": self.embed_group["embed.weight"]}, embed)
+        with torch.inference_mode():
+            for i, (ids, _, _) in enumerate(batches):
+                store.put(i, embed(ids.long()))
+        del embed
+
+        routing: list[list[LayerRouting]] = [[] for _ in batches]
+        last = len(self.layer_groups) - 1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            upcoming = pool.submit(self.build_layer, 0)
+            for layer in _layer_progress(len(self.layer_groups), show_progress_bar):
+                block = upcoming.result()
+                if self.prefetch and layer < last:
+                    upcoming = pool.submit(self.build_layer, layer + 1)  # read ahead while this layer computes
+                with torch.inference_mode():
+                    for i, (ids, _, keep) in enumerate(batches):
+                        x = store.get(i)
+                        cos, sin = rotary_cos_sin(positions[i], self.args.head_dim, self.args.rope_theta, x.dtype)
+                        if layer == last and keep is not None:
+                            x, layer_routing = block(x, cos, sin, last_masks[i], keep)
+                        else:
+                            x, layer_routing = block(x, cos, sin, full_masks[i])
+                            if keep is not None and layer_routing is not None:
+                                layer_routing = _gather_routing(layer_routing, keep, ids.shape[1])
+                        if layer_routing is not None:
+                            routing[i].append(layer_routing)
+                        store.put(i, x)
+                del block
+                if not self.prefetch and layer < last:
+                    upcoming = pool.submit(self.build_layer, layer + 1)
+
+        norm = RMSNorm(self.args.hidden_size, self.args.rms_norm_eps)
+        self._build({"weight": self.norm_group["norm.weight"]}, norm)
+        outputs = []
+        with torch.inference_mode():
+            for i, (ids, _, keep) in enumerate(batches):
+                hidden = norm(store.get(i))
+                length = ids.shape[1] if keep is None else keep.shape[1]
+                outputs.append(DecoderOutput(hidden, Routing.stack(routing[i], self.args.moe_layers, ids.shape[0], length)))
+        return outputs
+
+
+
+
+def _layer_progress(num_layers: int, show: bool):
+    if not show:
+        return range(num_layers)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(num_layers), desc="streaming layers", unit="layer")
