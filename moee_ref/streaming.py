@@ -14,6 +14,7 @@ layer by layer from the same name map, so results match the resident mode.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import shutil
@@ -56,7 +57,10 @@ def parse_bytes(text: str | int) -> int:
 
 
 def _format_bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+    # Rounded up: a size printed as a need (the smallest budget) must work when passed back as printed.
+    if n >= 2**28:
+        return f"{math.ceil(n / 2**30 * 100) / 100:.2f} GiB"
+    return f"{math.ceil(n / 2**20 * 10) / 10:.1f} MiB"
 
 
 @dataclass
@@ -71,8 +75,8 @@ class ActivationStore:
     """Hidden states of every batch between layers: in memory, or in a temporary file when over budget."""
 
     def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, budget: int, spill_dir: str | None):
-        self.shapes, self.dtype = shapes, dtype
-        element = torch.tensor([], dtype=dtype).element_size()
+        self.shapes, self.dtype = list(shapes), dtype  # shapes: the largest each batch's slot holds
+        self.element = element = torch.tensor([], dtype=dtype).element_size()
         sizes = [int(np.prod(s)) * element for s in shapes]
         self.total = sum(sizes)
         self.spilled = self.total > budget
@@ -80,7 +84,10 @@ class ActivationStore:
         self.directory = None
         if self.spilled:
             self.offsets = np.cumsum([0] + sizes)
-            self.directory = tempfile.mkdtemp(prefix="moee-spill-", dir=spill_dir)
+            try:
+                self.directory = tempfile.mkdtemp(prefix="moee-spill-", dir=spill_dir)
+            except OSError as exc:
+                raise SpillError(f"cannot create a spill directory in {spill_dir or tempfile.gettempdir()}: {exc}") from exc
             self.path = os.path.join(self.directory, "activations.bin")
             try:
                 with open(self.path, "wb") as handle:
@@ -101,15 +108,21 @@ class ActivationStore:
             self.tensors[index] = tensor
             return
         raw = tensor.contiguous().view(torch.uint8).numpy().reshape(-1)
+        start = self.offsets[index]
+        if start + raw.size > self.offsets[index + 1]:
+            raise ValueError(f"batch {index}: {tuple(tensor.shape)} does not fit its slot of {self.shapes[index]}")
         try:
-            self.memmap[self.offsets[index] : self.offsets[index + 1]] = raw
+            # The last block may return fewer positions (keep_positions): they go at the start of the slot.
+            self.memmap[start : start + raw.size] = raw
         except OSError as exc:  # pragma: no cover - the space was reserved up front
             raise SpillError(f"writing spilled activations failed: {exc}") from exc
+        self.shapes[index] = tuple(tensor.shape)
 
     def get(self, index: int) -> torch.Tensor:
         if not self.spilled:
             return self.tensors[index]
-        raw = np.array(self.memmap[self.offsets[index] : self.offsets[index + 1]])
+        start = self.offsets[index]
+        raw = np.array(self.memmap[start : start + int(np.prod(self.shapes[index])) * self.element])
         return torch.from_numpy(raw).view(self.dtype).reshape(self.shapes[index])
 
     def close(self) -> None:
@@ -221,6 +234,7 @@ class StreamedModel:
     def run(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], position_ids=None,
             show_progress_bar: bool = False) -> list[DecoderOutput]:
         """Decoder outputs for every (input_ids, attention_mask, keep_positions) batch, like MoEDecoder.forward."""
+        self.stats = StreamStats(layer_bytes_max=max(self.layer_bytes))  # the stats describe the last run
         if not batches:
             return []
         for ids, mask, _ in batches:
