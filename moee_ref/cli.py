@@ -99,12 +99,23 @@ def progress_wanted(ns) -> bool | None:
 
 def cmd_embed(ns) -> int:
     from .data import read_texts
-    from .outputs import output_format, write_embeddings
+    from .outputs import check_output_path, output_format, write_embeddings
 
     fmt = output_format(ns.output, ns.format)
+    check_output_path(ns.output)  # before hours of embedding, not after
+    options = feature_options(ns)
+    if ns.mode == "official":
+        # The authors' code has none of these; silently dropping one would give vectors the user did not ask for.
+        from .embed import FeatureOptions
+
+        defaults = vars(FeatureOptions())
+        given = [k for k, v in vars(options).items() if k not in ("prompt", "allow_empty") and v != defaults[k]]
+        given += ["standardizer"] if ns.standardizer else []
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UsageError(f"--mode official reproduces the authors' code and takes no {flags}")
     texts = read_texts(ns.input, ns.field)
     embedder = load_embedder(ns)
-    options = feature_options(ns)
     common = dict(kind=ns.kind, alpha=ns.alpha, batch_size=ns.batch_size, normalize=ns.normalize, show_progress_bar=progress_wanted(ns))
     if ns.mode == "official":
         vectors = embedder.encode(texts, prompt=ns.prompt, mode="official", **common)
@@ -188,11 +199,11 @@ def cmd_eval_sts(ns) -> int:
 def cmd_eval_mteb(ns) -> int:
     from .mteb_wrapper import require_mteb, run_mteb
 
+    if ns.alpha == "auto":
+        raise UsageError("moee eval mteb takes a fixed --alpha")
     require_mteb()
     embedder = load_embedder(ns)
     tasks = [t for t in ns.tasks.split(",") if t.strip()]
-    if ns.alpha == "auto":
-        raise UsageError("moee eval mteb takes a fixed --alpha")
     opts = {k: v for k, v in vars(feature_options(ns)).items() if k != "prompt"}
     results = run_mteb(embedder, tasks, kind=ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size, output_dir=ns.output_dir, **opts)
     if ns.json:
@@ -328,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(run=cmd_eval_mteb)
 
     p = commands.add_parser("verify", help="compare moee-ref with transformers on a checkpoint (needs the test extra)")
-    add_model(p)
+    # No --dtype: the comparison always runs in float32 (its tolerances are float32's).
+    p.add_argument("--model", required=True, metavar="SRC", help="local checkpoint directory or hub id (owner/name)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_verify)
 
@@ -340,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prompts", help="the built-in prompt names and templates")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_prompts)
+
+    from .analysis_cli import add_analyze_commands
+
+    add_analyze_commands(commands, add_model)
 
     p = commands.add_parser("demo", help="build small random checkpoints offline and run the commands on them")
     p.add_argument("--dir", default="demo-checkpoints", help="where to build them (default: %(default)s)")

@@ -32,22 +32,31 @@ class Pairs:
 def _read_text(path: str) -> tuple[str, str]:
     """(content, display name); '-' reads standard input."""
     if path == "-":
-        return sys.stdin.read(), "<stdin>"
+        # As read_text does for files: no byte-order mark, universal newlines.
+        content = sys.stdin.read().removeprefix("\ufeff")
+        return content.replace("\r\n", "\n").replace("\r", "\n"), "<stdin>"
     file = Path(path)
     if not file.is_file():
         raise InputError(f"{path}: no such file")
     try:
-        return file.read_text(encoding="utf-8"), path
+        # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first line.
+        return file.read_text(encoding="utf-8-sig"), path
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def _lines(content: str) -> list[str]:
+    """Lines split at newlines only: str.splitlines() would also split at U+2028, form feeds and the like inside a text."""
+    lines = content.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def read_texts(path: str, field: str | None = None) -> list[str]:
     """One text per line; with `field` (or a .jsonl name) each line is a JSON object and field names its text."""
     content, name = _read_text(path)
-    if field is None and name.endswith(".jsonl"):
+    if field is None and name.lower().endswith(".jsonl"):
         field = "text"
-    lines = content.splitlines()
+    lines = _lines(content)
     if field is None:
         return lines
     texts = []
@@ -70,7 +79,8 @@ def read_pairs(path: str, fmt: str | None = None, require_scores: bool = True) -
     fmt = fmt or _format_from_name(name)
     if fmt not in PAIR_FORMATS:
         raise InputError(f"{name}: unknown pair format {fmt!r}; use one of {', '.join(PAIR_FORMATS)} (--format)")
-    rows = _jsonl_rows(content, name) if fmt == "jsonl" else _table_rows(content, name, "\t" if fmt == "tsv" else ",")
+    required = PAIR_FIELDS if require_scores else PAIR_FIELDS[:2]
+    rows = _jsonl_rows(content, name) if fmt == "jsonl" else _table_rows(content, name, "\t" if fmt == "tsv" else ",", required)
     pairs = Pairs([], [], [] if require_scores else None)
     has_scores = require_scores
     for number, row in rows:
@@ -93,14 +103,14 @@ def _format_from_name(name: str) -> str:
     raise InputError(f"{name}: cannot tell the format from the file name; pass --format {'|'.join(PAIR_FORMATS)}")
 
 
-def _table_rows(content: str, name: str, delimiter: str):
+def _table_rows(content: str, name: str, delimiter: str, required=PAIR_FIELDS):
     reader = csv.reader(io.StringIO(content), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
     try:
         header = next(reader)
     except StopIteration:
         raise InputError(f"{name}: empty file; expected a header line with {', '.join(PAIR_FIELDS)}") from None
     header = [h.strip() for h in header]
-    missing = [f for f in ("sentence1", "sentence2") if f not in header]
+    missing = [f for f in required if f not in header]
     if missing:
         raise InputError(f"{name}, line 1: header lacks {', '.join(missing)}; expected columns {', '.join(PAIR_FIELDS)}")
     try:
@@ -116,7 +126,7 @@ def _table_rows(content: str, name: str, delimiter: str):
 
 
 def _jsonl_rows(content: str, name: str):
-    for number, line in enumerate(content.splitlines(), start=1):
+    for number, line in enumerate(_lines(content), start=1):
         if line.strip():
             yield number, _json_line(line, name, number)
 

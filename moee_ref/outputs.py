@@ -18,19 +18,33 @@ OUTPUT_FORMATS = ("npy", "jsonl")
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success rename it to `path`, on any failure delete it."""
+    final = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes it private (0600); the output gets a normal file's mode
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """The output path, if a file can be written there; checked before the work, not only after it."""
     final = Path(path)
     if final.is_dir():
         raise InputError(f"{final} is a directory; give a file name for the output")
     if not final.parent.exists():
         raise InputError(f"{final.parent}: no such directory for the output")
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return final
+
+
+def default_file_mode() -> int:
+    """The mode open() would give a new file: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_embeddings(path: str | os.PathLike, vectors: np.ndarray, fmt: str, texts: list[str] | None = None) -> None:

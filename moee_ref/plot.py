@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MoEERefError
+from .outputs import default_file_mode
 
 
 class MissingPlotExtra(MoEERefError):
@@ -34,6 +35,7 @@ def save_figure(fig, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, default_file_mode())  # not mkstemp's private 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
