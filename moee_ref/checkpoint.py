@@ -107,6 +107,11 @@ class ShardReader:
         for file in files:
             with _open(file) as handle:
                 for name in handle.keys():
+                    if name in self.location:
+                        raise CheckpointError(
+                            f"tensor {name} is stored twice, in {self.location[name].name} and {file.name}; "
+                            "the shards do not belong together, re-download the checkpoint"
+                        )
                     tensor_slice = handle.get_slice(name)
                     self.location[name] = file
                     self.shapes[name] = tuple(tensor_slice.get_shape())

@@ -36,8 +36,17 @@ def load_embedder(ns):
     import torch
 
     from .embed import MoEEmbedder
+    from .prompts import resolve_prompt
 
-    return MoEEmbedder.from_pretrained(ns.model, dtype=getattr(torch, ns.dtype))
+    if getattr(ns, "prompt", None) is not None and getattr(ns, "mode", "default") == "default":
+        resolve_prompt(ns.prompt)  # an unknown prompt is reported before minutes of loading, not after
+    return MoEEmbedder.from_pretrained(
+        ns.model,
+        dtype=getattr(torch, ns.dtype),
+        int8=getattr(ns, "int8", False),
+        memory_budget=getattr(ns, "memory_budget", None),
+        spill_dir=getattr(ns, "spill_dir", None),
+    )
 
 
 def feature_options(ns):
@@ -272,6 +281,13 @@ def add_model(p) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (default float32; bf16 is very slow on CPUs without bf16 units)")
 
 
+def add_memory(p) -> None:
+    """Options for models larger than memory (streaming.py, quant.py)."""
+    p.add_argument("--memory-budget", default=None, metavar="SIZE", help="layer-streamed mode within this budget, e.g. 8GB: every layer is read once per run")
+    p.add_argument("--int8", action="store_true", help="weight-only int8 attention and expert matrices (about a quarter of fp32 memory)")
+    p.add_argument("--spill-dir", default=None, metavar="DIR", help="where the streamed mode spills activations over budget (default: the temp dir)")
+
+
 def add_features(p, alpha_default="1.0") -> None:
     from .embed import HS_LAYERS, POOLINGS, RW_VALUES
 
@@ -306,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-empty", action="store_true", help="embed empty lines (the prompt alone) instead of refusing them")
     p.add_argument("--mode", choices=["default", "official"], default="default", help="'official' reproduces the authors' code (see README)")
     add_features(p)
+    add_memory(p)
     p.set_defaults(run=cmd_embed)
 
     p = commands.add_parser("route", help="which experts each MoE layer picks for a text, as a table, JSON or heatmap")
@@ -328,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["tsv", "csv", "jsonl"], default=None, help="pair file format (default: from the name)")
     q.add_argument("--json", action="store_true", help="print JSON")
     add_features(q)
+    add_memory(q)
     q.set_defaults(run=cmd_eval_sts)
     q = evals.add_parser("mteb", help="run MTEB tasks with an encoder wrapper (needs the mteb extra and the task data)")
     add_model(q)

@@ -493,7 +493,7 @@ def _check_texts(texts, allow_empty: bool) -> list[str]:
         if not allow_empty and not text.strip():
             raise InputError(
                 f"text at index {index} is empty or whitespace only; remove it, or pass allow_empty=True "
-                "to embed the prompt around an empty text"
+                "(--allow-empty on the command line) to embed the prompt around an empty text"
             )
     return list(texts)
 

@@ -581,7 +581,7 @@ def test_embed_failure_keeps_the_existing_output(runs, workdir):
     one_line_error(
         runs["embed gap"], 1,
         "moee embed: error: text at index 1 is empty or whitespace only; remove it, or pass allow_empty=True "
-        "to embed the prompt around an empty text",
+        "(--allow-empty on the command line) to embed the prompt around an empty text",
     )
     assert (d / "keep.npy").read_bytes() == b"previous results"
     # (Other runs write beside it at the same time; the failed one's temporary file would be .keep.npy.*.partial.)

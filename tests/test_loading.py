@@ -14,6 +14,7 @@ import huggingface_hub
 import pytest
 import torch
 from huggingface_hub.utils import filter_repo_objects
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import moee_ref
@@ -551,3 +552,22 @@ def test_loading_streams_one_layer_at_a_time(bf16_checkpoint, tracker):
     assert tracker.open_handles == {}
     assert 0 < tracker.peak_alive_bytes <= largest
     assert tracker.alive_bytes == {}  # no raw tensor outlives loading (all were converted to fp32)
+
+
+def test_tensor_stored_in_two_shards_is_refused(checkpoints, tmp_path):
+    """Shards that do not belong together must not be mixed silently (the last one read would win)."""
+    directory = copy_of(checkpoints["deepseek"], tmp_path)
+    anchor = "model.layers.0.self_attn.q_proj.weight"
+    files = sorted(directory.glob("*.safetensors"))
+    holder = next(f for f in files if anchor in safe_open(str(f), "pt").keys())
+    other = next(f for f in files if f != holder)
+    with safe_open(str(holder), "pt") as handle:
+        duplicate = handle.get_tensor(anchor)
+    rewrite = {}
+    with safe_open(str(other), "pt") as handle:
+        for name in handle.keys():
+            rewrite[name] = handle.get_tensor(name)
+    rewrite[anchor] = duplicate
+    save_file(rewrite, str(other))
+    with pytest.raises(CheckpointError, match=rf"tensor {anchor} is stored twice, in .* and .*; the shards do not belong together"):
+        moee_ref.load_model(directory)
