@@ -18,20 +18,7 @@ import sys
 from pathlib import Path
 
 from .analysis import DEFAULT_SAMPLE_PAIRS, DEFAULT_THRESHOLD, ERROR_GROUP_TITLES, ERROR_GROUPS
-
-# The module of the command line that registered the commands: its UsageError is
-# the one its main() catches, also when it runs as __main__ (python -m moee_ref.cli).
-_cli = None
-
-
-def _cli_module():
-    global _cli
-    if _cli is None:
-        from . import cli
-
-        _cli = cli
-    return _cli
-
+from .cli_common import Parser, UsageError, int_at_least, load_embedder, positive_int
 
 # --------------------------------------------------------------------------- argument types
 
@@ -52,26 +39,6 @@ def _parse_prompt_names(text: str) -> list[str]:
             raise argparse.ArgumentTypeError(f"prompt {name!r} is given twice")
         resolved.append(key)
     return resolved
-
-
-def _at_least_two(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _threshold(text: str) -> float:
@@ -161,13 +128,13 @@ def cmd_prompts(ns) -> int:
     from .analysis import plot_prompt_robustness, prompt_robustness
 
     if ns.pairs == "-":
-        raise _cli_module().UsageError("--pairs takes a file here, not - (standard input)")
+        raise UsageError("--pairs takes a file here, not - (standard input)")
     if ns.png:
         from .plot import pyplot
 
         pyplot()  # fail before the work when matplotlib is missing
     pairs = read_pairs_optional_scores(ns.pairs, ns.format)
-    embedder = _cli_module().load_embedder(ns)
+    embedder = load_embedder(ns)
     result = prompt_robustness(
         embedder, pairs, ns.prompts, options=_options(ns), batch_size=ns.batch_size, show_progress_bar=_progress(ns),
     )
@@ -222,7 +189,7 @@ def cmd_complementarity(ns) -> int:
 
     require_analysis_extra()  # before loading the model
     texts = read_texts(ns.input, ns.field)
-    embedder = _cli_module().load_embedder(ns)
+    embedder = load_embedder(ns)
     result = complementarity(
         embedder, texts, ns.clusters, ns.seed, ns.sample_pairs,
         options=_options(ns, ns.prompt), batch_size=ns.batch_size, show_progress_bar=_progress(ns),
@@ -261,7 +228,7 @@ def cmd_errors(ns) -> int:
     from .data import read_pairs
 
     pairs = read_pairs(ns.pairs, ns.format)
-    embedder = _cli_module().load_embedder(ns)
+    embedder = load_embedder(ns)
     result = error_analysis_for_pairs(
         embedder, pairs, ns.threshold, ns.show,
         options=_options(ns, ns.prompt), batch_size=ns.batch_size, show_progress_bar=_progress(ns),
@@ -309,13 +276,7 @@ def format_errors(result: dict) -> str:
 
 def add_analyze_commands(commands, add_model) -> None:
     """Register `analyze` and its subcommands on the top-level subparsers object of cli.build_parser."""
-    global _cli
-    _cli = sys.modules.get(getattr(add_model, "__module__", ""), None)
-    if _cli is None or not hasattr(_cli, "UsageError"):
-        _cli = None
-        _cli_module()
-    parser_class = getattr(commands, "_parser_class", None) or _cli.Parser
-    positive_int = _cli.positive_int
+    parser_class = getattr(commands, "_parser_class", None) or Parser
 
     def common(q) -> None:
         add_model(q)
@@ -346,9 +307,9 @@ def add_analyze_commands(commands, add_model) -> None:
     common(q)
     q.add_argument("--input", required=True, metavar="FILE|-", help="texts, one per line ('-' for stdin); .jsonl files are read by --field")
     q.add_argument("--field", default=None, help="JSONL field holding the text (default 'text' for .jsonl input)")
-    q.add_argument("--clusters", required=True, type=_at_least_two, metavar="K", help="number of k-means clusters (>= 2)")
-    q.add_argument("--seed", type=_non_negative_int, default=0, help="k-means and pair-sampling seed (default %(default)s)")
-    q.add_argument("--sample-pairs", type=_at_least_two, default=DEFAULT_SAMPLE_PAIRS, metavar="N",
+    q.add_argument("--clusters", required=True, type=int_at_least(2), metavar="K", help="number of k-means clusters (>= 2)")
+    q.add_argument("--seed", type=int_at_least(0), default=0, help="k-means and pair-sampling seed (default %(default)s)")
+    q.add_argument("--sample-pairs", type=int_at_least(2), default=DEFAULT_SAMPLE_PAIRS, metavar="N",
                    help="text pairs for the similarity Spearman (default %(default)s; all pairs if fewer)")
     q.add_argument("--prompt", default=None, help="prompt name or template with {text} (default none)")
     q.set_defaults(run=cmd_complementarity)
@@ -359,6 +320,6 @@ def add_analyze_commands(commands, add_model) -> None:
     q.add_argument("--format", choices=["tsv", "csv", "jsonl"], default=None, help="pair file format (default: from the name)")
     q.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                    help="a pair fails when |normalised rank by similarity - normalised rank by gold| exceeds this (default %(default)s)")
-    q.add_argument("--show", type=_non_negative_int, default=5, metavar="N", help="pairs listed per group (default %(default)s)")
+    q.add_argument("--show", type=int_at_least(0), default=5, metavar="N", help="pairs listed per group (default %(default)s)")
     q.add_argument("--prompt", default=None, help="prompt name or template with {text} (default none)")
     q.set_defaults(run=cmd_errors)

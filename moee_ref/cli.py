@@ -13,41 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from .cli_common import EXIT_ERROR, EXIT_MISMATCH, EXIT_USAGE, Parser, UsageError, add_model, load_embedder, positive_int
 from .errors import MoEERefError
-
-EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 1, 2, 3
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit 2) naming the command and pointing at --help."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class UsageError(Exception):
-    """Options that parse but do not fit together (exit 2)."""
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def load_embedder(ns):
-    import torch
-
-    from .embed import MoEEmbedder
-    from .prompts import resolve_prompt
-
-    if getattr(ns, "prompt", None) is not None and getattr(ns, "mode", "default") == "default":
-        resolve_prompt(ns.prompt)  # an unknown prompt is reported before minutes of loading, not after
-    return MoEEmbedder.from_pretrained(
-        ns.model,
-        dtype=getattr(torch, ns.dtype),
-        int8=getattr(ns, "int8", False),
-        memory_budget=getattr(ns, "memory_budget", None),
-        spill_dir=getattr(ns, "spill_dir", None),
-    )
-
 
 def feature_options(ns):
     from .embed import FeatureOptions
@@ -81,16 +48,6 @@ def parse_layers(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 1,2,5; got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def load_standardizers(paths):
@@ -274,11 +231,6 @@ def cmd_demo(ns) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-
-
-def add_model(p) -> None:
-    p.add_argument("--model", required=True, metavar="SRC", help="local checkpoint directory or hub id (owner/name)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (default float32; bf16 is very slow on CPUs without bf16 units)")
 
 
 def add_memory(p) -> None:

@@ -30,7 +30,7 @@ from .errors import InputError
 from .prompts import apply_prompt, list_prompts, resolve_prompt
 from .standardize import Standardizer
 from .stats import cosine_rows
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_texts
 
 KINDS = ("hs", "rw", "moee-concat", "moee-sum")
 POOLINGS = ("last", "mean")
@@ -483,13 +483,8 @@ def _check_kind(kind: str) -> None:
 
 
 def _check_texts(texts, allow_empty: bool) -> list[str]:
-    if isinstance(texts, str):
-        raise InputError("texts must be a list of strings, got a single str; pass [text] instead")
-    if not isinstance(texts, (list, tuple)):
-        raise InputError(f"texts must be a list or tuple of strings, got {type(texts).__name__}")
+    check_texts(texts)
     for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InputError(f"text at index {index} is {type(text).__name__}, not str; pass only strings")
         if not allow_empty and not text.strip():
             raise InputError(
                 f"text at index {index} is empty or whitespace only; remove it, or pass allow_empty=True "

@@ -35,6 +35,7 @@ from .embed import FeatureOptions, _check_kind, _positive_int, _progress, combin
 from .errors import InputError
 from .prompts import OFFICIAL_PROMPTS, _lookup_builtin, apply_official_prompt
 from .standardize import standardize_per_batch
+from .tokenizer import check_texts
 
 OFFICIAL_BATCH_SIZE = 256
 OFFICIAL_PAD_ID = 0
@@ -49,11 +50,7 @@ def encode_official(embedder, texts: Sequence[str], kind: str, *, prompt: str | 
         raise InputError(
             f"mode='official' takes one of the authors' prompt names ({', '.join(OFFICIAL_PROMPTS)}), got {prompt!r}"
         )
-    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-        raise InputError("texts must be a list of strings")
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise InputError(f"text at index {index} is {type(text).__name__}, not str; pass only strings")
+    check_texts(texts)
     batch_size = _positive_int("batch_size", OFFICIAL_BATCH_SIZE if batch_size is None else batch_size)
     args = embedder.args
     options = FeatureOptions(rw_values=OFFICIAL_RW_VALUES[args.family])

@@ -348,7 +348,7 @@ class Tokenizer:
 
         allow_empty: a text that gives no token at all comes back as [] instead of raising.
         """
-        self._check_texts(texts)
+        check_texts(texts)
         if truncation_side not in TRUNCATION_SIDES:
             raise InputError(f"truncation_side must be one of {TRUNCATION_SIDES}, got {truncation_side!r}")
 
@@ -430,18 +430,6 @@ class Tokenizer:
                      num_truncated=num_truncated)
 
     @staticmethod
-    def _check_texts(texts) -> None:
-        if isinstance(texts, str):
-            raise InputError("texts must be a list of strings, got a single str; pass [text] instead")
-        if not isinstance(texts, (list, tuple)):
-            raise InputError(f"texts must be a list or tuple of strings, got {type(texts).__name__}")
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise InputError(
-                    f"text at index {index} is {type(text).__name__}, not str; pass only strings"
-                )
-
-    @staticmethod
     def _check_max_length(max_length: Optional[int], num_special: int) -> None:
         if max_length is None:
             return
@@ -468,3 +456,14 @@ class Tokenizer:
                     f"id at index {index} is {token_id!r}, not a token id in [0, {self.vocab_size})"
                 )
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def check_texts(texts) -> None:
+    """A list or tuple of str, or an InputError naming the first offending item."""
+    if isinstance(texts, str):
+        raise InputError("texts must be a list of strings, got a single str; pass [text] instead")
+    if not isinstance(texts, (list, tuple)):
+        raise InputError(f"texts must be a list or tuple of strings, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"text at index {index} is {type(text).__name__}, not str; pass only strings")
