@@ -49,12 +49,36 @@ def leaves(recipe: Recipe) -> Iterator[Tensor]:
             yield from leaves(part)
 
 
-def build(recipe: Recipe, read: Callable[[str], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Materialise one parameter, converting each leaf to dtype as it is read."""
+def shape_of(recipe: Recipe) -> tuple[int, ...]:
     if isinstance(recipe, Tensor):
-        return read(recipe.name).to(dtype)
-    parts = [build(part, read, dtype) for part in recipe.parts]
-    return torch.cat(parts) if isinstance(recipe, Cat) else torch.stack(parts)
+        return recipe.shape
+    first = shape_of(recipe.parts[0])
+    if isinstance(recipe, Stack):
+        return (len(recipe.parts), *first)
+    return (sum(shape_of(part)[0] for part in recipe.parts), *first[1:])
+
+
+def build(recipe: Recipe, read: Callable[[str], torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Materialise one parameter, converting each leaf to dtype as it is read.
+
+    Concatenated and stacked parameters are filled in place, leaf by leaf, so
+    that building 64 experts never holds them twice (as pieces, then stacked).
+    """
+    if isinstance(recipe, Tensor):
+        leaf = read(recipe.name)
+        return leaf.to(dtype) if out is None else out.copy_(leaf)
+    if out is None:
+        out = torch.empty(shape_of(recipe), dtype=dtype)
+    if isinstance(recipe, Stack):
+        for i, part in enumerate(recipe.parts):
+            build(part, read, dtype, out[i])
+    else:
+        start = 0
+        for part in recipe.parts:
+            rows = shape_of(part)[0]
+            build(part, read, dtype, out[start : start + rows])
+            start += rows
+    return out
 
 
 # ---------------------------------------------------------------------------

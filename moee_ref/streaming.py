@@ -171,11 +171,21 @@ class StreamedModel:
         return self.reader.element_sizes[name]
 
     def weights_need(self) -> int:
-        """Bytes the weights take at the worst moment: a resident layer, the next one built, its float copy and source."""
+        """Bytes the weights take at the worst moment: a resident layer while the next one is built.
+
+        Parameters are filled in place leaf by leaf (layout.build), so building
+        costs the layer itself plus one stored leaf; int8 first builds the
+        layer in float, then quantizes it.
+        """
         largest = max(range(len(self.layer_groups)), key=lambda i: self.layer_bytes[i])
-        float_copy = self._resident_bytes_as_float(self.layer_groups[largest]) if self.int8 else 0
-        building = self.layer_bytes[largest] + float_copy + self._source_bytes(self.layer_groups[largest])
+        group = self.layer_groups[largest]
+        building = self._resident_bytes_as_float(group) if self.int8 else self.layer_bytes[largest]
+        building += self._largest_leaf_bytes(group)
         return (self.layer_bytes[largest] if self.prefetch else 0) + building
+
+    def _largest_leaf_bytes(self, group) -> int:
+        return max(int(np.prod(leaf.shape)) * (self._stored_size(leaf.name) + self.element)
+                   for recipe in group.values() for leaf in leaves(recipe))
 
     def _resident_bytes_as_float(self, group) -> int:
         return sum(int(np.prod(leaf.shape)) for recipe in group.values() for leaf in leaves(recipe)) * self.element
@@ -187,8 +197,7 @@ class StreamedModel:
         largest_batch = tokens * d * self.element
         expert_temp = tokens * self.args.top_k * 3 * self.args.expert_size * self.element
         working = WORKING_FACTOR * largest_batch + expert_temp
-        embed_bytes = self._resident_bytes_as_float(self.embed_group) + self._source_bytes(self.embed_group)
-        weights = max(self.weights_need(), embed_bytes)
+        weights = max(self.weights_need(), self._source_bytes(self.embed_group))
         # The smallest budget keeps one batch's hidden states in memory and spills all others.
         smallest = weights + working + largest_batch + RUNTIME_OVERHEAD
         return {"weights": weights, "working": working, "smallest": smallest}
@@ -257,12 +266,14 @@ class StreamedModel:
         full_masks = [attention_mask_4d(m) for m in masks]
         last_masks = [attention_mask_4d(m, keep) if keep is not None else full for m, (_, _, keep), full in zip(masks, batches, full_masks)]
 
-        embed = torch.nn.Embedding(self.args.vocab_size, self.args.hidden_size, device="meta")
-        self._build({"weight": self.embed_group["embed.weight"]}, embed)
-        with torch.inference_mode():
+        # Only the rows of the tokens present are converted: the table stays in its stored dtype.
+        table_name = self.embed_group["embed.weight"].name
+        with self.reader.reading() as shards:
+            table = shards.read(table_name)
             for i, (ids, _, _) in enumerate(batches):
-                store.put(i, embed(ids.long()))
-        del embed
+                store.put(i, table[ids.long()].to(self.dtype))
+        self.stats.weight_bytes_read += self._source_bytes(self.embed_group)
+        del table
 
         routing: list[list[LayerRouting]] = [[] for _ in batches]
         last = len(self.layer_groups) - 1
@@ -286,6 +297,7 @@ class StreamedModel:
                             routing[i].append(layer_routing)
                         store.put(i, x)
                 del block
+                release_freed_memory()
                 if not self.prefetch and layer < last:
                     upcoming = pool.submit(self.build_layer, layer + 1)
 
@@ -300,6 +312,16 @@ class StreamedModel:
         return outputs
 
 
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by the last layer back to the system (glibc keeps it otherwise, and the peak creeps up)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _layer_progress(num_layers: int, show: bool):
