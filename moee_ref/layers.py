@@ -121,6 +121,14 @@ class LayerRouting:
     topk_ids: torch.Tensor  # [N, k] experts that process each token
     topk_weights: torch.Tensor  # [N, k] float32, the weights their outputs are mixed with
 
+    def placed(self, rows: torch.Tensor, total: int) -> "LayerRouting":
+        """This routing of some token rows, spread over `total` rows; the others (padding) are zero."""
+
+        def spread(t: torch.Tensor) -> torch.Tensor:
+            return t.new_zeros((total, t.shape[-1])).index_copy_(0, rows, t)
+
+        return LayerRouting(spread(self.logits), spread(self.probs), spread(self.topk_ids), spread(self.topk_weights))
+
 
 class Router(nn.Module):
     """Softmax over all experts, then the top k; optionally renormalised."""

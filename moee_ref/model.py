@@ -78,16 +78,23 @@ class Block(nn.Module):
         self.is_moe = layer in args.moe_layers
         self.mlp = MoE(args) if self.is_moe else SwiGLU(args.hidden_size, args.dense_size)
 
-    def forward(self, x, cos, sin, mask, keep=None) -> tuple[torch.Tensor, LayerRouting | None]:
-        """keep [B, P]: return only these positions (queries and MLP run on them alone)."""
+    def forward(self, x, cos, sin, mask, keep=None, real=None) -> tuple[torch.Tensor, LayerRouting | None]:
+        """keep [B, P]: return only these positions (queries and MLP run on them alone).
+
+        real [B * T] bool: the MLP (and the router) run on these token rows only.
+        Padding rows get a zero MLP output and zero routing: nothing reads them,
+        and on batches of unequal lengths they are a third of the work.
+        """
         residual = x if keep is None else x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         x = residual + self.attn(self.attn_norm(x), cos, sin, mask, keep)
         batch, length, dim = x.shape
         flat = self.mlp_norm(x).reshape(-1, dim)
-        if self.is_moe:
-            out, routing = self.mlp(flat)
-        else:
-            out, routing = self.mlp(flat), None
+        rows = None if real is None else real.nonzero().squeeze(1)
+        tokens = flat if rows is None else flat[rows]
+        out, routing = self.mlp(tokens) if self.is_moe else (self.mlp(tokens), None)
+        if rows is not None:
+            out = torch.zeros_like(flat).index_copy_(0, rows, out)
+            routing = routing and routing.placed(rows, len(flat))
         return x + out.reshape(batch, length, dim), routing
 
 
@@ -133,6 +140,7 @@ class MoEDecoder(nn.Module):
         if keep_positions is not None:
             keep_positions = self._check_keep(keep_positions, batch, length)
         full_mask = attention_mask_4d(attention_mask)
+        real_rows = None if full_mask is None else attention_mask.reshape(-1).bool()
 
         x = self.embed(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, x.dtype)
@@ -143,7 +151,7 @@ class MoEDecoder(nn.Module):
                 # Only the kept positions of the last block are ever read: run its queries and MLP on them alone.
                 x, routing = block(x, cos, sin, attention_mask_4d(attention_mask, keep_positions), keep_positions)
             else:
-                x, routing = block(x, cos, sin, full_mask)
+                x, routing = block(x, cos, sin, full_mask, real=real_rows)
                 if keep_positions is not None and routing is not None:
                     routing = _gather_routing(routing, keep_positions, length)
             if routing is not None:

@@ -264,6 +264,7 @@ class StreamedModel:
         masks = [mask.long() for _, mask, _ in batches]
         positions = [(m.cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids[i] for i, m in enumerate(masks)]
         full_masks = [attention_mask_4d(m) for m in masks]
+        real_rows = [None if full is None else m.reshape(-1).bool() for m, full in zip(masks, full_masks)]
         last_masks = [attention_mask_4d(m, keep) if keep is not None else full for m, (_, _, keep), full in zip(masks, batches, full_masks)]
 
         # Only the rows of the tokens present are converted: the table stays in its stored dtype.
@@ -290,7 +291,7 @@ class StreamedModel:
                         if layer == last and keep is not None:
                             x, layer_routing = block(x, cos, sin, last_masks[i], keep)
                         else:
-                            x, layer_routing = block(x, cos, sin, full_masks[i])
+                            x, layer_routing = block(x, cos, sin, full_masks[i], real=real_rows[i])
                             if keep is not None and layer_routing is not None:
                                 layer_routing = _gather_routing(layer_routing, keep, ids.shape[1])
                         if layer_routing is not None:

@@ -235,15 +235,20 @@ def test_routing_shapes_and_invariants(checkpoints, models, family, dtype):
     assert out.topk_ids.shape == (batch, n_moe, length, k) and out.topk_ids.dtype == torch.int64
     assert out.topk_weights.shape == (batch, n_moe, length, k) and out.topk_weights.dtype == torch.float32
 
-    probs = out.router_probs
+    # Padding tokens are not routed: their router outputs are all zero. The rest hold on real tokens.
+    real = mask.bool()[:, None, :].expand(-1, n_moe, -1)
+    for tensor in (out.router_logits, out.router_probs, out.topk_ids, out.topk_weights):
+        assert not tensor[~real].any()
+    probs, logits = out.router_probs[real], out.router_logits[real]
+    ids_real, weights_real = out.topk_ids[real], out.topk_weights[real]
     assert float((probs.sum(-1) - 1).abs().max()) <= 1e-6
-    assert float((probs - out.router_logits.softmax(-1)).abs().max()) <= 1e-6
+    assert float((probs - logits.softmax(-1)).abs().max()) <= 1e-6
     # The chosen experts are the k most probable ones, with their probabilities as weights
     # (norm_topk_prob is false in the small configs).
     assert not args.norm_topk_prob
-    assert torch.equal(out.topk_weights, probs.gather(-1, out.topk_ids))
+    assert torch.equal(weights_real, probs.gather(-1, ids_real))
     kth_best = probs.topk(k, dim=-1).values[..., -1:]
-    assert bool((out.topk_weights >= kth_best).all())
-    assert bool((out.topk_ids >= 0).all() and (out.topk_ids < experts).all())
+    assert bool((weights_real >= kth_best).all())
+    assert bool((ids_real >= 0).all() and (ids_real < experts).all())
     # the k experts of a token are distinct
-    assert bool((out.topk_ids.sort(-1).values.diff(dim=-1) > 0).all())
+    assert bool((ids_real.sort(-1).values.diff(dim=-1) > 0).all())

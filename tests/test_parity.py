@@ -103,11 +103,15 @@ def test_topk_weights_are_the_mixing_weights(case):
     model = moee_ref.load_model(directory)
     ids, mask = left_padded_batch(model.args.vocab_size, [6, 3], seed=1)
     out = model(ids, mask)
-    gathered = out.router_probs.gather(-1, out.topk_ids)
+    real = mask.bool()[:, None, :].expand(-1, len(model.args.moe_layers), -1)
+    gathered = out.router_probs.gather(-1, out.topk_ids)[real]
     if model.args.norm_topk_prob:
         gathered = gathered / gathered.sum(-1, keepdim=True)
-    torch.testing.assert_close(out.topk_weights, gathered, rtol=0, atol=1e-7)
+    torch.testing.assert_close(out.topk_weights[real], gathered, rtol=0, atol=1e-7)
     assert out.topk_ids.shape == (2, len(model.args.moe_layers), ids.shape[1], model.args.top_k)
+    # Padding tokens are not routed: their router outputs are zero.
+    for tensor in (out.router_logits, out.router_probs, out.topk_weights, out.topk_ids):
+        assert not tensor[~real].any()
 
 
 def test_hf_parameter_count_matches_config_count(case):
