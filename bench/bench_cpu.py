@@ -422,7 +422,7 @@ def print_report(r: dict, margs, args, facts: dict) -> None:
           f"transformers {facts['transformers']}, python {facts['python']}")
     print(f"model: {margs.family}, {margs.num_layers} layer(s) of the real dimensions, random bf16 weights computed in fp32; "
           f"{r['real_tokens_b32']} real tokens in the batch-{args.batch_large} set, padded to {r['padded_positions_b32']} positions "
-          f"(both sides compute the padding); useful FLOPs = 2 x active parameters "
+          f"(transformers computes the padding everywhere, moee-ref in attention only); useful FLOPs = 2 x active parameters "
           f"(no embedding, no LM head) = {useful_flops_per_token(margs) / 1e6:.0f} MFLOP per token")
     print("fp32 matmul rate (GFLOP/s, best of reps): " + ", ".join(f"{k} {v:.1f}" for k, v in r["matmul_gflops_by_shape"].items())
           + f"; reference = best = {r['matmul_gflops']:.1f}")
