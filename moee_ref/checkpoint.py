@@ -217,7 +217,7 @@ def load_model(
     for index, group in enumerate(groups):
         with reader.reading() as shards:
             for param_name, recipe in group.items():
-                _assign(model, param_name, build(recipe, shards.read, dtype))
+                assign_parameter(model, param_name, build(recipe, shards.read, dtype))
         if int8 and 1 <= index <= args.num_layers:
             from .quant import quantize_block_
 
@@ -230,9 +230,10 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def assign_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put a built tensor in place of the (meta) parameter `name` of module."""
     owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name)
+    owner = module.get_submodule(owner_name)
     current = getattr(owner, attr)
     if current.shape != tensor.shape:  # the name map and the model disagree: a bug, not bad input
         raise AssertionError(f"{name}: built {tuple(tensor.shape)}, model expects {tuple(current.shape)}")

@@ -265,7 +265,7 @@ class MoEEmbedder:
             raise InputError("hs_layer='mean' is not available in the layer-streamed mode; use hs_layer='last'")
         padded = [self.tokenizer.pad([sequences[i] for i in rows], padding_side="left") for rows in batches]
         work = [
-            (b.input_ids, b.attention_mask, last_real_position(b.attention_mask)[:, None] if options.pooling == "last" else None)
+            (b.input_ids, b.attention_mask, read_positions(b.attention_mask, options))
             for b in padded
         ]
         outputs = self.model.run(work, show_progress_bar=_show(show_progress_bar, len(sequences)))
@@ -304,7 +304,7 @@ class MoEEmbedder:
         """(HS [B, D], RW [B, L_used * E]) as float32 numpy for one padded batch."""
         if self.streamed:
             raise InputError("run_batch needs a resident model; the layer-streamed mode works on whole corpora (features())")
-        keep = last_real_position(attention_mask)[:, None] if options.pooling == "last" else None
+        keep = read_positions(attention_mask, options)
         with torch.inference_mode():
             out = self.model(
                 input_ids, attention_mask, position_ids=position_ids, keep_positions=keep,
@@ -464,6 +464,11 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.shape[1] != b.shape[1]:
         raise InputError(f"cannot compare embeddings of width {a.shape[1]} and {b.shape[1]}")
     return (_normalize_rows(a) @ _normalize_rows(b).T).astype(np.float32)
+
+
+def read_positions(attention_mask: torch.Tensor, options: FeatureOptions) -> torch.Tensor | None:
+    """The positions pooling reads, for keep_positions: the last real token, or all (None) for mean pooling."""
+    return last_real_position(attention_mask)[:, None] if options.pooling == "last" else None
 
 
 def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,11 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] at positions [B, P] -> [B, P, ...]."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + head_dim/2) of x [B, H, T, head_dim] by the position angle."""
     half = x.shape[-1] // 2
@@ -73,7 +78,7 @@ class Attention(nn.Module):
         mask: boolean [B, 1, P or T, T], or None for plain causal attention.
         """
         batch, length, _ = x.shape
-        x_q = x if keep is None else x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        x_q = x if keep is None else gather_positions(x, keep)
         q, k, v = self.q_proj(x_q), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -86,8 +91,7 @@ class Attention(nn.Module):
         if keep is None:
             q = apply_rotary(q, cos, sin)
         else:
-            index = keep[..., None].expand(-1, -1, cos.shape[-1])
-            q = apply_rotary(q, cos.gather(1, index), sin.gather(1, index))
+            q = apply_rotary(q, gather_positions(cos, keep), gather_positions(sin, keep))
         k = apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .errors import InputError
-from .layers import MoE, Attention, LayerRouting, RMSNorm, SwiGLU, rotary_cos_sin
+from .layers import MoE, Attention, LayerRouting, RMSNorm, SwiGLU, gather_positions, rotary_cos_sin
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Block(nn.Module):
         Padding rows get a zero MLP output and zero routing: nothing reads them,
         and on batches of unequal lengths they are a third of the work.
         """
-        residual = x if keep is None else x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        residual = x if keep is None else gather_positions(x, keep)
         x = residual + self.attn(self.attn_norm(x), cos, sin, mask, keep)
         batch, length, dim = x.shape
         flat = self.mlp_norm(x).reshape(-1, dim)
@@ -157,7 +157,7 @@ class MoEDecoder(nn.Module):
             if routing is not None:
                 per_layer_routing.append(routing)
             if return_layer_states:
-                layer_states.append(x if i == last or keep_positions is None else _gather(x, keep_positions))
+                layer_states.append(x if i == last or keep_positions is None else gather_positions(x, keep_positions))
         hidden = self.norm(x)
         logits = None
         if return_logits:
@@ -230,15 +230,11 @@ def attention_mask_4d(attention_mask: torch.Tensor, query_positions: torch.Tenso
     return allowed[:, None]
 
 
-def _gather(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-
-
 def _gather_routing(routing: LayerRouting, keep: torch.Tensor, length: int) -> LayerRouting:
     """One layer's routing (flat over B*T tokens) at the kept positions only (flat over B*P)."""
     batch = keep.shape[0]
 
     def pick(t):
-        return _gather(t.reshape(batch, length, -1), keep).reshape(-1, t.shape[-1])
+        return gather_positions(t.reshape(batch, length, -1), keep).reshape(-1, t.shape[-1])
 
     return LayerRouting(pick(routing.logits), pick(routing.probs), pick(routing.topk_ids), pick(routing.topk_weights))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import ShardReader, expected_shapes, name_map_groups, resolve_source, shard_files
+from .checkpoint import ShardReader, assign_parameter, expected_shapes, name_map_groups, resolve_source, shard_files
 from .config import read_config
 from .errors import InputError, MoEERefError
 from .layers import LayerRouting, RMSNorm, rotary_cos_sin
@@ -219,10 +219,7 @@ class StreamedModel:
     def _build(self, names_to_recipes, module):
         with self.reader.reading() as shards:
             for name, recipe in names_to_recipes.items():
-                tensor = build(recipe, shards.read, self.dtype)
-                owner_name, _, attr = name.rpartition(".")
-                owner = module.get_submodule(owner_name) if owner_name else module
-                setattr(owner, attr, torch.nn.Parameter(tensor, requires_grad=False))
+                assign_parameter(module, name, build(recipe, shards.read, self.dtype))
         self.stats.weight_bytes_read += self._source_bytes(names_to_recipes)
         return module
 

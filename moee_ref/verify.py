@@ -80,9 +80,7 @@ def load_reference(directory: Path, args):
 
 
 def _deepseek_reference(transformers, directory: Path, args):
-    from safetensors import safe_open
-
-    from .checkpoint import shard_files
+    from .checkpoint import ShardReader, shard_files
 
     config = transformers.Qwen2MoeConfig(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.dense_size or 1,
@@ -95,34 +93,28 @@ def _deepseek_reference(transformers, directory: Path, args):
     )
     with torch.device("meta"):
         model = transformers.Qwen2MoeForCausalLM(config)
-    handles = {}
-    location = {}
-    for file in shard_files(directory):
-        handle = safe_open(str(file), framework="pt")
-        handles[file] = handle
-        for name in handle.keys():
-            location[name] = file
+    with ShardReader(shard_files(directory)).reading() as shards:
 
-    def read(name):
-        return handles[location[name]].get_tensor(name).float()
+        def read(name):
+            return shards.read(name).float()
 
-    state = {}
-    for name, param in model.named_parameters():
-        if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "shared_expert_gate.weight")):
-            state[name] = torch.zeros(param.shape)  # no bias in DeepSeekMoE; sigmoid(0) = 0.5 on the shared expert
-        elif name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name[: -len("gate_up_proj")]
-            state[name] = torch.stack(
-                [torch.cat([read(f"{prefix}{e}.gate_proj.weight"), read(f"{prefix}{e}.up_proj.weight")]) for e in range(args.num_experts)]
-            )
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            state[name] = torch.stack([read(f"{prefix}{e}.down_proj.weight") for e in range(args.num_experts)])
-        elif ".mlp.shared_expert." in name:
-            tensor = read(name.replace(".mlp.shared_expert.", ".mlp.shared_experts."))
-            state[name] = 2.0 * tensor if name.endswith("down_proj.weight") else tensor  # 0.5 * (2 W) = W exactly
-        else:
-            state[name] = read(name)
+        state = {}
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "shared_expert_gate.weight")):
+                state[name] = torch.zeros(param.shape)  # no bias in DeepSeekMoE; sigmoid(0) = 0.5 on the shared expert
+            elif name.endswith("mlp.experts.gate_up_proj"):
+                prefix = name[: -len("gate_up_proj")]
+                state[name] = torch.stack(
+                    [torch.cat([read(f"{prefix}{e}.gate_proj.weight"), read(f"{prefix}{e}.up_proj.weight")]) for e in range(args.num_experts)]
+                )
+            elif name.endswith("mlp.experts.down_proj"):
+                prefix = name[: -len("down_proj")]
+                state[name] = torch.stack([read(f"{prefix}{e}.down_proj.weight") for e in range(args.num_experts)])
+            elif ".mlp.shared_expert." in name:
+                tensor = read(name.replace(".mlp.shared_expert.", ".mlp.shared_experts."))
+                state[name] = 2.0 * tensor if name.endswith("down_proj.weight") else tensor  # 0.5 * (2 W) = W exactly
+            else:
+                state[name] = read(name)
     model.load_state_dict(state, assign=True, strict=True)
     # Buffers that are not in any checkpoint (rotary frequencies) must be built for real, off the meta device.
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
