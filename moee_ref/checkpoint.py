@@ -6,14 +6,18 @@ tokenizer and safetensors files are ever fetched; pickle-based weights
 
 Loading is strict and streaming: every expected tensor is checked by name and
 shape from the safetensors headers first, then the model is built on the
-meta device and materialised one decoder layer at a time from memory-mapped
-shards, so two full copies of the weights never exist at once.
+meta device and materialised one decoder layer at a time, so two full copies
+of the weights never exist at once. Tensors are read with pread into memory
+of their own rather than memory-mapped: mapped shard pages would count in the
+process's resident memory on top of the converted weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
@@ -31,7 +35,11 @@ from .model import MoEDecoder
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-STORED_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I64": 8, "I32": 4}
+STORED_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+STORED_SIZES = {code: torch.empty(0, dtype=dtype).element_size() for code, dtype in STORED_DTYPES.items()}
 # Buffers some LLaMA-style checkpoints carry that are not weights: recomputed, so ignored when present.
 RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
 # What a hub download fetches: enough to build the model and its tokenizer, nothing executable.
@@ -104,6 +112,7 @@ class ShardReader:
         self.location: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.element_sizes: dict[str, int] = {}  # bytes per element as stored
+        self.spans: dict[str, tuple[str, int, int]] = {}  # stored dtype, first byte and end in the file
         for file in files:
             with _open(file) as handle:
                 for name in handle.keys():
@@ -116,6 +125,7 @@ class ShardReader:
                     self.location[name] = file
                     self.shapes[name] = tuple(tensor_slice.get_shape())
                     self.element_sizes[name] = STORED_SIZES.get(tensor_slice.get_dtype(), 4)
+            self.spans.update(_data_spans(file))  # safe_open has validated the header; this adds where the bytes are
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
@@ -142,8 +152,22 @@ class ShardReader:
         return _OpenShards(self)
 
 
+def _data_spans(file: Path) -> dict[str, tuple[str, int, int]]:
+    """name -> (dtype code, start, end) in bytes from the file's start, from the safetensors header.
+
+    The format: 8 bytes little-endian header length, the JSON header, then the
+    data, each tensor's "data_offsets" counting from the data's start.
+    """
+    with open(file, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
+    base = 8 + header_len
+    return {name: (entry["dtype"], base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
 class _OpenShards:
-    """Shards opened (memory-mapped) for one loading step and closed after it, so pages can be released."""
+    """Shards opened for one loading step and closed after it."""
 
     def __init__(self, reader: ShardReader):
         self.reader = reader
@@ -157,13 +181,38 @@ class _OpenShards:
         self.stack.close()
 
     def read(self, name: str) -> torch.Tensor:
+        """The tensor as stored, in memory of its own (not a view of a mapped file)."""
         file = self.reader.location[name]
+        code, start, end = self.reader.spans[name]
+        if code not in STORED_DTYPES or sys.byteorder != "little":  # safetensors stores little-endian
+            try:
+                with _open(file) as handle:
+                    return handle.get_tensor(name).clone()  # its own memory, not the mapping's
+            except SafetensorError as exc:
+                raise CheckpointError(f"{file}: cannot read tensor {name} ({exc}); the file is corrupt, re-download it") from exc
         if file not in self.handles:
-            self.handles[file] = self.stack.enter_context(_open(file))
-        try:
-            return self.handles[file].get_tensor(name)
-        except SafetensorError as exc:
-            raise CheckpointError(f"{file}: cannot read tensor {name} ({exc}); the file is corrupt, re-download it") from exc
+            self.handles[file] = self.stack.enter_context(_open_data(file))
+        data = _read_bytes(self.handles[file], file, name, start, end)
+        return data.view(STORED_DTYPES[code]).reshape(self.reader.shapes[name])
+
+
+def _open_data(file: Path):
+    try:
+        return open(file, "rb", buffering=0)
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot open ({exc}); check the file's permissions, or re-download it") from exc
+
+
+def _read_bytes(handle, file: Path, name: str, start: int, end: int) -> torch.Tensor:
+    """Bytes start:end of an open file into a new uint8 tensor, with pread (no shared file position)."""
+    data = torch.empty(end - start, dtype=torch.uint8)
+    view, done = memoryview(data.numpy()), 0
+    while done < len(view):
+        got = os.preadv(handle.fileno(), [view[done:]], start + done)
+        if got == 0:
+            raise CheckpointError(f"{file}: cannot read tensor {name}: the file ends early; it is truncated, re-download it")
+        done += got
+    return data
 
 
 def _open(file: Path):

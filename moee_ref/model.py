@@ -102,7 +102,9 @@ class MoEDecoder(nn.Module):
     def __init__(self, args: ModelArgs, with_lm_head: bool = True):
         super().__init__()
         self.args = args
-        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        # No random init: the table is read from the checkpoint, and nn.Embedding's normal_ init on the meta
+        # device pulls in a second of torch imports on every load.
+        self.embed = nn.Embedding.from_pretrained(torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         # Embeddings never need the output matrix (vocab x hidden: 0.4B parameters for DeepSeekMoE).

@@ -455,23 +455,9 @@ class LoadTracker:
         self.peak_alive_bytes = max(self.peak_alive_bytes, sum(self.alive_bytes.values()))
 
 
-class TrackedSlice:
-    def __init__(self, inner, tracker: LoadTracker, name: str):
-        self.inner, self.tracker, self.name = inner, tracker, name
+class TrackedFile:
+    """A shard file opened for reading tensor data, whose opening and closing the tracker sees."""
 
-    def get_shape(self):
-        return self.inner.get_shape()
-
-    def get_dtype(self):
-        return self.inner.get_dtype()
-
-    def __getitem__(self, index):
-        tensor = self.inner[index]
-        self.tracker.record_tensor(self.name, tensor)
-        return tensor
-
-
-class TrackedHandle:
     def __init__(self, inner, tracker: LoadTracker):
         self.inner, self.tracker = inner, tracker
 
@@ -484,26 +470,15 @@ class TrackedHandle:
         del self.tracker.open_handles[id(self)]
         return self.inner.__exit__(*exc)
 
-    def keys(self):
-        return self.inner.keys()
-
-    def metadata(self):
-        return self.inner.metadata()
-
-    def get_slice(self, name):
-        return TrackedSlice(self.inner.get_slice(name), self.tracker, name)
-
-    def get_tensor(self, name):
-        assert id(self) in self.tracker.open_handles, "tensor read from a handle that is not open"
-        tensor = self.inner.get_tensor(name)
-        self.tracker.record_tensor(name, tensor)
-        return tensor
+    def fileno(self):
+        assert id(self) in self.tracker.open_handles, "tensor read from a file that is not open"
+        return self.inner.fileno()
 
 
 @pytest.fixture
 def tracker(monkeypatch):
     tracker = LoadTracker()
-    real_open = checkpoint._open
+    real_open_data, real_read = checkpoint._open_data, checkpoint._OpenShards.read
     real_enter, real_exit = checkpoint._OpenShards.__enter__, checkpoint._OpenShards.__exit__
 
     def enter(self):
@@ -519,7 +494,13 @@ def tracker(monkeypatch):
         tracker.group = None
         return result
 
-    monkeypatch.setattr(checkpoint, "_open", lambda file: TrackedHandle(real_open(file), tracker))
+    def read(self, name):
+        tensor = real_read(self, name)
+        tracker.record_tensor(name, tensor)
+        return tensor
+
+    monkeypatch.setattr(checkpoint, "_open_data", lambda file: TrackedFile(real_open_data(file), tracker))
+    monkeypatch.setattr(checkpoint._OpenShards, "read", read)
     monkeypatch.setattr(checkpoint._OpenShards, "__enter__", enter)
     monkeypatch.setattr(checkpoint._OpenShards, "__exit__", exit_)
     return tracker
@@ -536,7 +517,7 @@ def test_loading_streams_one_layer_at_a_time(bf16_checkpoint, tracker):
     model = moee_ref.load_model(bf16_checkpoint, dtype=torch.float32)
     assert model.dtype == torch.float32
 
-    # Every tensor was read exactly once, through the tracked shard handles (a loader that
+    # Every tensor was read exactly once, through the tracked shard files (a loader that
     # bypassed them, e.g. with safetensors.torch.load_file, would read none here).
     read_names = [name for _, name, _ in tracker.reads]
     assert sorted(read_names) == sorted(leaf.name for names in group_leaves for leaf in names)
@@ -571,3 +552,56 @@ def test_tensor_stored_in_two_shards_is_refused(checkpoints, tmp_path):
     save_file(rewrite, str(other))
     with pytest.raises(CheckpointError, match=rf"tensor {anchor} is stored twice, in .* and .*; the shards do not belong together"):
         moee_ref.load_model(directory)
+
+
+# ---------------------------------------------------------------------------
+# Reading tensor data: pread into memory of the loader's own, never a mapping
+
+
+def test_reader_returns_tensors_exactly_as_stored(tmp_path):
+    """Every dtype and shape the reader handles itself gives what safetensors gives, in memory of its own."""
+    generator = torch.Generator().manual_seed(0)
+    stored = {
+        "f32": torch.randn(3, 5, generator=generator),
+        "bf16": torch.randn(7, 2, generator=generator).bfloat16(),
+        "f16": torch.randn(4, generator=generator).half(),
+        "f64": torch.randn(2, 2, 2, generator=generator).double(),
+        "i64": torch.arange(-5, 6),
+        "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+    }
+    file = tmp_path / "model.safetensors"
+    save_file(stored, str(file))
+    with checkpoint.ShardReader([file]).reading() as shards:
+        read = {name: shards.read(name) for name in stored}
+    for name, tensor in stored.items():
+        assert read[name].dtype == tensor.dtype and read[name].shape == tensor.shape, name
+        assert torch.equal(read[name], tensor), name
+    read["f32"].add_(1)  # writable memory of its own: the file is untouched
+    assert torch.equal(load_file(str(file))["f32"], stored["f32"])
+
+
+def test_shard_cut_short_after_the_header_scan_is_named(tmp_path):
+    """A shard truncated between checking and reading (e.g. a download still being written) is a CheckpointError."""
+    file = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(16), "b": torch.ones(1024)}, str(file))
+    reader = checkpoint.ShardReader([file])
+    with open(file, "r+b") as handle:
+        handle.truncate(file.stat().st_size - 100)
+    with reader.reading() as shards:
+        assert torch.equal(shards.read("a"), torch.ones(16))
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read tensor b: the file ends early; it is truncated, re-download it"):
+            shards.read("b")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_reading_maps_no_shard_into_memory(bf16_checkpoint):
+    """Mapped shard pages would count in the resident memory on top of the converted weights."""
+    reader = checkpoint.ShardReader(checkpoint.shard_files(bf16_checkpoint))
+    name = "model.layers.1.mlp.experts.0.down_proj.weight"
+    with reader.reading() as shards:
+        tensor = shards.read(name)
+        maps = Path("/proc/self/maps").read_text()
+    assert tensor.dtype == torch.bfloat16 and reader.location[name].name not in maps
