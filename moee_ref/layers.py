@@ -15,6 +15,42 @@ from torch import nn
 
 from .config import ModelArgs
 
+# oneDNN's linear, which torch ships for its own compiled CPU graphs.
+_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, as F.linear; float32 on the CPU goes through oneDNN.
+
+    torch sends float32 matmuls to MKL, which on AMD CPUs runs its AVX2 code
+    whatever the CPU has; oneDNN uses the widest vector unit present (AVX-512
+    where there is one) and keeps its speed with the few rows an expert gets.
+    The results differ from F.linear only in float32 rounding (summation order).
+    No autograd there: only for tensors that need no gradient.
+    """
+    if onednn_applies(x, weight) and x.numel() > 0 and (bias is None or not bias.requires_grad):
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        _ONEDNN_LINEAR is not None
+        and x.dtype == weight.dtype == torch.float32
+        and x.device.type == weight.device.type == "cpu"
+        and not (x.requires_grad or weight.requires_grad)
+    )
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`, without nn.Linear's random init: the weights always come from a checkpoint."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -60,10 +96,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         q_out, kv_out = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, q_out, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(q_out, args.hidden_size, bias=False)
+        self.q_proj = Linear(args.hidden_size, q_out, bias=args.qkv_bias)
+        self.k_proj = Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
+        self.v_proj = Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
+        self.o_proj = Linear(q_out, args.hidden_size, bias=False)
         # OLMoE normalises q and k over the whole projection (all heads at once), before RoPE.
         self.q_norm = RMSNorm(q_out, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(kv_out, args.rms_norm_eps) if args.qk_norm else None
@@ -108,9 +144,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, size: int):
         super().__init__()
-        self.gate = nn.Linear(dim, size, bias=False)
-        self.up = nn.Linear(dim, size, bias=False)
-        self.down = nn.Linear(size, dim, bias=False)
+        self.gate = Linear(dim, size, bias=False)
+        self.up = Linear(dim, size, bias=False)
+        self.down = Linear(size, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -143,7 +179,7 @@ class Router(nn.Module):
         self.top_k, self.norm_topk_prob = args.top_k, args.norm_topk_prob
 
     def forward(self, x: torch.Tensor) -> LayerRouting:
-        logits = F.linear(x, self.weight).float()
+        logits = linear(x, self.weight).float()
         probs = logits.softmax(dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -184,8 +220,14 @@ class RoutedExperts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_of, out)
 
     def grouped_mm_ok(self, x: torch.Tensor) -> bool:
-        """torch's grouped matmul runs every expert's block in one call (same results, less overhead)."""
-        return hasattr(F, "grouped_mm") and x.dtype in (torch.float32, torch.bfloat16) and type(self) is RoutedExperts
+        """torch's grouped matmul runs every expert's block in one call (same results, less overhead), but
+        on the CPU through MKL: where oneDNN serves float32 (see `linear`), one call per expert is faster."""
+        return (
+            hasattr(F, "grouped_mm")
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and type(self) is RoutedExperts
+            and not onednn_applies(x, self.gate_up)
+        )
 
     def _all_experts_at_once(self, grouped: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         ends = counts.cumsum(0).to(torch.int32)  # block e is rows [ends[e-1], ends[e])
@@ -199,8 +241,8 @@ class RoutedExperts(nn.Module):
             if count == 0:
                 continue
             gate_up, down = self.expert_matrices(expert, grouped.dtype)
-            gate, up = F.linear(grouped[start : start + count], gate_up).chunk(2, dim=-1)
-            out[start : start + count] = F.linear(F.silu(gate) * up, down)
+            gate, up = linear(grouped[start : start + count], gate_up).chunk(2, dim=-1)
+            out[start : start + count] = linear(F.silu(gate) * up, down)
             start += count
         return out
 
@@ -214,7 +256,7 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(args.num_experts, args.hidden_size, args.expert_size)
         self.shared = SwiGLU(args.hidden_size, args.shared_expert_size) if args.shared_expert_size else None
         # Qwen scales its shared expert by sigmoid(w . x) per token; DeepSeekMoE adds its shared experts as they are.
-        self.shared_gate = nn.Linear(args.hidden_size, 1, bias=False) if args.shared_expert_gated else None
+        self.shared_gate = Linear(args.hidden_size, 1, bias=False) if args.shared_expert_gated else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
         routing = self.router(x)

@@ -9,10 +9,9 @@ A model in int8 holds about a quarter of its float32 weight bytes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention, RoutedExperts, SwiGLU
+from .layers import Attention, RoutedExperts, SwiGLU, linear
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +33,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.values.to(x.dtype) * self.scale[:, None].to(x.dtype)
-        return F.linear(x, weight, self.bias)
+        return linear(x, weight, self.bias)
 
 
 class Int8RoutedExperts(RoutedExperts):
