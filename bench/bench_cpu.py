@@ -101,7 +101,8 @@ def make_texts(tokenizer: Tokenizer, count: int, seed: int = 0) -> list[str]:
 
 
 def load_ours(directory: Path) -> MoEEmbedder:
-    return MoEEmbedder(load_model(directory, lm_head=False), Tokenizer.from_dir(directory))
+    """As a user gets it: no LM head, float32 matrices packed for oneDNN where torch has it."""
+    return MoEEmbedder.from_pretrained(directory)
 
 
 def load_hf(directory: Path, **impl):

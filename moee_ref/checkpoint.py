@@ -29,7 +29,8 @@ from torch import nn
 from .config import ModelArgs, read_config
 from .errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from .families import FAMILIES
-from .layout import NameMap, build, leaves, outer
+from .layout import NameMap, Stack, build, leaves, outer, shape_of
+from .matmul import pack_weight, packing_available
 from .model import MoEDecoder
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -242,17 +243,25 @@ def expected_shapes(groups: Iterable[NameMap]) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(
-    source: str | os.PathLike, dtype: torch.dtype = torch.float32, *, int8: bool = False, lm_head: bool = True
+    source: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    *,
+    int8: bool = False,
+    lm_head: bool = True,
+    packed: bool = False,
 ) -> MoEDecoder:
     """Load a supported MoE checkpoint (local directory or hub id) as an MoEDecoder in eval mode.
 
     dtype: the compute dtype; weights stored in another dtype are converted
     layer by layer as they are read. int8: keep attention and expert matrices
     as int8 with per-channel scales (quant.py). lm_head=False skips the output
-    matrix, which embeddings never use.
+    matrix, which embeddings never use. packed: float32 matrices in oneDNN's
+    blocked layout for faster CPU inference (matmul.py); the routed experts
+    are then one packed matrix each instead of stacked tensors.
     """
     if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         raise CheckpointError(f"dtype {dtype} is not supported; use torch.float32 (CPU), float64, bfloat16 or float16")
+    check_packing(packed, dtype, int8)
     directory = resolve_source(source)
     args = read_config(directory)
     reader = ShardReader(shard_files(directory))
@@ -265,8 +274,7 @@ def load_model(
         model = MoEDecoder(args, with_lm_head=lm_head)
     for index, group in enumerate(groups):
         with reader.reading() as shards:
-            for param_name, recipe in group.items():
-                assign_parameter(model, param_name, build(recipe, shards.read, dtype))
+            fill_module(model, group, shards.read, dtype, packed)
         if int8 and 1 <= index <= args.num_layers:
             from .quant import quantize_block_
 
@@ -275,8 +283,44 @@ def load_model(
     if unset:  # the name map forgot a parameter: a bug in moee-ref, not in the checkpoint
         raise AssertionError(f"parameters left unloaded: {unset}")
     model.source_dir = directory
-    model.int8 = int8
+    model.int8, model.packed = int8, packed
     return model.eval().requires_grad_(False)
+
+
+def check_packing(packed: bool, dtype: torch.dtype, int8: bool) -> None:
+    if not packed:
+        return
+    if not packing_available():
+        raise CheckpointError("packed=True needs torch built with oneDNN (torch.backends.mkldnn); load with packed=False")
+    if dtype != torch.float32 or int8:
+        raise CheckpointError("packed=True is for float32 weights; it does not combine with another dtype or with int8")
+
+
+def fill_module(module: nn.Module, names_to_recipes: NameMap, read, dtype: torch.dtype, packed: bool = False) -> None:
+    """Build every parameter of a name map from the shards and put it in place.
+
+    packed: matrices are packed for oneDNN as they are built. The routed
+    experts are then built and packed one at a time into a list, so a float
+    copy of a layer's stacked experts never exists beside the packed one.
+    """
+    for name, recipe in names_to_recipes.items():
+        if packed and isinstance(recipe, Stack):
+            staging = torch.empty(shape_of(recipe.parts[0]), dtype=dtype)  # one buffer for all: no fresh pages each time
+            experts = [pack_weight(build(part, read, dtype, out=staging)) for part in recipe.parts]
+            replace_parameter(module, name, nn.ParameterList(nn.Parameter(e, requires_grad=False) for e in experts))
+            continue
+        tensor = build(recipe, read, dtype)
+        if packed and tensor.dim() == 2 and name.endswith(".weight") and name not in ("embed.weight", "lm_head.weight"):
+            tensor = pack_weight(tensor)
+        assign_parameter(module, name, tensor)
+
+
+def replace_parameter(module: nn.Module, name: str, value: nn.Module) -> None:
+    """Put a module (a ParameterList of packed experts) where the parameter `name` was."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    delattr(owner, attr)
+    setattr(owner, attr, value)
 
 
 def assign_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
 from .errors import InputError
+from .matmul import packing_available
 from .prompts import apply_prompt, list_prompts, resolve_prompt
 from .standardize import Standardizer
 from .stats import cosine_rows
@@ -101,6 +102,7 @@ class MoEEmbedder:
         int8: bool = False,
         memory_budget: str | int | None = None,
         spill_dir: str | None = None,
+        packed: bool | None = None,
         **kwargs,
     ) -> "MoEEmbedder":
         """Load a checkpoint for embedding (without its LM head, which embeddings never use).
@@ -108,15 +110,19 @@ class MoEEmbedder:
         memory_budget (e.g. "8GB"): layer-streamed corpus mode for models larger
         than memory (streaming.py); each encode() call then reads every layer once.
         int8: weight-only int8 for attention and expert matrices (quant.py).
+        packed: float32 matrices packed for oneDNN (matmul.py); by default on
+        wherever it applies (float32, no int8, torch built with oneDNN).
         """
+        if packed is None:
+            packed = dtype == torch.float32 and not int8 and packing_available()
         if memory_budget is not None:
             from .streaming import StreamedModel
 
-            model = StreamedModel(source, dtype, memory_budget=memory_budget, int8=int8, spill_dir=spill_dir)
+            model = StreamedModel(source, dtype, memory_budget=memory_budget, int8=int8, spill_dir=spill_dir, packed=packed)
         else:
             from .checkpoint import load_model
 
-            model = load_model(source, dtype=dtype, int8=int8, lm_head=False)
+            model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed)
         return cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
 
     @property

@@ -14,32 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
-
-# oneDNN's linear, which torch ships for its own compiled CPU graphs.
-_ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, as F.linear; float32 on the CPU goes through oneDNN.
-
-    torch sends float32 matmuls to MKL, which on AMD CPUs runs its AVX2 code
-    whatever the CPU has; oneDNN uses the widest vector unit present (AVX-512
-    where there is one) and keeps its speed with the few rows an expert gets.
-    The results differ from F.linear only in float32 rounding (summation order).
-    No autograd there: only for tensors that need no gradient.
-    """
-    if onednn_applies(x, weight) and x.numel() > 0 and (bias is None or not bias.requires_grad):
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        _ONEDNN_LINEAR is not None
-        and x.dtype == weight.dtype == torch.float32
-        and x.device.type == weight.device.type == "cpu"
-        and not (x.requires_grad or weight.requires_grad)
-    )
+from .matmul import linear, onednn_applies
 
 
 class Linear(nn.Linear):
@@ -197,7 +172,7 @@ class RoutedExperts(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.gate_up.shape[0]
+        return len(self.gate_up)  # stacked tensors, or one packed matrix per expert (checkpoint.fill_module)
 
     def expert_matrices(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """([2 * size, dim], [dim, size]) weights of one expert (the int8 variant dequantizes here)."""
@@ -210,14 +185,20 @@ class RoutedExperts(nn.Module):
         flat_ids = ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
         token_of = order // top_k
+        slot_weights = weights.reshape(-1)[order, None].to(x.dtype)
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
-        grouped = x[token_of]
         if self.grouped_mm_ok(x):
-            out = self._all_experts_at_once(grouped, counts)
-        else:
-            out = self._expert_by_expert(grouped, counts.tolist())
-        out *= weights.reshape(-1)[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+            out = self._all_experts_at_once(x[token_of], counts) * slot_weights
+            return torch.zeros_like(x).index_add_(0, token_of, out)
+        # One expert at a time, adding its weighted outputs as it goes: no [tokens * k, dim] copies of the input.
+        result = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                rows = token_of[start : start + count]
+                result.index_add_(0, rows, self.run_expert(expert, x[rows]) * slot_weights[start : start + count])
+            start += count
+        return result
 
     def grouped_mm_ok(self, x: torch.Tensor) -> bool:
         """torch's grouped matmul runs every expert's block in one call (same results, less overhead), but
@@ -226,6 +207,7 @@ class RoutedExperts(nn.Module):
             hasattr(F, "grouped_mm")
             and x.dtype in (torch.float32, torch.bfloat16)
             and type(self) is RoutedExperts
+            and isinstance(self.gate_up, torch.Tensor)
             and not onednn_applies(x, self.gate_up)
         )
 
@@ -234,17 +216,11 @@ class RoutedExperts(nn.Module):
         gate, up = F.grouped_mm(grouped, self.gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
         return F.grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=ends)
 
-    def _expert_by_expert(self, grouped: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        out = torch.empty_like(grouped)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            gate_up, down = self.expert_matrices(expert, grouped.dtype)
-            gate, up = linear(grouped[start : start + count], gate_up).chunk(2, dim=-1)
-            out[start : start + count] = linear(F.silu(gate) * up, down)
-            start += count
-        return out
+    def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU on its tokens x [n, dim]."""
+        gate_up, down = self.expert_matrices(expert, x.dtype)
+        gate, up = linear(x, gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, down)
 
 
 class MoE(nn.Module):

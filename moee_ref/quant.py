@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Attention, RoutedExperts, SwiGLU, linear
+from .layers import Attention, RoutedExperts, SwiGLU
+from .matmul import linear
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

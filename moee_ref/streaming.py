@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import ShardReader, assign_parameter, expected_shapes, name_map_groups, resolve_source, shard_files
+from .checkpoint import ShardReader, check_packing, expected_shapes, fill_module, name_map_groups, resolve_source, shard_files
 from .config import read_config
 from .errors import InputError, MoEERefError
 from .layers import LayerRouting, RMSNorm, rotary_cos_sin
-from .layout import build, leaves
+from .layout import leaves
 from .model import Block, DecoderOutput, Routing, _gather_routing, attention_mask_4d
 
 WORKING_FACTOR = 12  # transient tensors of one batch in one block, in units of that batch's hidden states
@@ -137,7 +137,8 @@ class StreamedModel:
     """Runs whole corpora through a checkpoint one decoder layer at a time (see the module doc)."""
 
     def __init__(self, source, dtype: torch.dtype = torch.float32, *, memory_budget, int8: bool = False,
-                 spill_dir: str | None = None, prefetch: bool = True):
+                 spill_dir: str | None = None, prefetch: bool = True, packed: bool = False):
+        check_packing(packed, dtype, int8)
         self.source_dir = resolve_source(source)
         self.args = read_config(self.source_dir)
         self.reader = ShardReader(shard_files(self.source_dir))
@@ -145,7 +146,7 @@ class StreamedModel:
         self.reader.check(expected_shapes(groups))
         self.embed_group, self.layer_groups = groups[0], groups[1:-1]
         self.norm_group = {k: v for k, v in groups[-1].items() if k != "lm_head.weight"}
-        self.dtype, self.int8, self.prefetch = dtype, int8, prefetch
+        self.dtype, self.int8, self.prefetch, self.packed = dtype, int8, prefetch, packed
         self.budget = parse_bytes(memory_budget)
         self.spill_dir = spill_dir
         self.stats = StreamStats()
@@ -218,8 +219,7 @@ class StreamedModel:
 
     def _build(self, names_to_recipes, module):
         with self.reader.reading() as shards:
-            for name, recipe in names_to_recipes.items():
-                assign_parameter(module, name, build(recipe, shards.read, self.dtype))
+            fill_module(module, names_to_recipes, shards.read, self.dtype, self.packed)
         self.stats.weight_bytes_read += self._source_bytes(names_to_recipes)
         return module
 
