@@ -29,7 +29,7 @@ from torch import nn
 from .config import ModelArgs, read_config
 from .errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from .families import FAMILIES
-from .layout import NameMap, Stack, build, leaves, outer, shape_of
+from .layout import NameMap, Stack, Tensor, build, leaves, outer, shape_of
 from .matmul import pack_weight, packing_available
 from .model import MoEDecoder
 
@@ -302,12 +302,19 @@ def fill_module(module: nn.Module, names_to_recipes: NameMap, read, dtype: torch
     packed: matrices are packed for oneDNN as they are built. The routed
     experts are then built and packed one at a time into a list, so a float
     copy of a layer's stacked experts never exists beside the packed one.
+    The embedding table keeps a bf16/fp16 storage dtype.
     """
     for name, recipe in names_to_recipes.items():
         if packed and isinstance(recipe, Stack):
             staging = torch.empty(shape_of(recipe.parts[0]), dtype=dtype)  # one buffer for all: no fresh pages each time
             experts = [pack_weight(build(part, read, dtype, out=staging)) for part in recipe.parts]
             replace_parameter(module, name, nn.ParameterList(nn.Parameter(e, requires_grad=False) for e in experts))
+            continue
+        if packed and name == "embed.weight" and isinstance(recipe, Tensor):
+            # Widening bf16 or fp16 to float32 is exact: the table stays as stored (half the bytes of float32),
+            # and only the rows looked up are widened.
+            table = read(recipe.name)
+            assign_parameter(module, name, table if table.dtype in (torch.bfloat16, torch.float16) else table.to(dtype))
             continue
         tensor = build(recipe, read, dtype)
         if packed and tensor.dim() == 2 and name.endswith(".weight") and name not in ("embed.weight", "lm_head.weight"):

@@ -115,7 +115,7 @@ class MoEDecoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.norm.weight.dtype  # the compute dtype (a packed model keeps its embedding table as stored)
 
     def forward(
         self,
@@ -144,7 +144,7 @@ class MoEDecoder(nn.Module):
         full_mask = attention_mask_4d(attention_mask)
         real_rows = None if full_mask is None else attention_mask.reshape(-1).bool()
 
-        x = self.embed(input_ids)
+        x = self.embed(input_ids).to(self.dtype)
         cos, sin = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, x.dtype)
         per_layer_routing, layer_states = [], []
         last = len(self.layers) - 1
@@ -166,7 +166,7 @@ class MoEDecoder(nn.Module):
             if not self.with_lm_head:
                 raise InputError("this model was loaded without its LM head (for embeddings); load it with lm_head=True for logits")
             head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-            logits = torch.nn.functional.linear(hidden, head)
+            logits = torch.nn.functional.linear(hidden, head.to(hidden.dtype))
         out_length = length if keep_positions is None else keep_positions.shape[1]
         routing = Routing.stack(per_layer_routing, self.args.moe_layers, batch, out_length)
         return DecoderOutput(hidden, routing, logits, tuple(layer_states) if return_layer_states else None)

@@ -183,6 +183,8 @@ def test_packed_model_computes_what_the_plain_model_does(checkpoints, family):
     assert experts and all(isinstance(e.gate_up, torch.nn.ParameterList) and len(e.gate_up) == e.num_experts for e in experts)
     assert all(w.is_mkldnn for e in experts for w in [*e.gate_up, *e.down])
     assert packed.layers[0].attn.q_proj.weight.is_mkldnn and not packed.embed.weight.is_mkldnn
+    # bf16 widens exactly to float32: the table stays as stored, the model computes in float32.
+    assert packed.embed.weight.dtype == torch.bfloat16 and packed.dtype == dense.dtype == torch.float32
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, dense.args.vocab_size, (3, 11), generator=generator)
     mask = torch.ones_like(ids)
@@ -231,3 +233,14 @@ def test_streamed_mode_packs_each_layer_too(checkpoints, tmp_path):
     streamed = MoEEmbedder.from_pretrained(directory, memory_budget="2GB", spill_dir=str(tmp_path))
     assert streamed.model.packed and isinstance(streamed.model.build_layer(1).mlp.experts.gate_up, torch.nn.ParameterList)
     assert float(np.abs(streamed.encode(texts, "moee-concat") - resident).max() / np.abs(resident).max()) <= 1e-5
+
+
+@needs_packing
+def test_tied_head_of_a_packed_model_gives_the_logits(tmp_path):
+    """A tied LM head reads the embedding table, which a packed model keeps in bf16: widened for the logits."""
+    directory = write_random_checkpoint(tmp_path / "tied", {**SMALL_CONFIGS["olmoe"], "tie_word_embeddings": True}, dtype="bfloat16", seed=2)
+    dense, packed = load_model(directory), load_model(directory, packed=True)
+    ids = torch.randint(3, dense.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = dense(ids, return_logits=True).logits, packed(ids, return_logits=True).logits
+    assert b.dtype == torch.float32 and rel_error(b, a) <= 1e-5
