@@ -164,22 +164,31 @@ def make_prompts(tokenizer, count: int) -> tuple[list[str], list[int]]:
 
 
 def matmul_gflops(m: int, k: int, n: int, rounds: int = 5, seconds: float = 0.3) -> float:
-    """Best fp32 rate over a few rounds of x [m, k] @ w[n, k].T, the layout F.linear uses for the model's weights.
+    """Best fp32 rate over a few rounds of x [m, k] @ w[n, k].T, the layout of the model's weights, through
+    torch.mm (MKL) and, where torch has oneDNN, through the packed-weight oneDNN path moee-ref itself uses.
 
-    The best round, not the median: the arithmetic time is what the machine can do, and a busy machine mostly slows rounds down.
+    The best round and path, not the median: the arithmetic time is what the machine can do, and a busy machine
+    mostly slows rounds down.
     """
     import torch
 
+    from moee_ref.matmul import linear, pack_weight, packing_available
+
     x, w = torch.randn(m, k), torch.randn(n, k)
-    for _ in range(3):
-        torch.mm(x, w.t())
+    calls = [lambda: torch.mm(x, w.t())]
+    if packing_available():
+        packed = pack_weight(w)
+        calls.append(lambda: linear(x, packed))
     rates = []
-    for _ in range(rounds):
-        reps, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds:
-            torch.mm(x, w.t())
-            reps += 1
-        rates.append(2 * m * k * n * reps / elapsed / 1e9)
+    for call in calls:
+        for _ in range(3):
+            call()
+        for _ in range(rounds):
+            reps, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds:
+                call()
+                reps += 1
+            rates.append(2 * m * k * n * reps / elapsed / 1e9)
     return max(rates)
 
 
