@@ -317,7 +317,7 @@ def fill_module(module: nn.Module, names_to_recipes: NameMap, read, dtype: torch
             assign_parameter(module, name, table if table.dtype in (torch.bfloat16, torch.float16) else table.to(dtype))
             continue
         tensor = build(recipe, read, dtype)
-        if packed and tensor.dim() == 2 and name.endswith(".weight") and name not in ("embed.weight", "lm_head.weight"):
+        if packed and tensor.dim() == 2 and name.endswith(".weight") and name != "lm_head.weight":  # the head: logits only
             tensor = pack_weight(tensor)
         assign_parameter(module, name, tensor)
 

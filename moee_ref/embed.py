@@ -111,10 +111,12 @@ class MoEEmbedder:
         than memory (streaming.py); each encode() call then reads every layer once.
         int8: weight-only int8 for attention and expert matrices (quant.py).
         packed: float32 matrices packed for oneDNN (matmul.py); by default on
-        wherever it applies (float32, no int8, torch built with oneDNN).
+        wherever it applies (resident, float32, no int8, torch built with
+        oneDNN). The streamed mode reads each layer once per corpus, for a few
+        batches: packing it costs a pass over its weights that they do not win back.
         """
         if packed is None:
-            packed = dtype == torch.float32 and not int8 and packing_available()
+            packed = memory_budget is None and dtype == torch.float32 and not int8 and packing_available()
         if memory_budget is not None:
             from .streaming import StreamedModel
 

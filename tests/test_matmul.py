@@ -226,11 +226,12 @@ def test_packing_without_onednn_is_named(checkpoints, monkeypatch):
 
 
 @needs_packing
-def test_streamed_mode_packs_each_layer_too(checkpoints, tmp_path):
+def test_streamed_mode_packs_each_layer_when_asked(checkpoints, tmp_path):
     directory = checkpoints["deepseek"]
     texts = ["A cat sleeps on the mat.", "Stocks fell sharply today."]
     resident = MoEEmbedder.from_pretrained(directory, packed=False).encode(texts, "moee-concat")
-    streamed = MoEEmbedder.from_pretrained(directory, memory_budget="2GB", spill_dir=str(tmp_path))
+    assert not MoEEmbedder.from_pretrained(directory, memory_budget="2GB").model.packed  # not by default there
+    streamed = MoEEmbedder.from_pretrained(directory, memory_budget="2GB", spill_dir=str(tmp_path), packed=True)
     assert streamed.model.packed and isinstance(streamed.model.build_layer(1).mlp.experts.gate_up, torch.nn.ParameterList)
     assert float(np.abs(streamed.encode(texts, "moee-concat") - resident).max() / np.abs(resident).max()) <= 1e-5
 
