@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
 import sys
+import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
@@ -273,8 +275,9 @@ def load_model(
     with torch.device("meta"):
         model = MoEDecoder(args, with_lm_head=lm_head)
     for index, group in enumerate(groups):
-        with reader.reading() as shards:
-            fill_module(model, group, shards.read, dtype, packed)
+        names = [leaf.name for recipe in group.values() for leaf in leaves(recipe)]  # the order fill_module reads in
+        with reader.reading() as shards, ReadAhead(shards.read, names) as ahead:
+            fill_module(model, group, ahead.read, dtype, packed)
         if int8 and 1 <= index <= args.num_layers:
             from .quant import quantize_block_
 
@@ -285,6 +288,52 @@ def load_model(
     model.source_dir = directory
     model.int8, model.packed = int8, packed
     return model.eval().requires_grad_(False)
+
+
+class ReadAhead:
+    """Reads tensors in a known order in a background thread, a few tensors ahead of their use.
+
+    Reading (pread, which releases the GIL) then overlaps converting and
+    packing the tensors before it, for the memory of at most `depth` stored
+    tensors more.
+    """
+
+    def __init__(self, read, names: list[str], depth: int = 2):
+        self.names = iter(names)
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read_all, args=(read, list(names)), daemon=True)
+        self.thread.start()
+
+    def _read_all(self, read, names: list[str]) -> None:
+        for name in names:
+            if self.stop.is_set():
+                return
+            try:
+                self.ready.put((name, read(name)))
+            except BaseException as exc:  # handed to the reader of that tensor
+                self.ready.put((name, exc))
+                return
+
+    def read(self, name: str) -> torch.Tensor:
+        expected = next(self.names, None)
+        if name != expected:  # fill_module read in another order than load_model listed: a bug, not bad input
+            raise AssertionError(f"read {name}, expected {expected}")
+        _, tensor = self.ready.get()
+        if isinstance(tensor, BaseException):
+            raise tensor
+        return tensor
+
+    def __enter__(self) -> "ReadAhead":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        while self.thread.is_alive():  # unblock a put into a full queue, then let the thread see stop
+            try:
+                self.ready.get(timeout=0.01)
+            except queue.Empty:
+                pass
 
 
 def check_packing(packed: bool, dtype: torch.dtype, int8: bool) -> None:

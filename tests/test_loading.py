@@ -5,8 +5,10 @@ hub ids offline and online (mocked), and layer-by-layer streaming."""
 from __future__ import annotations
 
 import json
+import re
 import pickle
 import shutil
+import threading
 import weakref
 from pathlib import Path
 
@@ -605,3 +607,49 @@ def test_reading_maps_no_shard_into_memory(bf16_checkpoint):
         tensor = shards.read(name)
         maps = Path("/proc/self/maps").read_text()
     assert tensor.dtype == torch.bfloat16 and reader.location[name].name not in maps
+
+
+# ---------------------------------------------------------------------------
+# Reading ahead in a background thread while the loader converts
+
+
+def test_read_ahead_hands_over_tensors_in_order_and_errors_in_place():
+    def read(name):
+        if name == "bad":
+            raise CheckpointError("bad is corrupt")
+        return torch.full((2,), float(len(name)))
+
+    with checkpoint.ReadAhead(read, ["a", "bb", "bad", "never"]) as ahead:
+        assert torch.equal(ahead.read("a"), torch.full((2,), 1.0))
+        assert torch.equal(ahead.read("bb"), torch.full((2,), 2.0))
+        with pytest.raises(CheckpointError, match="bad is corrupt"):
+            ahead.read("bad")
+    assert not ahead.thread.is_alive()
+    with checkpoint.ReadAhead(read, ["a", "bb"]) as ahead:
+        with pytest.raises(AssertionError, match="read bb, expected a"):
+            ahead.read("bb")
+
+
+def test_read_ahead_stops_when_the_loader_stops_early():
+    reads = []
+    with checkpoint.ReadAhead(lambda name: reads.append(name) or torch.zeros(1), [str(i) for i in range(1000)], depth=2) as ahead:
+        ahead.read("0")
+    assert not ahead.thread.is_alive() and len(reads) < 1000
+
+
+def test_shard_truncated_during_loading_is_a_checkpoint_error(bf16_checkpoint, tmp_path, monkeypatch):
+    """The error of a read in the background thread reaches load_model's caller, and no reader thread is left."""
+    directory = copy_of(bf16_checkpoint, tmp_path)
+    real_read, victim = checkpoint._OpenShards.read, "model.layers.1.mlp.experts.2.up_proj.weight"
+
+    def read(self, name):
+        if name == victim:
+            with open(self.reader.location[name], "r+b") as handle:
+                handle.truncate(self.reader.spans[name][1] + 1)
+        return real_read(self, name)
+
+    monkeypatch.setattr(checkpoint._OpenShards, "read", read)
+    before = threading.active_count()
+    with pytest.raises(CheckpointError, match=rf"cannot read tensor {re.escape(victim)}: the file ends early"):
+        moee_ref.load_model(directory)
+    assert threading.active_count() == before
