@@ -20,6 +20,15 @@ ONEDNN = matmul._ONEDNN_LINEAR is not None
 FP32_REL = 1e-6  # float32 rounding of a 256-term dot product, relative to the output's largest value
 
 
+@pytest.fixture
+def onednn_rows(monkeypatch) -> list[int]:
+    """The number of rows of every call that reaches oneDNN's linear, in order."""
+    calls: list[int] = []
+    real = matmul._ONEDNN_LINEAR
+    monkeypatch.setattr(matmul, "_ONEDNN_LINEAR", lambda x, *rest: calls.append(x.shape[0]) or real(x, *rest))
+    return calls
+
+
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
@@ -45,10 +54,8 @@ def test_linear_takes_views_and_empty_inputs():
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
-def test_float32_without_gradients_goes_through_onednn(monkeypatch):
-    calls = []
-    real = matmul._ONEDNN_LINEAR
-    monkeypatch.setattr(matmul, "_ONEDNN_LINEAR", lambda *args: calls.append(args) or real(*args))
+def test_float32_without_gradients_goes_through_onednn(onednn_rows):
+    calls = onednn_rows
     x, weight = torch.randn(3, 256), torch.randn(96, 256)
     linear(x, weight)
     assert len(calls) == 1
@@ -78,7 +85,7 @@ def test_linear_module_has_no_random_init_and_uses_linear():
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
-def test_experts_run_one_call_per_active_expert_through_onednn(monkeypatch):
+def test_experts_run_one_call_per_active_expert_through_onednn(onednn_rows):
     """With oneDNN serving float32, the experts do not take grouped_mm (MKL underneath): one matmul pair per expert."""
     generator = torch.Generator().manual_seed(2)
     experts = RoutedExperts(6, 32, 16).requires_grad_(False)
@@ -89,11 +96,8 @@ def test_experts_run_one_call_per_active_expert_through_onednn(monkeypatch):
     ids = torch.tensor([[0, 1]] * 5 + [[1, 3]] * 5)  # experts 0, 1, 3 active
     weights = torch.rand(10, 2, generator=generator)
     assert not experts.grouped_mm_ok(x)
-    calls = []
-    real = matmul._ONEDNN_LINEAR
-    monkeypatch.setattr(matmul, "_ONEDNN_LINEAR", lambda *args: calls.append(args) or real(*args))
     out = experts(x, ids, weights)
-    assert len(calls) == 2 * 3
+    assert len(onednn_rows) == 2 * 3
     expected = torch.zeros(10, 32, dtype=torch.float64)
     for token in range(10):
         for slot in range(2):
@@ -107,21 +111,15 @@ def test_experts_run_one_call_per_active_expert_through_onednn(monkeypatch):
 # Row tiles: a bounded set of shapes, whatever the number of rows
 
 
-def shapes_met(num_rows: int, monkeypatch) -> list[int]:
-    calls = []
-    real = matmul._ONEDNN_LINEAR
-    monkeypatch.setattr(matmul, "_ONEDNN_LINEAR", lambda x, *rest: calls.append(x.shape[0]) or real(x, *rest))
-    linear(torch.randn(num_rows, 32), torch.randn(16, 32))
-    monkeypatch.setattr(matmul, "_ONEDNN_LINEAR", real)
-    return calls
-
-
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
-def test_any_number_of_rows_runs_in_few_shapes(monkeypatch):
+def test_any_number_of_rows_runs_in_few_shapes(onednn_rows):
     allowed = set(range(1, ROW_STEP)) | set(range(ROW_STEP, ROW_TILE, ROW_STEP)) | {ROW_TILE << i for i in range(8)}
     seen = set()
+    weight = torch.randn(16, 32)
     for num_rows in range(1, 3000, 7):
-        shapes = shapes_met(num_rows, monkeypatch)
+        onednn_rows.clear()
+        linear(torch.randn(num_rows, 32), weight)
+        shapes = list(onednn_rows)
         assert set(shapes) <= allowed, num_rows
         assert sum(shapes) - num_rows in range(ROW_STEP), num_rows  # at most ROW_STEP - 1 padded rows
         assert len(shapes) <= (num_rows // ROW_TILE).bit_length() + 1
