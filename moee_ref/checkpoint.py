@@ -117,18 +117,18 @@ class ShardReader:
         self.element_sizes: dict[str, int] = {}  # bytes per element as stored
         self.spans: dict[str, tuple[str, int, int]] = {}  # stored dtype, first byte and end in the file
         for file in files:
-            with _open(file) as handle:
-                for name in handle.keys():
-                    if name in self.location:
-                        raise CheckpointError(
-                            f"tensor {name} is stored twice, in {self.location[name].name} and {file.name}; "
-                            "the shards do not belong together, re-download the checkpoint"
-                        )
-                    tensor_slice = handle.get_slice(name)
-                    self.location[name] = file
-                    self.shapes[name] = tuple(tensor_slice.get_shape())
-                    self.element_sizes[name] = STORED_SIZES.get(tensor_slice.get_dtype(), 4)
-            self.spans.update(_data_spans(file))  # safe_open has validated the header; this adds where the bytes are
+            with _open(file):  # safetensors checks the header against the file (offsets, sizes) or raises
+                pass
+            for name, (code, shape, start, end) in _read_header(file).items():
+                if name in self.location:
+                    raise CheckpointError(
+                        f"tensor {name} is stored twice, in {self.location[name].name} and {file.name}; "
+                        "the shards do not belong together, re-download the checkpoint"
+                    )
+                self.location[name] = file
+                self.shapes[name] = shape
+                self.element_sizes[name] = STORED_SIZES.get(code, 4)
+                self.spans[name] = (code, start, end)
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
@@ -155,8 +155,8 @@ class ShardReader:
         return _OpenShards(self)
 
 
-def _data_spans(file: Path) -> dict[str, tuple[str, int, int]]:
-    """name -> (dtype code, start, end) in bytes from the file's start, from the safetensors header.
+def _read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (dtype code, shape, start, end), bytes counted from the file's start, from the safetensors header.
 
     The format: 8 bytes little-endian header length, the JSON header, then the
     data, each tensor's "data_offsets" counting from the data's start.
@@ -165,8 +165,11 @@ def _data_spans(file: Path) -> dict[str, tuple[str, int, int]]:
         (header_len,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(header_len))
     base = 8 + header_len
-    return {name: (entry["dtype"], base + entry["data_offsets"][0], base + entry["data_offsets"][1])
-            for name, entry in header.items() if name != "__metadata__"}
+    return {
+        name: (entry["dtype"], tuple(entry["shape"]), base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
 
 
 class _OpenShards:
