@@ -7,10 +7,13 @@ tokenizer's ids and one direct call of the decoder, with no MoEEmbedder code.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
 
+from moee_ref import checkpoint
 from moee_ref.embed import MoEEmbedder
 from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
 
@@ -34,6 +37,20 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch) -> Counter:
+    """How many times each checkpoint tensor is read from the shards (through checkpoint._OpenShards.read)."""
+    reads: Counter = Counter()
+    real_read = checkpoint._OpenShards.read
+
+    def read(self, name):
+        reads[name] += 1
+        return real_read(self, name)
+
+    monkeypatch.setattr(checkpoint._OpenShards, "read", read)
+    return reads
 
 
 def build_embedder(tmp_path_factory, family: str, seed: int = 0, **embedder_kwargs) -> MoEEmbedder:

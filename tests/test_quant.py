@@ -11,15 +11,14 @@ weights, asserted with a margin (figures in test_int8_embeddings_close_to_float)
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from embed_fixtures import TEXTS, max_rel_error, single_thread  # noqa: F401  (fixture used by name)
-from moee_ref import checkpoint, layers
+from embed_fixtures import TEXTS, max_rel_error, single_thread, tensor_reads  # noqa: F401  (fixtures used by name)
+from moee_ref import layers
 from moee_ref.checkpoint import load_model
 from moee_ref.embed import MoEEmbedder
 from moee_ref.errors import InputError
@@ -253,15 +252,8 @@ def test_from_pretrained_int8_has_no_head(checkpoints, int8_models):
 # lm_head=False
 
 
-def test_load_without_lm_head(checkpoints, float_models, monkeypatch):
-    reads = Counter()
-    real_read = checkpoint._OpenShards.read
-
-    def read(self, name):
-        reads[name] += 1
-        return real_read(self, name)
-
-    monkeypatch.setattr(checkpoint._OpenShards, "read", read)
+def test_load_without_lm_head(checkpoints, float_models, tensor_reads):
+    reads = tensor_reads
     directory = checkpoints["deepseek"]
     headless = load_model(directory, lm_head=False)
     assert reads["lm_head.weight"] == 0 and reads["model.embed_tokens.weight"] == 1  # the head is never read

@@ -25,8 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from embed_fixtures import max_rel_error, single_thread  # noqa: F401  (fixture used by name)
-from moee_ref import checkpoint
+from embed_fixtures import max_rel_error, single_thread, tensor_reads  # noqa: F401  (fixtures used by name)
 from moee_ref.embed import FeatureOptions, MoEEmbedder
 from moee_ref.errors import InputError, MoEERefError
 from moee_ref.model import Block
@@ -190,20 +189,13 @@ def test_bf16_checkpoint_streamed_equals_resident(checkpoints, tmp_path):
 # Each weight is read once per corpus
 
 
-def test_each_weight_read_once_per_corpus(checkpoints, tmp_path, monkeypatch):
+def test_each_weight_read_once_per_corpus(checkpoints, tmp_path, tensor_reads):
     directory = checkpoints["deepseek"]
     stored = stored_tensor_bytes(directory)
     assert stored["lm_head.weight"] > 0  # untied head: skipping it is visible
     expected = sum(size for name, size in stored.items() if name != "lm_head.weight")
 
-    reads = Counter()
-    real_read = checkpoint._OpenShards.read
-
-    def read(self, name):
-        reads[name] += 1
-        return real_read(self, name)
-
-    monkeypatch.setattr(checkpoint._OpenShards, "read", read)
+    reads = tensor_reads
     embedder = streamed(directory, smallest_budget(directory, batch_size=len(CORPUS)), tmp_path)  # fits every run below
     for batch_size, num_batches in ((len(CORPUS), 1), (BATCH_SIZE, 7), (1, len(CORPUS))):
         reads.clear()
