@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import torch
 
+# One torch thread here as in the subprocesses (OMP_NUM_THREADS=1): the same sums in the same order.
+from embed_fixtures import single_thread  # noqa: F401  (an autouse fixture)
 from moee_ref import MoEEmbedder, Tokenizer, cli, load_model, read_config
 from moee_ref.prompts import BUILTIN_PROMPTS
 from moee_ref.stats import pearson, spearman
@@ -190,15 +192,6 @@ def jobs_for(*tests):
         return function
 
     return register
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread here as in the subprocesses (OMP_NUM_THREADS=1): the same sums in the same order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)
