@@ -75,8 +75,12 @@ def _jsonable(value):
     return value
 
 
-def _print_json(result: dict, model: str) -> None:
-    print(json.dumps(_jsonable({"model": model, **result}), indent=2))
+def _print_result(ns, result: dict, format_text) -> None:
+    """--json: the result with the model it came from, as JSON; otherwise format_text's table."""
+    if ns.json:
+        print(json.dumps(_jsonable({"model": str(ns.model), **result}), indent=2))
+    else:
+        print(format_text(result))
 
 
 def _num(value, digits: int = 4) -> str:
@@ -140,10 +144,7 @@ def cmd_prompts(ns) -> int:
     )
     if ns.png:
         plot_prompt_robustness(result, ns.png, f"HS and RW under {len(result['prompts'])} prompts, {result['pairs']} pairs")
-    if ns.json:
-        _print_json(result, str(ns.model))
-    else:
-        print(format_prompts(result))
+    _print_result(ns, result, format_prompts)
     if ns.png:
         print(f"wrote {ns.png}", file=sys.stderr)
     return 0
@@ -194,10 +195,7 @@ def cmd_complementarity(ns) -> int:
         embedder, texts, ns.clusters, ns.seed, ns.sample_pairs,
         options=_options(ns, ns.prompt), batch_size=ns.batch_size, show_progress_bar=_progress(ns),
     )
-    if ns.json:
-        _print_json(result, str(ns.model))
-    else:
-        print(format_complementarity(result))
+    _print_result(ns, result, format_complementarity)
     return 0
 
 
@@ -233,10 +231,7 @@ def cmd_errors(ns) -> int:
         embedder, pairs, ns.threshold, ns.show,
         options=_options(ns, ns.prompt), batch_size=ns.batch_size, show_progress_bar=_progress(ns),
     )
-    if ns.json:
-        _print_json(result, str(ns.model))
-    else:
-        print(format_errors(result))
+    _print_result(ns, result, format_errors)
     return 0
 
 
