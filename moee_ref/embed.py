@@ -28,6 +28,7 @@ import torch
 from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
 from .errors import InputError
 from .matmul import packing_available
+from .model import SharedPrefix
 from .prompts import apply_prompt, list_prompts, resolve_prompt
 from .standardize import Standardizer
 from .stats import cosine_rows
@@ -40,6 +41,10 @@ RW_VALUES = ("probs", "logits")
 TRUNCATION = (None, "left", "right")
 AUTO_PROGRESS_MIN_TEXTS = 256  # below this a progress bar is noise
 MAX_AUTO_ALPHA_PAIRS = 20000
+# Two plain texts: the tokens both their prompts start with are the template's fixed opening. A text can
+# still merge into the opening's last token (a quote after PromptEOL's quote), so each batch is checked.
+PREFIX_PROBES = ("a", "1")
+MIN_SHARED_PREFIX = 2  # a single shared token (a BOS) saves less than the prefix path adds
 
 
 @dataclass
@@ -87,10 +92,14 @@ class EncodeReport:
 
 
 class MoEEmbedder:
-    def __init__(self, model, tokenizer: Tokenizer, *, batch_size: int = 16):
+    def __init__(self, model, tokenizer: Tokenizer, *, batch_size: int = 16, share_prefix: bool = True):
+        """share_prefix: run the tokens that every prompt of a template starts with once, and reuse their keys and
+        values (exact under causal attention; see `SharedPrefix`). Only for last-token pooling on a resident model."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = _positive_int("batch_size", batch_size)
+        self.share_prefix = share_prefix
+        self._prefix: tuple | None = None  # (model, SharedPrefix) last encoded: reused while model and prompt stay
         self.last_report = EncodeReport()
 
     @classmethod
@@ -261,11 +270,28 @@ class MoEEmbedder:
         if self.streamed:
             self._features_streamed(batches, sequences, options, rw_positions, hs, rw, show_progress_bar)
         else:
+            prefix = self._prompt_prefix(template) if self.share_prefix and options.pooling == "last" else None
             for rows in _progress(batches, len(texts), show_progress_bar):
-                batch = self.tokenizer.pad([sequences[i] for i in rows], padding_side="left")
-                batch_hs, batch_rw = self.run_batch(batch.input_ids, batch.attention_mask, options, rw_positions)
+                batch_sequences = [sequences[i] for i in rows]
+                # A text can merge with the prompt's opening into other tokens: such a batch runs whole.
+                shared = prefix if prefix and all(starts_with(seq, prefix.ids) for seq in batch_sequences) else None
+                if shared:
+                    batch_sequences = [seq[shared.length :] for seq in batch_sequences]
+                batch = self.tokenizer.pad(batch_sequences, padding_side="left")
+                batch_hs, batch_rw = self.run_batch(batch.input_ids, batch.attention_mask, options, rw_positions, prefix=shared)
                 hs[rows], rw[rows] = batch_hs, batch_rw
         return Features(hs, rw, num_truncated=len(too_long))
+
+    def _prompt_prefix(self, template: str) -> SharedPrefix | None:
+        """The tokens every prompt of `template` starts with, whatever the text, encoded once (None: too few)."""
+        probes = [self.tokenizer.tokenize([apply_prompt(template, probe)], allow_empty=True)[0][0] for probe in PREFIX_PROBES]
+        ids = common_prefix(probes)
+        if len(ids) < MIN_SHARED_PREFIX:
+            return None
+        if self._prefix is None or self._prefix[0] is not self.model or self._prefix[1].ids != ids:
+            with torch.inference_mode():
+                self._prefix = (self.model, self.model.encode_prefix(list(ids)))
+        return self._prefix[1]
 
     def _features_streamed(self, batches, sequences, options, rw_positions, hs, rw, show_progress_bar):
         """All batches through the streamed model at once: each layer is read once for the whole corpus."""
@@ -308,15 +334,15 @@ class MoEEmbedder:
                 high = mid - 1
         return prompt_ids(low)
 
-    def run_batch(self, input_ids, attention_mask, options: FeatureOptions, rw_positions: list[int], position_ids=None):
-        """(HS [B, D], RW [B, L_used * E]) as float32 numpy for one padded batch."""
+    def run_batch(self, input_ids, attention_mask, options: FeatureOptions, rw_positions: list[int], position_ids=None, prefix=None):
+        """(HS [B, D], RW [B, L_used * E]) as float32 numpy for one padded batch (continuing `prefix` if given)."""
         if self.streamed:
             raise InputError("run_batch needs a resident model; the layer-streamed mode works on whole corpora (features())")
         keep = read_positions(attention_mask, options)
         with torch.inference_mode():
             out = self.model(
                 input_ids, attention_mask, position_ids=position_ids, keep_positions=keep,
-                return_layer_states=options.hs_layer == "mean",
+                return_layer_states=options.hs_layer == "mean", prefix=prefix,
             )
         return pool(out, attention_mask, options, rw_positions)
 
@@ -477,6 +503,18 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def read_positions(attention_mask: torch.Tensor, options: FeatureOptions) -> torch.Tensor | None:
     """The positions pooling reads, for keep_positions: the last real token, or all (None) for mean pooling."""
     return last_real_position(attention_mask)[:, None] if options.pooling == "last" else None
+
+
+def common_prefix(sequences: list[list[int]]) -> tuple[int, ...]:
+    length = 0
+    while all(len(seq) > length and seq[length] == sequences[0][length] for seq in sequences):
+        length += 1
+    return tuple(sequences[0][:length])
+
+
+def starts_with(sequence: list[int], prefix: tuple[int, ...]) -> bool:
+    """sequence begins with prefix and has at least one token after it (the one pooling reads)."""
+    return len(sequence) > len(prefix) and tuple(sequence[: len(prefix)]) == prefix
 
 
 def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:

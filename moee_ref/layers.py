@@ -80,34 +80,50 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(kv_out, args.rms_norm_eps) if args.qk_norm else None
         self.clip_qkv = args.clip_qkv
 
-    def forward(self, x, cos, sin, mask, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, keep: torch.Tensor | None = None, past: tuple | None = None) -> torch.Tensor:
         """Causal self-attention over x [B, T, D].
 
         keep [B, P]: compute queries (and the output) only at these positions;
         keys and values still cover every position. The embedding reads one
         position of the last layer, so there it skips most of the work.
+        past: keys and values [1, kv_heads, S, head_dim] of a prefix of S
+        tokens that every row continues (computed once, see `keys_values`);
+        they come before x's own keys, and mask [B, 1, ., S + T] covers them.
         mask: boolean [B, 1, P or T, T], or None for plain causal attention.
         """
         batch, length, _ = x.shape
         x_q = x if keep is None else gather_positions(x, keep)
-        q, k, v = self.q_proj(x_q), self.k_proj(x), self.v_proj(x)
+        q = self.q_proj(x_q)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
         if self.clip_qkv is not None:  # OLMoE clamps after the q/k norms
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+            q = q.clamp(-self.clip_qkv, self.clip_qkv)
         queries = q.shape[1]
         q = q.view(batch, queries, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if keep is None:
             q = apply_rotary(q, cos, sin)
         else:
             q = apply_rotary(q, gather_positions(cos, keep), gather_positions(sin, keep))
-        k = apply_rotary(k, cos, sin)
+        k, v = self.keys_values(x, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0].expand(batch, -1, -1, -1), k), dim=2)
+            v = torch.cat((past[1].expand(batch, -1, -1, -1), v), dim=2)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, queries, -1))
+
+    def keys_values(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (normed, clipped, rotated) and values [B, kv_heads, T, head_dim] of x [B, T, D]."""
+        batch, length, _ = x.shape
+        k, v = self.k_proj(x), self.v_proj(x)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.clip_qkv is not None:
+            k, v = k.clamp(-self.clip_qkv, self.clip_qkv), v.clamp(-self.clip_qkv, self.clip_qkv)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(k, cos, sin), v
 
 
 class SwiGLU(nn.Module):

@@ -39,6 +39,25 @@ class Routing:
 
 
 @dataclass
+class SharedPrefix:
+    """Keys and values, per layer, of tokens that every sequence of a batch starts with.
+
+    Under causal attention nothing a token computes depends on what follows
+    it, so a prompt's common opening (PromptEOL's 'This sentence : "') can be
+    run once and its keys and values put before each sequence's own: the
+    continuation gets the result it gets with the prefix in place.
+    """
+
+    ids: tuple[int, ...]
+    keys: list[torch.Tensor]  # per layer [1, kv_heads, S, head_dim], rotated as at positions 0..S-1
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
 class DecoderOutput:
     hidden_states: torch.Tensor  # [B, T, D] after the final norm
     routing: Routing
@@ -78,7 +97,7 @@ class Block(nn.Module):
         self.is_moe = layer in args.moe_layers
         self.mlp = MoE(args) if self.is_moe else SwiGLU(args.hidden_size, args.dense_size)
 
-    def forward(self, x, cos, sin, mask, keep=None, real=None) -> tuple[torch.Tensor, LayerRouting | None]:
+    def forward(self, x, cos, sin, mask, keep=None, real=None, past=None) -> tuple[torch.Tensor, LayerRouting | None]:
         """keep [B, P]: return only these positions (queries and MLP run on them alone).
 
         real [B * T] bool: the MLP (and the router) run on these token rows only.
@@ -86,7 +105,7 @@ class Block(nn.Module):
         and on batches of unequal lengths they are a third of the work.
         """
         residual = x if keep is None else gather_positions(x, keep)
-        x = residual + self.attn(self.attn_norm(x), cos, sin, mask, keep)
+        x = residual + self.attn(self.attn_norm(x), cos, sin, mask, keep, past)
         batch, length, dim = x.shape
         flat = self.mlp_norm(x).reshape(-1, dim)
         rows = None if real is None else real.nonzero().squeeze(1)
@@ -126,6 +145,7 @@ class MoEDecoder(nn.Module):
         keep_positions: torch.Tensor | None = None,
         return_logits: bool = False,
         return_layer_states: bool = False,
+        prefix: SharedPrefix | None = None,
     ) -> DecoderOutput:
         """Run the decoder on a batch.
 
@@ -134,15 +154,20 @@ class MoEDecoder(nn.Module):
         gets exactly the result it gets alone; pass position_ids to override.
         keep_positions [B, P]: return hidden states, routing and layer states at
         these positions only; the last block then computes just them.
+        prefix: a SharedPrefix (from `encode_prefix`) that every row continues:
+        input_ids then hold only what follows it, and positions start after it.
+        Outputs cover input_ids' positions only.
         """
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         batch, length = input_ids.shape
+        shift = 0 if prefix is None else prefix.length
         if position_ids is None:
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            position_ids = shift + (attention_mask.cumsum(-1) - 1).clamp(min=0)
         if keep_positions is not None:
             keep_positions = self._check_keep(keep_positions, batch, length)
-        full_mask = attention_mask_4d(attention_mask)
-        real_rows = None if full_mask is None else attention_mask.reshape(-1).bool()
+        full_mask = attention_mask_4d(attention_mask, prefix_length=shift)
+        real_rows = None if bool(attention_mask.all()) else attention_mask.reshape(-1).bool()
+        past = [None] * len(self.layers) if prefix is None else list(zip(prefix.keys, prefix.values))
 
         x = self.embed(input_ids).to(self.dtype)
         cos, sin = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, x.dtype)
@@ -151,9 +176,10 @@ class MoEDecoder(nn.Module):
         for i, block in enumerate(self.layers):
             if i == last and keep_positions is not None:
                 # Only the kept positions of the last block are ever read: run its queries and MLP on them alone.
-                x, routing = block(x, cos, sin, attention_mask_4d(attention_mask, keep_positions), keep_positions)
+                mask = attention_mask_4d(attention_mask, keep_positions, prefix_length=shift)
+                x, routing = block(x, cos, sin, mask, keep_positions, past=past[i])
             else:
-                x, routing = block(x, cos, sin, full_mask, real=real_rows)
+                x, routing = block(x, cos, sin, full_mask, real=real_rows, past=past[i])
                 if keep_positions is not None and routing is not None:
                     routing = _gather_routing(routing, keep_positions, length)
             if routing is not None:
@@ -170,6 +196,19 @@ class MoEDecoder(nn.Module):
         out_length = length if keep_positions is None else keep_positions.shape[1]
         routing = Routing.stack(per_layer_routing, self.args.moe_layers, batch, out_length)
         return DecoderOutput(hidden, routing, logits, tuple(layer_states) if return_layer_states else None)
+
+    def encode_prefix(self, ids: list[int]) -> SharedPrefix:
+        """Keys and values of every layer for the token ids `ids`, at positions 0..len(ids)-1."""
+        input_ids, _ = self._check_inputs(torch.tensor([list(ids)]), None)
+        x = self.embed(input_ids).to(self.dtype)
+        cos, sin = rotary_cos_sin(torch.arange(len(ids))[None], self.args.head_dim, self.args.rope_theta, x.dtype)
+        keys, values = [], []
+        for block in self.layers:
+            k, v = block.attn.keys_values(block.attn_norm(x), cos, sin)
+            keys.append(k)
+            values.append(v)
+            x, _ = block(x, cos, sin, None)
+        return SharedPrefix(tuple(int(i) for i in ids), keys, values)
 
     def _check_keep(self, keep, batch, length):
         if not isinstance(keep, torch.Tensor) or keep.dim() != 2 or keep.shape[0] != batch or keep.shape[1] == 0:
@@ -212,17 +251,26 @@ class MoEDecoder(nn.Module):
         return input_ids.long(), attention_mask.long()
 
 
-def attention_mask_4d(attention_mask: torch.Tensor, query_positions: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Boolean [B, 1, Q, T] mask: causal, and no real query ever sees a padding key.
+def attention_mask_4d(
+    attention_mask: torch.Tensor, query_positions: torch.Tensor | None = None, prefix_length: int = 0
+) -> torch.Tensor | None:
+    """Boolean [B, 1, Q, S + T] mask: causal, and no real query ever sees a padding key.
 
     Every position may also see itself, so that no row is fully masked: a
     padding query then attends to itself (its result is never read) and
     softmax never divides by zero, so no NaN can appear in any dtype.
+    prefix_length S: keys of a shared prefix come first, seen by every query.
     Returns None where there is no padding and every position is a query,
     for the plain causal kernel.
     """
-    if query_positions is None and bool(attention_mask.all()):
+    if query_positions is None and not prefix_length and bool(attention_mask.all()):
         return None
+    if prefix_length:  # the prefix is S real tokens before each row; queries are the row's own positions
+        batch = attention_mask.shape[0]
+        own = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand(batch, -1)
+        queries = prefix_length + (own if query_positions is None else query_positions)
+        prefix_mask = attention_mask.new_ones(batch, prefix_length)
+        return attention_mask_4d(torch.cat((prefix_mask, attention_mask), dim=1), queries)
     batch, length = attention_mask.shape
     keys = torch.arange(length, device=attention_mask.device)
     queries = keys.expand(batch, -1) if query_positions is None else query_positions

@@ -1,0 +1,200 @@
+"""A shared prompt opening run once: SharedPrefix in the decoder and in MoEEmbedder.features.
+
+Under causal attention a continuation computed after a prefix's keys and
+values must get what it gets with the prefix in place. Tolerances are those
+of batch invariance (float32 rounding of differently shaped matmuls).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from embed_fixtures import TEXTS, build_embedder, max_rel_error, single_thread  # noqa: F401
+from moee_ref.embed import FeatureOptions, MoEEmbedder
+from moee_ref.model import SharedPrefix
+from moee_ref.prompts import apply_prompt, resolve_prompt
+from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from test_embed import OLMOE_TOKENIZER
+
+HS_TOL = 1e-5  # relative to the largest |HS|
+PROBS_TOL = 1e-5  # absolute, router probabilities (as batch invariance in test_embed.py)
+PROMPTEOL = FeatureOptions(prompt="prompteol")
+FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def embedder(request, tmp_path_factory):
+    return build_embedder(tmp_path_factory, request.param, seed=21)
+
+
+def prompt_ids(embedder: MoEEmbedder, text: str) -> list[int]:
+    return embedder.tokenizer.tokenize([apply_prompt(resolve_prompt("prompteol"), text)])[0][0]
+
+
+def left_padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(map(len, sequences))
+    ids = torch.tensor([[0] * (length - len(s)) + s for s in sequences])
+    mask = torch.tensor([[0] * (length - len(s)) + [1] * len(s) for s in sequences])
+    return ids, mask
+
+
+def run(embedder, ids, mask, **kwargs):
+    with torch.inference_mode():
+        return embedder.model(ids, mask, **kwargs)
+
+
+def record_prefixes(embedder: MoEEmbedder, monkeypatch) -> list:
+    """The prefix argument of every run_batch call the embedder makes."""
+    seen, real = [], embedder.run_batch
+
+    def run_batch(*args, prefix=None, **kwargs):
+        seen.append(prefix)
+        return real(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(embedder, "run_batch", run_batch)
+    return seen
+
+
+# --- the decoder ---------------------------------------------------------------------------------
+
+
+def test_the_prompt_opening_is_found_and_encoded(embedder):
+    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    ids = [prompt_ids(embedder, text) for text in TEXTS]
+    assert isinstance(prefix, SharedPrefix) and prefix.length >= 2
+    assert all(tuple(seq[: prefix.length]) == prefix.ids for seq in ids)
+    # the opening ends where the texts begin: the next tokens differ between texts
+    assert len({seq[prefix.length] for seq in ids}) > 1
+    args = embedder.args
+    assert len(prefix.keys) == len(prefix.values) == args.num_layers
+    assert prefix.keys[0].shape == (1, args.num_kv_heads, prefix.length, args.head_dim) == prefix.values[-1].shape
+
+
+def test_continuation_after_prefix_equals_whole_sequence(embedder):
+    sequences = [prompt_ids(embedder, text) for text in TEXTS[:4]]
+    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    whole = run(embedder, *left_padded(sequences), return_layer_states=True)
+    ids, mask = left_padded([seq[prefix.length :] for seq in sequences])
+    cont = run(embedder, ids, mask, prefix=prefix, return_layer_states=True)
+    for row, seq in enumerate(sequences):
+        own = len(seq) - prefix.length  # the continuation's real positions: the last `own` of both batches
+        hs_whole, hs_cont = whole.hidden_states[row, -own:], cont.hidden_states[row, -own:]
+        assert max_rel_error(hs_cont, hs_whole) <= HS_TOL
+        probs_whole, probs_cont = whole.router_probs[row, :, -own:], cont.router_probs[row, :, -own:]
+        assert float((probs_cont - probs_whole).abs().max()) <= PROBS_TOL
+        assert torch.equal(cont.topk_ids[row, :, -own:], whole.topk_ids[row, :, -own:])
+        for state_whole, state_cont in zip(whole.layer_hidden_states, cont.layer_hidden_states):
+            assert max_rel_error(state_cont[row, -own:], state_whole[row, -own:]) <= HS_TOL
+
+
+def test_continuation_at_kept_positions_only(embedder):
+    sequences = [prompt_ids(embedder, text) for text in TEXTS[4:8]]
+    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    ids, mask = left_padded(sequences)
+    whole = run(embedder, ids, mask, keep_positions=torch.full((len(sequences), 1), ids.shape[1] - 1))
+    ids, mask = left_padded([seq[prefix.length :] for seq in sequences])
+    cont = run(embedder, ids, mask, prefix=prefix, keep_positions=torch.full((len(sequences), 1), ids.shape[1] - 1))
+    assert cont.hidden_states.shape == whole.hidden_states.shape
+    assert max_rel_error(cont.hidden_states, whole.hidden_states) <= HS_TOL
+    assert float((cont.router_probs - whole.router_probs).abs().max()) <= PROBS_TOL
+
+
+def test_a_wrong_prefix_changes_the_result(embedder):
+    """The prefix's keys and values are really attended to: another prefix gives other states."""
+    sequence = prompt_ids(embedder, TEXTS[0])
+    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    with torch.inference_mode():
+        other = embedder.model.encode_prefix(list(reversed(prefix.ids)))
+    ids, mask = left_padded([sequence[prefix.length :]])
+    right, wrong = run(embedder, ids, mask, prefix=prefix), run(embedder, ids, mask, prefix=other)
+    assert max_rel_error(wrong.hidden_states[0, -1], right.hidden_states[0, -1]) > 1e-3
+
+
+# --- the embedder ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("hs_layer", ["last", "mean"])
+def test_features_with_shared_prefix_equal_features_without(embedder, monkeypatch, batch_size, hs_layer):
+    options = FeatureOptions(prompt="prompteol", hs_layer=hs_layer)
+    embedder.share_prefix = False
+    plain = embedder.features(TEXTS, options, batch_size=batch_size)
+    embedder.share_prefix = True
+    seen = record_prefixes(embedder, monkeypatch)
+    shared = embedder.features(TEXTS, options, batch_size=batch_size)
+    assert len(seen) == -(-len(TEXTS) // batch_size) and all(isinstance(p, SharedPrefix) for p in seen)
+    assert max_rel_error(shared.hs, plain.hs) <= HS_TOL
+    assert float(np.abs(shared.rw - plain.rw).max()) <= PROBS_TOL
+
+
+def test_no_prefix_for_mean_pooling_without_prompt_or_when_off(embedder, monkeypatch):
+    seen = record_prefixes(embedder, monkeypatch)
+    embedder.features(TEXTS[:3], FeatureOptions(prompt="prompteol", pooling="mean"))
+    embedder.features(TEXTS[:3], FeatureOptions(prompt=None))  # no fixed opening (at most a BOS)
+    embedder.share_prefix = False
+    try:
+        embedder.features(TEXTS[:3], PROMPTEOL)
+    finally:
+        embedder.share_prefix = True
+    assert seen == [None, None, None]
+    embedder.features(TEXTS[:3], PROMPTEOL)
+    assert isinstance(seen[-1], SharedPrefix)
+
+
+def test_prefix_encoded_once_per_prompt(embedder, monkeypatch):
+    calls, real = [], embedder.model.encode_prefix
+
+    def encode_prefix(ids):
+        calls.append(tuple(ids))
+        return real(ids)
+
+    embedder._prefix = None
+    monkeypatch.setattr(embedder.model, "encode_prefix", encode_prefix)
+    embedder.features(TEXTS[:2], PROMPTEOL)
+    embedder.features(TEXTS[2:5], PROMPTEOL, batch_size=1)
+    assert len(calls) == 1
+    embedder.features(TEXTS[:2], FeatureOptions(prompt="Summary of {text} in one word:"))
+    assert len(calls) == 2 and calls[1] != calls[0]
+
+
+def test_share_prefix_constructor_option(embedder):
+    other = MoEEmbedder(embedder.model, embedder.tokenizer, share_prefix=False)
+    assert other.share_prefix is False and MoEEmbedder(embedder.model, embedder.tokenizer).share_prefix is True
+
+
+# --- a text that merges into the opening (real OLMoE tokenizer) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_vocab_olmoe(tmp_path_factory):
+    if not OLMOE_TOKENIZER.is_file():
+        pytest.skip(f"the real OLMoE tokenizer is not at {OLMOE_TOKENIZER}")
+    directory = tmp_path_factory.mktemp("olmoe-real-vocab-prefix") / "model"
+    write_random_checkpoint(directory, {**SMALL_CONFIGS["olmoe"], "vocab_size": 50304}, seed=6, tokenizer=False)
+    shutil.copyfile(OLMOE_TOKENIZER, directory / "tokenizer.json")
+    config = {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>", "add_bos_token": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return MoEEmbedder.from_pretrained(directory)
+
+
+def test_text_merging_into_the_opening_runs_its_batch_whole(real_vocab_olmoe, monkeypatch):
+    embedder = real_vocab_olmoe
+    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    assert [embedder.tokenizer.decode([i]) for i in prefix.ids] == ["This", " sentence", " :", ' "']
+    merging = '"Quoted" words.'  # ' "' + '"' tokenize as one token ' ""'
+    assert tuple(prompt_ids(embedder, merging)[: prefix.length]) != prefix.ids
+    texts = [merging, "Plain words.", "More plain words here."]
+    embedder.share_prefix = False
+    plain = embedder.features(texts, PROMPTEOL, batch_size=2)
+    embedder.share_prefix = True
+    seen = record_prefixes(embedder, monkeypatch)
+    shared = embedder.features(texts, PROMPTEOL, batch_size=2)
+    # longest first: [more plain, merging] runs whole, [plain] shares the opening
+    assert seen[0] is None and isinstance(seen[1], SharedPrefix)
+    assert max_rel_error(shared.hs, plain.hs) <= HS_TOL
+    assert float(np.abs(shared.rw - plain.rw).max()) <= PROBS_TOL
