@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -249,20 +250,56 @@ def batch1_bytes(model, tokenizer: Tokenizer, text: str) -> int:
     return 4 * sum(layer_matrix_params(margs, layer, touched.get(layer, 0)) for layer in range(margs.num_layers))
 
 
+def record_b1_matmuls(embedder: MoEEmbedder, text: str) -> list[tuple]:
+    """The oneDNN matmuls one text at batch 1 makes, in order, as (input [rows, in], weight, bias): the same
+    weights (packed as the model holds them) and shapes, random inputs. Empty where oneDNN does not serve."""
+    from moee_ref import matmul
+
+    calls, real = [], matmul._onednn_linear
+
+    def record(x, weight, bias):
+        calls.append((torch.randn(x.reshape(-1, x.shape[-1]).shape), weight, bias))
+        return real(x, weight, bias)
+
+    matmul._onednn_linear = record
+    try:
+        ours_features(embedder, [text])
+    finally:
+        matmul._onednn_linear = real
+    return calls
+
+
+def replay_matmuls(calls: list[tuple]) -> None:
+    from moee_ref.matmul import _onednn_linear
+
+    for x, weight, bias in calls:
+        _onednn_linear(x, weight, bias)
+
+
+def shared_prefix_tokens(embedder: MoEEmbedder) -> int:
+    """Tokens of the prompt's fixed opening, which moee-ref runs once and reuses (at last-token pooling)."""
+    prefix = embedder._prompt_prefix(resolve_prompt(OPTIONS.prompt)) if embedder.share_prefix else None
+    return 0 if prefix is None else prefix.length
+
+
 def skipped_flops_per_token(margs) -> int:
     """FLOPs per token moee-ref leaves out: the last layer's queries, output and MLP run at the last position only."""
     last = margs.num_layers - 1
     return 2 * (layer_matrix_params(margs, last, margs.top_k) - kv_params(margs))
 
 
-def last_layer_skip_share(margs, real_tokens: int, num_texts: int) -> float:
+def flops_done(margs, real_tokens: int, num_texts: int, prefix: int) -> int:
+    """FLOPs moee-ref does for texts of real_tokens tokens in all (weight matrices only): each text's tokens after
+    the shared opening of `prefix` tokens (run once), and in the last layer only the keys and values of all but
+    the last token."""
+    computed = real_tokens - prefix * num_texts
+    return useful_flops_per_token(margs) * computed - skipped_flops_per_token(margs) * (computed - num_texts)
+
+
+def skip_share(margs, real_tokens: int, num_texts: int, prefix: int) -> float:
     """Share of the useful FLOPs of a batch that moee-ref skips."""
-    return skipped_flops_per_token(margs) * (real_tokens - num_texts) / (useful_flops_per_token(margs) * real_tokens)
+    return 1 - flops_done(margs, real_tokens, num_texts, prefix) / (useful_flops_per_token(margs) * real_tokens)
 
-
-def batch1_flops(margs, tokens: int) -> int:
-    """FLOPs moee-ref needs for one text of `tokens` tokens (weight matrices only)."""
-    return useful_flops_per_token(margs) * tokens - skipped_flops_per_token(margs) * (tokens - 1)
 
 
 # ---------------------------------------------------------------- measurements
@@ -274,21 +311,31 @@ def time_call(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_interleaved(sides: dict, all_positions, texts: list[str], b1_texts: list[str], reps: int) -> dict:
+def run_interleaved(sides: dict, all_positions, texts: list[str], b1_texts: list[str], b1_calls: list[list[tuple]], reps: int) -> dict:
     """Per rep: every side at batch 32 (and moee-ref with every position computed), every side at batch 1
-    (per-text mean), then the machine's rates."""
+    (per-text mean), moee-ref's batch-1 matmuls alone, then the machine's matmul rate. The read bandwidth of
+    this shared host swings within seconds, so it is measured right before and right after each batch-1 timing,
+    and that timing's floor uses the mean of the two."""
     for side in (*sides.values(), all_positions):  # warm-up
         side(texts), side(b1_texts[:1])
+    replay_matmuls(b1_calls[0])
     big = torch.ones(1 << 28)  # 1 GiB of fp32, far beyond the L3 cache
-    times = {"b32": {n: [] for n in sides}, "b32_all_positions": [], "b1": {n: [] for n in sides}, "matmul": [], "bandwidth": []}
+    b1_timings = {**{name: lambda t, side=side: side([t]) for name, side in sides.items()}, "matmuls": None}
+    times = {"b32": {n: [] for n in sides}, "b32_all_positions": [], "b1": {n: [] for n in b1_timings},
+             "b1_bandwidth": {n: [] for n in b1_timings}, "matmul": []}
     for rep in range(reps):
         for name, side in sides.items():
             times["b32"][name].append(time_call(lambda: side(texts)))
         times["b32_all_positions"].append(time_call(lambda: all_positions(texts)))
-        for name, side in sides.items():
-            times["b1"][name].append(statistics.mean(time_call(lambda: side([t])) for t in b1_texts))
+        for name, one_text in b1_timings.items():
+            before = read_bandwidth(big)
+            if one_text is None:
+                seconds = statistics.mean(time_call(lambda: replay_matmuls(calls)) for calls in b1_calls)
+            else:
+                seconds = statistics.mean(time_call(lambda: one_text(t)) for t in b1_texts)
+            times["b1_bandwidth"][name].append((before + read_bandwidth(big)) / 2)
+            times["b1"][name].append(seconds)
         times["matmul"].append(matmul_rate())
-        times["bandwidth"].append(read_bandwidth(big))
         print(f"rep {rep + 1}/{reps}: b32 " + ", ".join(f"{n} {times['b32'][n][-1]:.2f}s" for n in sides), flush=True)
     return times
 
@@ -301,10 +348,11 @@ def warm_page_cache(directory: Path) -> None:
 
 
 def measure_loads(directory: Path, args, runs: int) -> dict:
-    """Load time and peak RSS of each side in its own child process; median over runs, in alternating order."""
-    results = {"ours": [], "hf": []}
+    """Load time and peak RSS of each side (and of the load floor) in its own child process; median over runs,
+    in alternating order."""
+    results = {"ours": [], "hf": [], "floor": []}
     for run in range(runs):
-        for side in ("ours", "hf") if run % 2 == 0 else ("hf", "ours"):
+        for side in ("ours", "hf", "floor") if run % 2 == 0 else ("floor", "hf", "ours"):
             command = [sys.executable, __file__, "--child", side, "--dir", str(directory), "--threads", str(args.threads),
                        "--batch-large", str(args.batch_large)]
             done = subprocess.run(command, capture_output=True, text=True)
@@ -322,9 +370,38 @@ def import_hf_classes(family: str) -> None:
     getattr(transformers, HF_CLASSES[family] or "Qwen2MoeForCausalLM")
 
 
+def load_floor(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """What any load that casts to fp32 once has to do, and nothing else: read every tensor moee-ref loads
+    with its pread reader (reading ahead) and widen it into one fresh fp32 arena; the embedding table gets a
+    tensor of its own, kept bf16/fp16 as stored, as moee-ref keeps it. No model, no packing, no checks."""
+    from moee_ref.checkpoint import ReadAhead, ShardReader, expected_shapes, name_map_groups, shard_files
+
+    shapes = {n: s for n, s in expected_shapes(name_map_groups(read_config(directory))).items() if n != "lm_head.weight"}
+    embed = "model.embed_tokens.weight"
+    arena = torch.empty(sum(math.prod(s) for n, s in shapes.items() if n != embed), dtype=torch.float32)
+    offset = 0
+    with ShardReader(shard_files(directory)).reading() as shards, ReadAhead(shards.read, list(shapes)) as ahead:
+        for name in shapes:
+            tensor = ahead.read(name)
+            if name == embed:
+                table = tensor if tensor.dtype in (torch.bfloat16, torch.float16) else tensor.float()
+                continue
+            arena[offset : offset + tensor.numel()].view(tensor.shape).copy_(tensor)
+            offset += tensor.numel()
+    return arena, table
+
+
 def child_main(args) -> None:
-    """Load one side (timed, imports excluded), embed the batch-32 set once, print time and peak RSS as JSON."""
+    """Load one side (timed, imports excluded), embed the batch-32 set once, print time and peak RSS as JSON.
+    The floor child only loads."""
     directory = Path(args.dir)
+    if args.child == "floor":
+        start = time.perf_counter()
+        load_floor(directory)
+        load_s = time.perf_counter() - start
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"load_s": load_s, "embed_s": 0.0, "load_peak_rss_kib": rss, "peak_rss_kib": rss}))
+        return
     if args.child == "hf":
         import_hf_classes(read_config(directory).family)
     start = time.perf_counter()
@@ -355,15 +432,16 @@ def machine_facts(threads: int) -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def summarize(margs, tokens: int, padded: int, num_texts: int, b1_bytes, b1_tokens, times, loads, impls) -> dict:
+def summarize(margs, tokens: int, padded: int, num_texts: int, prefix: int, b1_bytes, b1_tokens, times, loads, impls) -> dict:
     med = statistics.median
     # Machine capabilities: noise only lowers them, so the best over reps (each already a best of 3) is the reference.
     rate_by_shape = {k: max(r[k] for r in times["matmul"]) for k in times["matmul"][0]}
     rate = max(rate_by_shape.values()) * 1e9
-    # The read bandwidth of this shared host swings from run to run (2x seen), so the batch-1 floor is taken per
-    # rep, with the bandwidth measured right after that rep's batch-1 timings, and the ratios' median reported.
-    bandwidth = med(times["bandwidth"])
-    floor_ratios = {n: med(t / (statistics.mean(b1_bytes) / bw) for t, bw in zip(v, times["bandwidth"])) for n, v in times["b1"].items()}
+    # The read bandwidth of this shared host swings within seconds (2x seen), so each batch-1 timing has its own
+    # floor, from the bandwidth measured around it, and the median of the ratios is reported.
+    bandwidth = med(times["b1_bandwidth"]["ours"])
+    b1_floor = {n: [statistics.mean(b1_bytes) / bw for bw in times["b1_bandwidth"][n]] for n in times["b1"]}
+    floor_ratios = {n: med(t / f for t, f in zip(times["b1"][n], b1_floor[n])) for n in times["b1"]}
     return {
         "matmul_gflops_by_shape": rate_by_shape,
         "matmul_gflops": max(rate_by_shape.values()),
@@ -373,17 +451,19 @@ def summarize(margs, tokens: int, padded: int, num_texts: int, b1_bytes, b1_toke
         "useful_gflop_b32": useful_flops_per_token(margs) * tokens / 1e9,
         "b32_s": {n: med(v) for n, v in times["b32"].items()},
         "b32_all_positions_s": med(times["b32_all_positions"]),
-        "b1_floor_ratio": floor_ratios,
-        "b1_s": {n: med(v) for n, v in times["b1"].items()},
+        "b1_floor_ratio": {n: floor_ratios[n] for n in times["b32"]},
+        "b1_matmuls_s": med(times["b1"]["matmuls"]),
+        "b1_matmuls_floor_ratio": floor_ratios["matmuls"],
+        "b1_s": {n: med(times["b1"][n]) for n in times["b32"]},
         "b1_floor_s": statistics.mean(b1_bytes) / bandwidth,
         # The issue calls batch 1 memory-bound; the matrices every token goes through (attention, dense, shared)
         # see all of a prompt's tokens, so the compute time can exceed the read time: the roofline takes the larger.
-        "b1_roofline_s": statistics.mean(max(b / bandwidth, batch1_flops(margs, t) / rate) for b, t in zip(b1_bytes, b1_tokens)),
+        "b1_roofline_s": statistics.mean(max(b / bandwidth, flops_done(margs, t, 1, prefix) / rate) for b, t in zip(b1_bytes, b1_tokens)),
         "b1_bytes_mean": statistics.mean(b1_bytes),
         "loads": loads,
         "fp32_weight_bytes": (margs.parameter_counts()[0] - (0 if margs.tie_word_embeddings else embedding_params(margs))) * 4,
         "fp32_weight_bytes_with_lm_head": margs.parameter_counts()[0] * 4,
-        "last_layer_skip_share": last_layer_skip_share(margs, tokens, num_texts),
+        "skip_share": skip_share(margs, tokens, num_texts, prefix),
         "impls": impls,
     }
 
@@ -399,8 +479,8 @@ def table_rows(r: dict, n32: int) -> list[tuple]:
     floor = r["b1_floor_ratio"]
     all_ratio = r["b32_s"][base] / r["b32_all_positions_s"]
     ld = r["loads"]
-    rss_gib = {s: ld[s]["peak_rss_kib"] / 2**20 for s in ld}
-    rss_share = {s: ld[s]["peak_rss_kib"] * 1024 / r["fp32_weight_bytes"] for s in ld}
+    rss_gib = {s: ld[s]["peak_rss_kib"] / 2**20 for s in ("ours", "hf")}
+    rss_share = {s: ld[s]["peak_rss_kib"] * 1024 / r["fp32_weight_bytes"] for s in ("ours", "hf")}
     load_ratio = ld["ours"]["load_s"] / ld["hf"]["load_s"]
     errors = {key: {n: r["parity"][n][key] for n in hf} for key in ("hs_rel", "rw_abs")}
 
@@ -409,7 +489,7 @@ def table_rows(r: dict, n32: int) -> list[tuple]:
         verdict = "" if ok is None else ("yes" if ok else "NO") + ("*" if caveat else "")
         return (metric, *cells, "" if ratio is None else f"{ratio:.2f}x", target, verdict)
 
-    skips = r["last_layer_skip_share"] > SKIP_CAVEAT  # few layers: moee-ref's last-layer shortcut dominates
+    skips = r["skip_share"] > SKIP_CAVEAT  # few layers: moee-ref's last-layer shortcut dominates
 
     def side_by_side(values):  # load and RSS: one transformers load serves both configurations
         return {"ours": values["ours"], base: values["hf"]}
@@ -426,15 +506,20 @@ def table_rows(r: dict, n32: int) -> list[tuple]:
         row(f"b{n32} useful GFLOP/s", gflops, "{:.1f}", gflops["ours"] / gflops[base]),
         row(f"b{n32} share of matmul rate", share, "{:.0%}", None, f">= {TARGETS['b32_matmul_share']:.0%}",
             share["ours"] >= TARGETS["b32_matmul_share"], skips),
-        row("  same, FLOPs moee-ref does (see note)", {"ours": share["ours"] * (1 - r["last_layer_skip_share"])}, "{:.0%}", None, "(info)"),
+        row("  same, FLOPs moee-ref does (see note)", {"ours": share["ours"] * (1 - r["skip_share"])}, "{:.0%}", None, "(info)"),
         row("b1 latency per text (ms)", b1_ms, "{:.1f}", b1_ms["ours"] / b1_ms[base], "(report)"),
         row(f"  vs fastest transformers ({fast1})", {}, "", b1_ms["ours"] / b1_ms[fast1], "(info)"),
         row("b1 floor: bytes read / bandwidth (ms)", {"ours": 1e3 * r["b1_floor_s"]}, "{:.1f}"),
         row("b1 latency / floor (median of per-rep ratios)", floor, "{:.2f}", None, f"<= {TARGETS['b1_floor']:g}", floor["ours"] <= TARGETS["b1_floor"]),
+        *([row("  moee-ref's b1 matmuls alone (ms)", {"ours": 1e3 * r["b1_matmuls_s"]}, "{:.1f}", None, "(info)"),
+           row("  matmuls alone / floor (median of per-rep ratios)", {"ours": r["b1_matmuls_floor_ratio"]}, "{:.2f}", None, "(info)")]
+          if r["b1_matmuls_recorded"] else []),  # none recorded: torch without oneDNN
         row("  roofline: max(floor, FLOPs / matmul rate) (ms)", {"ours": 1e3 * r["b1_roofline_s"]}, "{:.1f}", None, "(info)"),
         row("  latency / roofline", {n: t / r["b1_roofline_s"] for n, t in r["b1_s"].items()}, "{:.2f}", None, "(info)"),
         row("load time (s), own process", side_by_side({s: ld[s]["load_s"] for s in ld}), "{:.1f}", load_ratio,
             f"<= {TARGETS['load']:g}x", load_ratio <= TARGETS["load"]),
+        row("  floor: read + widen to fp32 only, no model (s)", {"ours": ld["floor"]["load_s"]}, "{:.1f}",
+            ld["floor"]["load_s"] / ld["hf"]["load_s"], "(info)"),
         row(f"peak RSS, load + b{n32} (GiB)", side_by_side(rss_gib), "{:.2f}", rss_gib["ours"] / rss_gib["hf"]),
         row("peak RSS / fp32 weights w/o lm_head", side_by_side(rss_share), "{:.2f}", None, f"<= {TARGETS['rss']:g}",
             rss_share["ours"] <= TARGETS["rss"]),
@@ -451,8 +536,9 @@ def print_report(r: dict, margs, args, facts: dict) -> None:
           f"(no embedding, no LM head) = {useful_flops_per_token(margs) / 1e6:.0f} MFLOP per token")
     print("fp32 matmul rate (GFLOP/s, best of reps): " + ", ".join(f"{k} {v:.1f}" for k, v in r["matmul_gflops_by_shape"].items())
           + f"; reference = best = {r['matmul_gflops']:.1f}")
-    print(f"read bandwidth (1 GiB fp32 sum, best of 3, median of reps): {r['bandwidth_gbs']:.1f} GB/s "
-          f"(reps: {', '.join(f'{b / 1e9:.1f}' for b in r['raw_times']['bandwidth'])}); batch-1 bytes per text (mean of {NUM_B1_TEXTS}): "
+    around = r["raw_times"]["b1_bandwidth"]["ours"]
+    print(f"read bandwidth (1 GiB fp32 sum, best of 3, around moee-ref's batch-1 timings, median of reps): {r['bandwidth_gbs']:.1f} GB/s "
+          f"(reps: {', '.join(f'{b / 1e9:.1f}' for b in around)}); batch-1 bytes per text (mean of {NUM_B1_TEXTS}): "
           f"{r['b1_bytes_mean'] / 1e9:.2f} GB")
     print(f"fp32 weights: {r['fp32_weight_bytes'] / 2**30:.2f} GiB without lm_head (moee-ref does not load it), "
           f"{r['fp32_weight_bytes_with_lm_head'] / 2**30:.2f} GiB with it")
@@ -470,10 +556,11 @@ def print_report(r: dict, margs, args, facts: dict) -> None:
     print("ratio = moee-ref / transformers (eager), the issue's baseline; medians over reps; b1 = per text, one at a time, "
           f"over {NUM_B1_TEXTS} texts. Load and RSS: one model per child process (median of up to 3 runs); transformers "
           f"loaded eager ({lm_head}; one load serves both configurations); moee-ref without lm_head.")
-    star = "* " if r["last_layer_skip_share"] > SKIP_CAVEAT else ""
-    print(f"{star}note: moee-ref runs the last layer's queries and MLP at the last position only; at {margs.num_layers} layer(s) "
-          f"that skips {r['last_layer_skip_share']:.0%} of the useful FLOPs transformers computes (less with more layers). "
-          "The row 'every position computed' runs the last layer at every position (mean pooling): the like-for-like figure.")
+    star = "* " if r["skip_share"] > SKIP_CAVEAT else ""
+    print(f"{star}note: moee-ref runs the last layer's queries and MLP at the last position only, and the prompt's opening "
+          f"({r['shared_prefix_tokens']} tokens) once; at {margs.num_layers} layer(s) that skips {r['skip_share']:.0%} of the "
+          "useful FLOPs transformers computes (less with more layers and a real tokenizer's shorter opening). The row "
+          "'every position computed' runs every position of every text (mean pooling): the like-for-like figure.")
     print(f"\nreproduce: python bench/bench_cpu.py --family {margs.family} --layers {margs.num_layers} --reps {args.reps} "
           f"--threads {args.threads} --batch-large {args.batch_large}")
 
@@ -501,7 +588,7 @@ def parse_args(argv=None):
     p.add_argument("--workdir", type=Path, default=Path("~/.cache/moee-ref-bench").expanduser())
     p.add_argument("--json", type=Path, help="also write the results to this file")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler top ops of each side at the large batch")
-    p.add_argument("--child", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("ours", "hf", "floor"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -524,7 +611,7 @@ def main() -> None:
 
     warm_page_cache(directory)
     loads = measure_loads(directory, args, runs=min(args.reps, 3))  # before this process holds two models
-    print("load: " + ", ".join(f"{s} {v['load_s']:.1f}s / {v['peak_rss_kib'] / 2**20:.2f} GiB peak" for s, v in loads.items()), flush=True)
+    print("load: " + ", ".join(f"{s} {v['load_s']:.2f}s / {v['peak_rss_kib'] / 2**20:.2f} GiB peak" for s, v in loads.items()), flush=True)
 
     embedder = load_ours(directory)
     hf = load_hf(directory)
@@ -532,8 +619,11 @@ def main() -> None:
     sides = make_sides(embedder, hf, impls)
     parity = check_parity(sides, texts)
     b1_bytes = [batch1_bytes(embedder.model, tokenizer, t) for t in b1_texts]
-    times = run_interleaved(sides, lambda t: ours_features(embedder, t, ALL_POSITIONS), texts, b1_texts, args.reps)
-    results = {**summarize(margs, sum(counts), len(texts) * max(counts), len(texts), b1_bytes, counts[:NUM_B1_TEXTS], times, loads, impls), "parity": parity, "machine": facts,
+    b1_calls = [record_b1_matmuls(embedder, t) for t in b1_texts]
+    times = run_interleaved(sides, lambda t: ours_features(embedder, t, ALL_POSITIONS), texts, b1_texts, b1_calls, args.reps)
+    prefix = shared_prefix_tokens(embedder)
+    results = {**summarize(margs, sum(counts), len(texts) * max(counts), len(texts), prefix, b1_bytes, counts[:NUM_B1_TEXTS], times, loads, impls),
+               "parity": parity, "machine": facts, "b1_matmuls_recorded": any(b1_calls), "shared_prefix_tokens": prefix,
                "args": {k: str(v) for k, v in vars(args).items() if k not in ("child", "dir")}, "raw_times": times}
     print_report(results, margs, args, facts)
     if args.profile:
