@@ -198,3 +198,15 @@ def test_text_merging_into_the_opening_runs_its_batch_whole(real_vocab_olmoe, mo
     assert seen[0] is None and isinstance(seen[1], SharedPrefix)
     assert max_rel_error(shared.hs, plain.hs) <= HS_TOL
     assert float(np.abs(shared.rw - plain.rw).max()) <= PROBS_TOL
+
+
+@pytest.mark.parametrize("load, hs_tol", [({"int8": True}, HS_TOL), ({"dtype": torch.float64}, 1e-12)])
+def test_shared_prefix_with_int8_and_float64_weights(tmp_path_factory, load, hs_tol):
+    embedder = build_embedder(tmp_path_factory, "qwen2_moe", seed=22, **load)
+    embedder.share_prefix = False
+    plain = embedder.features(TEXTS, PROMPTEOL, batch_size=3)
+    embedder.share_prefix = True
+    shared = embedder.features(TEXTS, PROMPTEOL, batch_size=3)
+    assert embedder._prefix is not None
+    assert max_rel_error(shared.hs, plain.hs) <= hs_tol
+    assert float(np.abs(shared.rw - plain.rw).max()) <= (PROBS_TOL if hs_tol == HS_TOL else 1e-12)
