@@ -7,7 +7,10 @@ tokenizer's ids and one direct call of the decoder, with no MoEEmbedder code.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +54,21 @@ def tensor_reads(monkeypatch) -> Counter:
 
     monkeypatch.setattr(checkpoint._OpenShards, "read", read)
     return reads
+
+
+OLMOE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "olmoe-tokenizer.json"
+
+
+def build_real_vocab_olmoe(tmp_path_factory, seed: int) -> MoEEmbedder:
+    """A small random OLMoE with the real vocabulary size and OLMoE's real tokenizer (skips without the file)."""
+    if not OLMOE_TOKENIZER.is_file():
+        pytest.skip(f"the real OLMoE tokenizer is not at {OLMOE_TOKENIZER}")
+    directory = tmp_path_factory.mktemp("olmoe-real-vocab") / "model"
+    write_random_checkpoint(directory, {**SMALL_CONFIGS["olmoe"], "vocab_size": 50304}, seed=seed, tokenizer=False)
+    shutil.copyfile(OLMOE_TOKENIZER, directory / "tokenizer.json")
+    config = {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>", "add_bos_token": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return MoEEmbedder.from_pretrained(directory)
 
 
 def build_embedder(tmp_path_factory, family: str, seed: int = 0, **embedder_kwargs) -> MoEEmbedder:

@@ -10,17 +10,16 @@ identities of the moee-sum construction hold within 1e-6 absolute.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from embed_fixtures import (  # noqa: F401  (fixtures are used by name)
+    OLMOE_TOKENIZER,
     TEXTS,
+    build_real_vocab_olmoe,
     cosine,
     deepseek,
     embedders,
@@ -36,7 +35,6 @@ from moee_ref.embed import KINDS, MoEEmbedder, alpha_over_all_pairs
 from moee_ref.errors import InputError
 from moee_ref.prompts import BUILTIN_PROMPTS, apply_prompt, resolve_prompt
 from moee_ref.standardize import Standardizer
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
 
 BATCH_TOL = 1e-5  # float32, same text computed in different batches
 IDENTITY_TOL = 1e-6
@@ -603,19 +601,9 @@ def test_progress_bar_on_request_only(olmoe, capfd):
 
 # --- the real OLMoE tokenizer ---------------------------------------------------------------
 
-OLMOE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "olmoe-tokenizer.json"
-
-
 @pytest.fixture(scope="module")
 def real_vocab_olmoe(tmp_path_factory):
-    if not OLMOE_TOKENIZER.is_file():
-        pytest.skip(f"the real OLMoE tokenizer is not at {OLMOE_TOKENIZER}")
-    directory = tmp_path_factory.mktemp("olmoe-real-vocab") / "model"
-    write_random_checkpoint(directory, {**SMALL_CONFIGS["olmoe"], "vocab_size": 50304}, seed=5, tokenizer=False)
-    shutil.copyfile(OLMOE_TOKENIZER, directory / "tokenizer.json")
-    config = {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>", "add_bos_token": False}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return MoEEmbedder.from_pretrained(directory)
+    return build_real_vocab_olmoe(tmp_path_factory, seed=5)
 
 
 def test_real_olmoe_tokenizer_end_to_end(real_vocab_olmoe):

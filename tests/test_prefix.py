@@ -7,19 +7,14 @@ of batch invariance (float32 rounding of differently shaped matmuls).
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
-from embed_fixtures import TEXTS, build_embedder, max_rel_error, single_thread  # noqa: F401
+from embed_fixtures import TEXTS, build_embedder, build_real_vocab_olmoe, max_rel_error, single_thread  # noqa: F401
 from moee_ref.embed import FeatureOptions, MoEEmbedder
 from moee_ref.model import SharedPrefix
 from moee_ref.prompts import apply_prompt, resolve_prompt
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
-from test_embed import OLMOE_TOKENIZER
 
 HS_TOL = 1e-5  # relative to the largest |HS|
 PROBS_TOL = 1e-5  # absolute, router probabilities (as batch invariance in test_embed.py)
@@ -172,14 +167,7 @@ def test_share_prefix_constructor_option(embedder):
 
 @pytest.fixture(scope="module")
 def real_vocab_olmoe(tmp_path_factory):
-    if not OLMOE_TOKENIZER.is_file():
-        pytest.skip(f"the real OLMoE tokenizer is not at {OLMOE_TOKENIZER}")
-    directory = tmp_path_factory.mktemp("olmoe-real-vocab-prefix") / "model"
-    write_random_checkpoint(directory, {**SMALL_CONFIGS["olmoe"], "vocab_size": 50304}, seed=6, tokenizer=False)
-    shutil.copyfile(OLMOE_TOKENIZER, directory / "tokenizer.json")
-    config = {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>", "add_bos_token": False}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return MoEEmbedder.from_pretrained(directory)
+    return build_real_vocab_olmoe(tmp_path_factory, seed=6)
 
 
 def test_text_merging_into_the_opening_runs_its_batch_whole(real_vocab_olmoe, monkeypatch):
