@@ -160,7 +160,7 @@ class MoEDecoder(nn.Module):
         """
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         batch, length = input_ids.shape
-        shift = 0 if prefix is None else prefix.length
+        shift = 0 if prefix is None else self._check_prefix(prefix, length)
         if position_ids is None:
             position_ids = shift + (attention_mask.cumsum(-1) - 1).clamp(min=0)
         if keep_positions is not None:
@@ -209,6 +209,16 @@ class MoEDecoder(nn.Module):
             values.append(v)
             x, _ = block(x, cos, sin, None)
         return SharedPrefix(tuple(int(i) for i in ids), keys, values)
+
+    def _check_prefix(self, prefix, length: int) -> int:
+        if not isinstance(prefix, SharedPrefix) or len(prefix.keys) != len(self.layers):
+            raise InputError(f"prefix must be a SharedPrefix of this model ({len(self.layers)} layers); build it with encode_prefix")
+        if prefix.length + length > self.args.max_position_embeddings:
+            raise InputError(
+                f"prefix ({prefix.length} tokens) and input ({length}) exceed max_position_embeddings="
+                f"{self.args.max_position_embeddings}; truncate the input"
+            )
+        return prefix.length
 
     def _check_keep(self, keep, batch, length):
         if not isinstance(keep, torch.Tensor) or keep.dim() != 2 or keep.shape[0] != batch or keep.shape[1] == 0:

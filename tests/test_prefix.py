@@ -198,3 +198,21 @@ def test_shared_prefix_with_int8_and_float64_weights(tmp_path_factory, load, hs_
     assert embedder._prefix is not None
     assert max_rel_error(shared.hs, plain.hs) <= hs_tol
     assert float(np.abs(shared.rw - plain.rw).max()) <= (PROBS_TOL if hs_tol == HS_TOL else 1e-12)
+
+
+def test_bad_prefix_is_refused(embedder):
+    from moee_ref.errors import InputError
+
+    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    ids, mask = left_padded([[5, 6, 7]])
+    short = SharedPrefix(prefix.ids, prefix.keys[:-1], prefix.values[:-1])
+    layers = embedder.args.num_layers
+    with pytest.raises(InputError, match=rf"^prefix must be a SharedPrefix of this model \({layers} layers\); build it with encode_prefix$"):
+        run(embedder, ids, mask, prefix=short)
+    with pytest.raises(InputError, match="^prefix must be a SharedPrefix"):
+        run(embedder, ids, mask, prefix=(prefix.keys, prefix.values))
+    limit = embedder.args.max_position_embeddings
+    too_long = torch.zeros(1, limit - prefix.length + 1, dtype=torch.long)
+    with pytest.raises(InputError, match=rf"^prefix \({prefix.length} tokens\) and input \({limit - prefix.length + 1}\) exceed "
+                       rf"max_position_embeddings={limit}; truncate the input$"):
+        run(embedder, too_long, torch.ones_like(too_long), prefix=prefix)
