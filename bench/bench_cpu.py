@@ -78,6 +78,31 @@ def ensure_checkpoint(workdir: Path, family: str, layers: int) -> Path:
     return directory
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def with_tokenizer(directory: Path, tokenizer_dir: Path) -> Path:
+    """A sibling of the checkpoint directory with the same weights (symbolic links) and the tokenizer files of
+    tokenizer_dir, e.g. a real model's, whose ids must fit the model's vocabulary."""
+    tokenizer_dir = tokenizer_dir.expanduser().resolve()
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        sys.exit(f"--tokenizer {tokenizer_dir}: no tokenizer.json there; pass a directory with a model's tokenizer files")
+    vocab = Tokenizer.from_dir(tokenizer_dir).vocab_size
+    if vocab > read_config(directory).vocab_size:
+        sys.exit(f"--tokenizer {tokenizer_dir}: {vocab} tokens, more than the model's vocabulary of {read_config(directory).vocab_size}")
+    target = directory.with_name(f"{directory.name}-tokenizer-{tokenizer_dir.name}")
+    target.mkdir(exist_ok=True)
+    for file in directory.iterdir():
+        link = target / file.name
+        if file.name not in TOKENIZER_FILES and not link.exists():
+            link.symlink_to(file.resolve())
+    for name in TOKENIZER_FILES:
+        (target / name).unlink(missing_ok=True)
+        if (tokenizer_dir / name).is_file():
+            (target / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return target
+
+
 def token_count(tokenizer: Tokenizer, text: str) -> int:
     return len(tokenizer.tokenize([apply_prompt(resolve_prompt(OPTIONS.prompt), text)])[0][0])
 
@@ -247,13 +272,14 @@ def layer_matrix_params(margs, layer: int, experts_touched: int) -> int:
     return attention + margs.num_experts * d + shared + experts_touched * 3 * d * margs.expert_size
 
 
-def batch1_bytes(model, tokenizer: Tokenizer, text: str) -> int:
+def batch1_bytes(model, tokenizer: Tokenizer, text: str, prefix: int) -> int:
     """fp32 bytes of the weight matrices that one text needs read: experts touched by its tokens per layer
-    (the last layer runs at the last position only, so there only that token's experts)."""
+    (the last layer runs at the last position only, so there only that token's experts; the prompt's opening,
+    `prefix` tokens run once for all texts, is left out)."""
     margs = model.args
     sequence = tokenizer.tokenize([apply_prompt(resolve_prompt(OPTIONS.prompt), text)])[0][0]
     with torch.inference_mode():
-        topk = model(torch.tensor([sequence])).topk_ids[0]  # [L_moe, T, k]
+        topk = model(torch.tensor([sequence])).topk_ids[0, :, prefix:]  # [L_moe, T - prefix, k]
     last = margs.num_layers - 1
     touched = {layer: len(torch.unique(topk[j, -1:] if layer == last else topk[j])) for j, layer in enumerate(margs.moe_layers)}
     return 4 * sum(layer_matrix_params(margs, layer, touched.get(layer, 0)) for layer in range(margs.num_layers))
@@ -442,7 +468,7 @@ def machine_facts(threads: int) -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def summarize(margs, tokens: int, padded: int, num_texts: int, prefix: int, b1_bytes, b1_tokens, times, loads, impls) -> dict:
+def summarize(margs, tokens: int, padded: int, num_texts: int, prefix: int, b1_bytes, b1_tokens, b1_calls, times, loads, impls) -> dict:
     med = statistics.median
     # Machine capabilities: noise only lowers them, so the best over reps (each already a best of 3) is the reference.
     rate_by_shape = {k: max(r[k] for r in times["matmul"]) for k in times["matmul"][0]}
@@ -469,6 +495,11 @@ def summarize(margs, tokens: int, padded: int, num_texts: int, prefix: int, b1_b
         # The issue calls batch 1 memory-bound; the matrices every token goes through (attention, dense, shared)
         # see all of a prompt's tokens, so the compute time can exceed the read time: the roofline takes the larger.
         "b1_roofline_s": statistics.mean(max(b / bandwidth, flops_done(margs, t, 1, prefix) / rate) for b, t in zip(b1_bytes, b1_tokens)),
+        # The same bound taken call by call: each matmul is bound by its own bytes or its own FLOPs, whichever is
+        # slower; a call with 16 rows is compute-bound where one with 2 rows is memory-bound.
+        "b1_call_roofline_s": statistics.mean(
+            sum(max(4 * w.numel() / bandwidth, 2 * len(x) * w.numel() / rate) for x, w, _ in calls) for calls in b1_calls
+        ),
         "b1_bytes_mean": statistics.mean(b1_bytes),
         "loads": loads,
         "fp32_weight_bytes": (margs.parameter_counts()[0] - (0 if margs.tie_word_embeddings else embedding_params(margs))) * 4,
@@ -529,6 +560,9 @@ def table_rows(r: dict, n32: int) -> list[tuple]:
           if r["b1_matmuls_recorded"] else []),  # none recorded: torch without oneDNN
         row("  roofline: max(floor, FLOPs / matmul rate) (ms)", {"ours": 1e3 * r["b1_roofline_s"]}, "{:.1f}", None, "(info)"),
         row("  latency / roofline", {n: t / r["b1_roofline_s"] for n, t in r["b1_s"].items()}, "{:.2f}", None, "(info)"),
+        *([row("  roofline call by call, moee-ref's matmuls (ms)", {"ours": 1e3 * r["b1_call_roofline_s"]}, "{:.1f}", None, "(info)"),
+           row("  latency / call-by-call roofline", {"ours": r["b1_s"]["ours"] / r["b1_call_roofline_s"]}, "{:.2f}", None, "(info)")]
+          if r["b1_matmuls_recorded"] else []),
         row("load time (s), own process", side_by_side({s: ld[s]["load_s"] for s in ld}), "{:.1f}", load_ratio,
             f"<= {TARGETS['load']:g}x", load_ratio <= TARGETS["load"]),
         row("  floor: read + widen to fp32 only, no model (s)", {"ours": ld["floor"]["load_s"]}, "{:.1f}",
@@ -572,10 +606,10 @@ def print_report(r: dict, margs, args, facts: dict) -> None:
     star = "* " if r["skip_share"] > SKIP_CAVEAT else ""
     print(f"{star}note: moee-ref runs the last layer's queries and MLP at the last position only, and the prompt's opening "
           f"({r['shared_prefix_tokens']} tokens) once; at {margs.num_layers} layer(s) that skips {r['skip_share']:.0%} of the "
-          "useful FLOPs transformers computes (less with more layers and a real tokenizer's shorter opening). The row "
+          "useful FLOPs transformers computes (less with more layers). The row "
           "'every position computed' runs every position of every text (mean pooling): the like-for-like figure.")
     print(f"\nreproduce: python bench/bench_cpu.py --family {margs.family} --layers {margs.num_layers} --reps {args.reps} "
-          f"--threads {args.threads} --batch-large {args.batch_large}")
+          f"--threads {args.threads} --batch-large {args.batch_large}" + (f" --tokenizer {args.tokenizer}" if args.tokenizer else ""))
 
 
 def profile_b32(sides: dict, texts: list[str], rows: int = 15) -> None:
@@ -599,6 +633,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--batch-large", type=int, default=32)
     p.add_argument("--workdir", type=Path, default=Path("~/.cache/moee-ref-bench").expanduser())
+    p.add_argument("--tokenizer", type=Path, help="a directory with a real model's tokenizer files (tokenizer.json, "
+                   "tokenizer_config.json) to use instead of the checkpoint's synthetic tokenizer")
     p.add_argument("--json", type=Path, help="also write the results to this file")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler top ops of each side at the large batch")
     p.add_argument("--child", choices=("ours", "hf", "floor"), help=argparse.SUPPRESS)
@@ -615,6 +651,8 @@ def main() -> None:
     if not parse_config(family_config(args.family, args.layers)).moe_layers:
         sys.exit(f"{args.family} with {args.layers} layer(s) has no MoE layer; pass more --layers")
     directory = ensure_checkpoint(args.workdir.expanduser(), args.family, args.layers)
+    if args.tokenizer:
+        directory = with_tokenizer(directory, args.tokenizer)
     margs = read_config(directory)
     tokenizer = Tokenizer.from_dir(directory)
     texts = make_texts(tokenizer, args.batch_large)
@@ -631,12 +669,12 @@ def main() -> None:
     impls = {"eager": ("eager", "eager"), "default": (hf.config._attn_implementation, hf.config._experts_implementation)}
     sides = make_sides(embedder, hf, impls)
     parity = check_parity(sides, texts)
-    b1_bytes = [batch1_bytes(embedder.model, tokenizer, t) for t in b1_texts]
+    prefix = shared_prefix_tokens(embedder)
+    b1_bytes = [batch1_bytes(embedder.model, tokenizer, t, prefix) for t in b1_texts]
     b1_calls = [record_b1_matmuls(embedder, t) for t in b1_texts]
     variants = {"whole_prompts": lambda t: whole_prompts(embedder, t), "all_positions": lambda t: ours_features(embedder, t, ALL_POSITIONS)}
     times = run_interleaved(sides, variants, texts, b1_texts, b1_calls, args.reps)
-    prefix = shared_prefix_tokens(embedder)
-    results = {**summarize(margs, sum(counts), len(texts) * max(counts), len(texts), prefix, b1_bytes, counts[:NUM_B1_TEXTS], times, loads, impls),
+    results = {**summarize(margs, sum(counts), len(texts) * max(counts), len(texts), prefix, b1_bytes, counts[:NUM_B1_TEXTS], b1_calls, times, loads, impls),
                "parity": parity, "machine": facts, "b1_matmuls_recorded": any(b1_calls), "shared_prefix_tokens": prefix,
                "args": {k: str(v) for k, v in vars(args).items() if k not in ("child", "dir")}, "raw_times": times}
     print_report(results, margs, args, facts)
