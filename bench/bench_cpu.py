@@ -336,7 +336,6 @@ def skip_share(margs, real_tokens: int, num_texts: int, prefix: int) -> float:
     return 1 - flops_done(margs, real_tokens, num_texts, prefix) / (useful_flops_per_token(margs) * real_tokens)
 
 
-
 # ---------------------------------------------------------------- measurements
 
 
@@ -347,8 +346,8 @@ def time_call(fn) -> float:
 
 
 def run_interleaved(sides: dict, variants: dict, texts: list[str], b1_texts: list[str], b1_calls: list[list[tuple]], reps: int) -> dict:
-    """Per rep: every side at batch 32 (and moee-ref with every position computed), every side at batch 1
-    (per-text mean), moee-ref's batch-1 matmuls alone, then the machine's matmul rate. The read bandwidth of
+    """Per rep: every side at batch 32, then moee-ref's variants (prompts run whole, every position computed),
+    every side at batch 1 (per-text mean), moee-ref's batch-1 matmuls alone, then the machine's matmul rate. The read bandwidth of
     this shared host swings within seconds, so it is measured right before and right after each batch-1 timing,
     and that timing's floor uses the mean of the two."""
     for side in (*sides.values(), *variants.values()):  # warm-up
