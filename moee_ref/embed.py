@@ -94,7 +94,7 @@ class EncodeReport:
 class MoEEmbedder:
     def __init__(self, model, tokenizer: Tokenizer, *, batch_size: int = 16, share_prefix: bool = True):
         """share_prefix: run the tokens that every prompt of a template starts with once, and reuse their keys and
-        values (exact under causal attention; see `SharedPrefix`). Only for last-token pooling on a resident model."""
+        values (exact under causal attention; see `SharedPrefix`). Only for last-token pooling."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -267,42 +267,50 @@ class MoEEmbedder:
         # Longest first: the first batch shows at once whether memory suffices, and similar lengths share a batch.
         order = sorted(nonempty, key=lambda i: -len(sequences[i]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        opening = prompt_opening(self.tokenizer, template) if self.share_prefix and options.pooling == "last" else None
+        batch_sequences, continues = [], []
+        for rows in batches:
+            seqs = [sequences[i] for i in rows]
+            # A text can merge with the prompt's opening into other tokens: such a batch runs whole.
+            shared = opening is not None and all(starts_with(seq, opening) for seq in seqs)
+            batch_sequences.append([seq[len(opening) :] for seq in seqs] if shared else seqs)
+            continues.append(shared)
         if self.streamed:
-            self._features_streamed(batches, sequences, options, rw_positions, hs, rw, show_progress_bar)
+            self._features_streamed(batches, batch_sequences, opening, continues, options, rw_positions, hs, rw, show_progress_bar)
         else:
-            prefix = self._prompt_prefix(template) if self.share_prefix and options.pooling == "last" else None
-            for rows in _progress(batches, len(texts), show_progress_bar):
-                batch_sequences = [sequences[i] for i in rows]
-                # A text can merge with the prompt's opening into other tokens: such a batch runs whole.
-                shared = prefix if prefix and all(starts_with(seq, prefix.ids) for seq in batch_sequences) else None
-                if shared:
-                    batch_sequences = [seq[shared.length :] for seq in batch_sequences]
-                batch = self.tokenizer.pad(batch_sequences, padding_side="left")
+            prefix = self._encoded_prefix(opening) if any(continues) else None
+            for index in _progress(range(len(batches)), len(texts), show_progress_bar):
+                batch = self.tokenizer.pad(batch_sequences[index], padding_side="left")
+                shared = prefix if continues[index] else None
                 batch_hs, batch_rw = self.run_batch(batch.input_ids, batch.attention_mask, options, rw_positions, prefix=shared)
-                hs[rows], rw[rows] = batch_hs, batch_rw
+                hs[batches[index]], rw[batches[index]] = batch_hs, batch_rw
         return Features(hs, rw, num_truncated=len(too_long))
 
-    def _prompt_prefix(self, template: str) -> SharedPrefix | None:
-        """The tokens every prompt of `template` starts with, whatever the text, encoded once (None: too few)."""
-        probes = [self.tokenizer.tokenize([apply_prompt(template, probe)], allow_empty=True)[0][0] for probe in PREFIX_PROBES]
-        ids = common_prefix(probes)
-        if len(ids) < MIN_SHARED_PREFIX:
-            return None
+    def _encoded_prefix(self, ids: tuple[int, ...]) -> SharedPrefix:
+        """The resident model's keys and values of `ids`, computed once while model and prompt stay the same."""
         if self._prefix is None or self._prefix[0] is not self.model or self._prefix[1].ids != ids:
             with torch.inference_mode():
                 self._prefix = (self.model, self.model.encode_prefix(list(ids)))
         return self._prefix[1]
 
-    def _features_streamed(self, batches, sequences, options, rw_positions, hs, rw, show_progress_bar):
+    def _prompt_prefix(self, template: str) -> SharedPrefix | None:
+        """The encoded opening of `template`'s prompts, or None (resident model)."""
+        ids = prompt_opening(self.tokenizer, template)
+        return None if ids is None else self._encoded_prefix(ids)
+
+    def _features_streamed(self, batches, batch_sequences, opening, continues, options, rw_positions, hs, rw, show_progress_bar):
         """All batches through the streamed model at once: each layer is read once for the whole corpus."""
         if options.hs_layer != "last":
             raise InputError("hs_layer='mean' is not available in the layer-streamed mode; use hs_layer='last'")
-        padded = [self.tokenizer.pad([sequences[i] for i in rows], padding_side="left") for rows in batches]
+        padded = [self.tokenizer.pad(seqs, padding_side="left") for seqs in batch_sequences]
         work = [
             (b.input_ids, b.attention_mask, read_positions(b.attention_mask, options))
             for b in padded
         ]
-        outputs = self.model.run(work, show_progress_bar=_show(show_progress_bar, len(sequences)))
+        outputs = self.model.run(
+            work, show_progress_bar=_show(show_progress_bar, len(hs)), prefix_ids=list(opening) if any(continues) else None,
+            continues=continues,
+        )
         for rows, batch, out in zip(batches, padded, outputs):
             hs[rows], rw[rows] = pool(out, batch.attention_mask, options, rw_positions)
 
@@ -503,6 +511,13 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def read_positions(attention_mask: torch.Tensor, options: FeatureOptions) -> torch.Tensor | None:
     """The positions pooling reads, for keep_positions: the last real token, or all (None) for mean pooling."""
     return last_real_position(attention_mask)[:, None] if options.pooling == "last" else None
+
+
+def prompt_opening(tokenizer: Tokenizer, template: str) -> tuple[int, ...] | None:
+    """The tokens every prompt of `template` starts with, whatever the text (None: too few to share)."""
+    probes = [tokenizer.tokenize([apply_prompt(template, probe)], allow_empty=True)[0][0] for probe in PREFIX_PROBES]
+    ids = common_prefix(probes)
+    return ids if len(ids) >= MIN_SHARED_PREFIX else None
 
 
 def common_prefix(sequences: list[list[int]]) -> tuple[int, ...]:

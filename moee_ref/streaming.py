@@ -238,14 +238,23 @@ class StreamedModel:
     # ------------------------------------------------------------------ forward
 
     def run(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], position_ids=None,
-            show_progress_bar: bool = False) -> list[DecoderOutput]:
-        """Decoder outputs for every (input_ids, attention_mask, keep_positions) batch, like MoEDecoder.forward."""
+            show_progress_bar: bool = False, prefix_ids: list[int] | None = None, continues: list[bool] | None = None
+            ) -> list[DecoderOutput]:
+        """Decoder outputs for every (input_ids, attention_mask, keep_positions) batch, like MoEDecoder.forward.
+
+        prefix_ids: tokens run once, layer by layer beside the batches; the batches flagged in `continues`
+        hold only what follows them (as MoEDecoder.forward with a SharedPrefix), the others whole sequences.
+        """
         self.stats = StreamStats(layer_bytes_max=max(self.layer_bytes))  # the stats describe the last run
         if not batches:
             return []
-        for ids, mask, _ in batches:
-            if ids.shape[1] > self.args.max_position_embeddings:
-                raise InputError(f"sequence length {ids.shape[1]} exceeds max_position_embeddings={self.args.max_position_embeddings}")
+        continues = continues or [False] * len(batches)
+        if len(continues) != len(batches) or (any(continues) and not prefix_ids):
+            raise InputError("continues needs one flag per batch, and prefix_ids for the batches it flags")
+        for (ids, mask, _), shifted in zip(batches, continues):
+            length = ids.shape[1] + (len(prefix_ids) if shifted else 0)
+            if length > self.args.max_position_embeddings:
+                raise InputError(f"sequence length {length} exceeds max_position_embeddings={self.args.max_position_embeddings}")
             if int(ids.min()) < 0 or int(ids.max()) >= self.args.vocab_size:
                 raise InputError(f"token ids outside the vocabulary [0, {self.args.vocab_size})")
         activation_room = self.plan([tuple(ids.shape) for ids, _, _ in batches])
@@ -253,16 +262,23 @@ class StreamedModel:
         store = ActivationStore(shapes, self.dtype, activation_room, self.spill_dir)
         self.stats.spilled, self.stats.activation_bytes = store.spilled, store.total
         try:
-            return self._run(batches, store, position_ids, show_progress_bar)
+            return self._run(batches, store, position_ids, show_progress_bar, prefix_ids if any(continues) else None, continues)
         finally:
             store.close()
 
-    def _run(self, batches, store: ActivationStore, position_ids, show_progress_bar: bool):
+    def _run(self, batches, store: ActivationStore, position_ids, show_progress_bar: bool, prefix_ids, continues):
         masks = [mask.long() for _, mask, _ in batches]
-        positions = [(m.cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids[i] for i, m in enumerate(masks)]
-        full_masks = [attention_mask_4d(m) for m in masks]
-        real_rows = [None if full is None else m.reshape(-1).bool() for m, full in zip(masks, full_masks)]
-        last_masks = [attention_mask_4d(m, keep) if keep is not None else full for m, (_, _, keep), full in zip(masks, batches, full_masks)]
+        shifts = [len(prefix_ids) if shifted else 0 for shifted in continues]
+        positions = [
+            shift + (m.cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids[i]
+            for i, (m, shift) in enumerate(zip(masks, shifts))
+        ]
+        full_masks = [attention_mask_4d(m, prefix_length=shift) for m, shift in zip(masks, shifts)]
+        real_rows = [None if bool(m.all()) else m.reshape(-1).bool() for m in masks]
+        last_masks = [
+            attention_mask_4d(m, keep, prefix_length=shift) if keep is not None else full
+            for m, (_, _, keep), full, shift in zip(masks, batches, full_masks, shifts)
+        ]
 
         # Only the rows of the tokens present are converted: the table stays in its stored dtype.
         table_name = self.embed_group["embed.weight"].name
@@ -270,8 +286,13 @@ class StreamedModel:
             table = shards.read(table_name)
             for i, (ids, _, _) in enumerate(batches):
                 store.put(i, table[ids.long()].to(self.dtype))
+            # The shared prefix goes through the layers beside the batches; its keys and values are all they read.
+            prefix = None if prefix_ids is None else table[torch.tensor([prefix_ids])].to(self.dtype)
         self.stats.weight_bytes_read += self._source_bytes(self.embed_group)
         del table
+        if prefix is not None:
+            prefix_positions = torch.arange(prefix.shape[1])[None]
+            prefix_cos, prefix_sin = rotary_cos_sin(prefix_positions, self.args.head_dim, self.args.rope_theta, self.dtype)
 
         routing: list[list[LayerRouting]] = [[] for _ in batches]
         last = len(self.layer_groups) - 1
@@ -282,13 +303,19 @@ class StreamedModel:
                 if self.prefetch and layer < last:
                     upcoming = pool.submit(self.build_layer, layer + 1)  # read ahead while this layer computes
                 with torch.inference_mode():
+                    past = None
+                    if prefix is not None:
+                        past = block.attn.keys_values(block.attn_norm(prefix), prefix_cos, prefix_sin)
+                        if layer < last:
+                            prefix, _ = block(prefix, prefix_cos, prefix_sin, None)
                     for i, (ids, _, keep) in enumerate(batches):
                         x = store.get(i)
                         cos, sin = rotary_cos_sin(positions[i], self.args.head_dim, self.args.rope_theta, x.dtype)
+                        batch_past = past if continues[i] else None
                         if layer == last and keep is not None:
-                            x, layer_routing = block(x, cos, sin, last_masks[i], keep)
+                            x, layer_routing = block(x, cos, sin, last_masks[i], keep, past=batch_past)
                         else:
-                            x, layer_routing = block(x, cos, sin, full_masks[i], real=real_rows[i])
+                            x, layer_routing = block(x, cos, sin, full_masks[i], real=real_rows[i], past=batch_past)
                             if keep is not None and layer_routing is not None:
                                 layer_routing = _gather_routing(layer_routing, keep, ids.shape[1])
                         if layer_routing is not None:

@@ -26,9 +26,10 @@ import pytest
 import torch
 
 from embed_fixtures import max_rel_error, single_thread, tensor_reads  # noqa: F401  (fixtures used by name)
-from moee_ref.embed import FeatureOptions, MoEEmbedder
+from moee_ref.embed import FeatureOptions, MoEEmbedder, prompt_opening
 from moee_ref.errors import InputError, MoEERefError
 from moee_ref.model import Block
+from moee_ref.prompts import apply_prompt, resolve_prompt
 from moee_ref.streaming import ActivationStore, SpillError, StreamedModel, parse_bytes
 from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.tokenizer import Tokenizer
@@ -481,3 +482,78 @@ def test_run_refuses_bad_ids(streamed_olmoe, ids, message):
 def test_run_of_no_batches(streamed_olmoe):
     assert streamed_olmoe.model.run([]) == []
     assert streamed_olmoe.model.stats.weight_bytes_read == 0
+
+
+# ---------------------------------------------------------------------------
+# The prompt's shared opening, run once beside the batches
+
+
+@pytest.fixture
+def spy_prefixes(monkeypatch):
+    """(prefix_ids, continues) of every StreamedModel.run call."""
+    calls = []
+    real_run = StreamedModel.run
+
+    def run(self, batches, *args, prefix_ids=None, continues=None, **kwargs):
+        calls.append((prefix_ids, continues))
+        return real_run(self, batches, *args, prefix_ids=prefix_ids, continues=continues, **kwargs)
+
+    monkeypatch.setattr(StreamedModel, "run", run)
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_shared_opening_equals_resident(checkpoints, resident, family, tmp_path, spy_prefixes):
+    directory = checkpoints[family]
+    tokenizer = Tokenizer.from_dir(directory)
+    template = resolve_prompt("prompteol")
+    opening = prompt_opening(tokenizer, template)
+    # The batches the embedder streams: the prompts without their opening, longest first.
+    lengths = sorted((len(ids) - len(opening) for ids in tokenizer.tokenize([apply_prompt(template, t) for t in CORPUS])[0]), reverse=True)
+    shapes = [(len(lengths[i : i + BATCH_SIZE]), lengths[i]) for i in range(0, len(lengths), BATCH_SIZE)]
+    smallest = StreamedModel(directory, memory_budget=LARGE_BUDGET).memory_plan(shapes)["smallest"]
+    embedder = streamed(directory, smallest, tmp_path)  # spilling as well
+    options = FeatureOptions(prompt="prompteol")
+    ours = embedder.features(CORPUS, options, batch_size=BATCH_SIZE)
+    assert spy_prefixes == [(list(opening), [True] * 7)] and embedder.model.stats.spilled
+    reference = resident[family]
+    reference.share_prefix = False
+    try:
+        whole = reference.features(CORPUS, options, batch_size=BATCH_SIZE)
+    finally:
+        reference.share_prefix = True
+    shared = reference.features(CORPUS, options, batch_size=BATCH_SIZE)
+    for ref in (whole, shared):
+        assert max_rel_error(ours.hs, ref.hs) <= TOLERANCE
+        assert max_rel_error(ours.rw, ref.rw) <= TOLERANCE
+
+
+def test_streamed_run_mixes_continuing_and_whole_batches(checkpoints, resident, tmp_path):
+    directory = checkpoints["qwen2_moe"]
+    model = resident["qwen2_moe"].model
+    stream = StreamedModel(directory, memory_budget=LARGE_BUDGET, spill_dir=str(tmp_path))
+    opening = [11, 12, 13]
+    tail = torch.tensor([[0, 21, 22, 23], [31, 32, 33, 34]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    whole = torch.tensor([[0, 0, 11, 12, 13, 41], [11, 12, 13, 51, 52, 53]])
+    whole_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    keep = lambda ids: torch.full((2, 1), ids.shape[1] - 1)  # noqa: E731
+    outs = stream.run([(tail, mask, keep(tail)), (whole, whole_mask, keep(whole))], prefix_ids=opening, continues=[True, False])
+    with torch.inference_mode():
+        ref_tail = model(tail, mask, keep_positions=keep(tail), prefix=model.encode_prefix(opening))
+        ref_whole = model(whole, whole_mask, keep_positions=keep(whole))
+    for out, ref in zip(outs, (ref_tail, ref_whole)):
+        assert max_rel_error(out.hidden_states, ref.hidden_states) <= TOLERANCE
+        assert float((out.router_probs - ref.router_probs).abs().max()) <= TOLERANCE
+
+
+def test_streamed_run_refuses_flags_without_prefix(streamed_olmoe):
+    good = torch.tensor([[5, 6, 7]])
+    batches = [(good, torch.ones_like(good), None)]
+    message = "continues needs one flag per batch, and prefix_ids for the batches it flags"
+    for kwargs in ({"continues": [True]}, {"prefix_ids": [1, 2], "continues": [True, False]}):
+        with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
+            streamed_olmoe.model.run(batches, **kwargs)
+    too_long = torch.full((1, 511), 7)
+    with pytest.raises(InputError, match=r"^sequence length 513 exceeds max_position_embeddings=512$"):
+        streamed_olmoe.model.run([(too_long, torch.ones_like(too_long), None)], prefix_ids=[1, 2], continues=[True])
