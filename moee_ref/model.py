@@ -117,6 +117,12 @@ class Block(nn.Module):
         return x + out.reshape(batch, length, dim), routing
 
 
+    def run_prefix(self, x, cos, sin) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """For a shared prefix x [1, S, D]: its output, and the keys and values its continuations attend to."""
+        keys_values = self.attn.keys_values(self.attn_norm(x), cos, sin)
+        return self(x, cos, sin, None)[0], keys_values
+
+
 class MoEDecoder(nn.Module):
     def __init__(self, args: ModelArgs, with_lm_head: bool = True):
         super().__init__()
@@ -204,10 +210,9 @@ class MoEDecoder(nn.Module):
         cos, sin = rotary_cos_sin(torch.arange(len(ids))[None], self.args.head_dim, self.args.rope_theta, x.dtype)
         keys, values = [], []
         for block in self.layers:
-            k, v = block.attn.keys_values(block.attn_norm(x), cos, sin)
+            x, (k, v) = block.run_prefix(x, cos, sin)
             keys.append(k)
             values.append(v)
-            x, _ = block(x, cos, sin, None)
         return SharedPrefix(tuple(int(i) for i in ids), keys, values)
 
     def _check_prefix(self, prefix, length: int) -> int:

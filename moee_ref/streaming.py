@@ -305,9 +305,7 @@ class StreamedModel:
                 with torch.inference_mode():
                     past = None
                     if prefix is not None:
-                        past = block.attn.keys_values(block.attn_norm(prefix), prefix_cos, prefix_sin)
-                        if layer < last:
-                            prefix, _ = block(prefix, prefix_cos, prefix_sin, None)
+                        prefix, past = block.run_prefix(prefix, prefix_cos, prefix_sin)
                     for i, (ids, _, keep) in enumerate(batches):
                         x = store.get(i)
                         cos, sin = rotary_cos_sin(positions[i], self.args.head_dim, self.args.rope_theta, x.dtype)
