@@ -116,7 +116,6 @@ class Block(nn.Module):
             routing = routing and routing.placed(rows, len(flat))
         return x + out.reshape(batch, length, dim), routing
 
-
     def run_prefix(self, x, cos, sin) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """For a shared prefix x [1, S, D]: its output, and the keys and values its continuations attend to."""
         keys_values = self.attn.keys_values(self.attn_norm(x), cos, sin)
