@@ -254,6 +254,8 @@ def add_features(p, alpha_default="1.0") -> None:
     p.add_argument("--rw-layers", type=parse_layers, default=None, metavar="L1,L2,...", help="MoE layers to use for RW (default all)")
     p.add_argument("--standardizer", action="append", default=None, metavar="FILE.npz", help="fitted standardizer for the hs or rw component (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--whole-prompts", action="store_true", help="run every prompt from its first token (default: the "
+                   "opening all prompts share runs once; results differ in float32 rounding only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -900,3 +900,26 @@ def test_demo_builds_once_and_runs_every_step(runs, workdir):
     ok(second)
     assert "building" not in second.stderr
     assert [line for line in second.stdout.splitlines() if line.startswith("$ moee ")] == steps
+
+
+def test_whole_prompts_switches_off_the_shared_opening(ckpts, tmp_path, monkeypatch, capsys):
+    """--whole-prompts reaches the embedder; both ways give the same vectors within float32 rounding."""
+    seen, real = [], cli.load_embedder
+
+    def spy(ns):
+        embedder = real(ns)
+        seen.append(embedder.share_prefix)
+        return embedder
+
+    monkeypatch.setattr(cli, "load_embedder", spy)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("A cat sleeps on the warm windowsill.\nRain tomorrow.\nThe museum opens at nine.\n")
+    vectors = []
+    for flag in ([], ["--whole-prompts"]):
+        out = tmp_path / f"vectors-{len(vectors)}.npy"
+        code, _, err = in_process(capsys, "embed", "--model", ckpts["olmoe"], "--input", texts, "--output", out,
+                                  "--prompt", "prompteol", "--kind", "moee-concat", *flag)
+        assert code == 0, err
+        vectors.append(np.load(out))
+    assert seen == [True, False]
+    assert np.abs(vectors[1] - vectors[0]).max() <= 1e-5 * np.abs(vectors[0]).max()
