@@ -34,7 +34,7 @@ import torch
 
 from moee_ref import MoEEmbedder, Tokenizer, read_config
 from moee_ref.config import parse_config
-from moee_ref.embed import FeatureOptions
+from moee_ref.embed import FeatureOptions, prompt_opening
 from moee_ref.prompts import apply_prompt, resolve_prompt
 from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
 
@@ -313,8 +313,8 @@ def replay_matmuls(calls: list[tuple]) -> None:
 
 def shared_prefix_tokens(embedder: MoEEmbedder) -> int:
     """Tokens of the prompt's fixed opening, which moee-ref runs once and reuses (at last-token pooling)."""
-    prefix = embedder._prompt_prefix(resolve_prompt(OPTIONS.prompt)) if embedder.share_prefix else None
-    return 0 if prefix is None else prefix.length
+    opening = prompt_opening(embedder.tokenizer, resolve_prompt(OPTIONS.prompt)) if embedder.share_prefix else None
+    return 0 if opening is None else len(opening)
 
 
 def skipped_flops_per_token(margs) -> int:

@@ -293,11 +293,6 @@ class MoEEmbedder:
                 self._prefix = (self.model, self.model.encode_prefix(list(ids)))
         return self._prefix[1]
 
-    def _prompt_prefix(self, template: str) -> SharedPrefix | None:
-        """The encoded opening of `template`'s prompts, or None (resident model)."""
-        ids = prompt_opening(self.tokenizer, template)
-        return None if ids is None else self._encoded_prefix(ids)
-
     def _features_streamed(self, batches, batch_sequences, opening, continues, options, rw_positions, hs, rw, show_progress_bar):
         """All batches through the streamed model at once: each layer is read once for the whole corpus."""
         if options.hs_layer != "last":
@@ -308,8 +303,7 @@ class MoEEmbedder:
             for b in padded
         ]
         outputs = self.model.run(
-            work, show_progress_bar=_show(show_progress_bar, len(hs)), prefix_ids=list(opening) if any(continues) else None,
-            continues=continues,
+            work, show_progress_bar=_show(show_progress_bar, len(hs)), prefix_ids=None if opening is None else list(opening), continues=continues
         )
         for rows, batch, out in zip(batches, padded, outputs):
             hs[rows], rw[rows] = pool(out, batch.attention_mask, options, rw_positions)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from embed_fixtures import TEXTS, build_embedder, build_real_vocab_olmoe, max_rel_error, single_thread  # noqa: F401
-from moee_ref.embed import FeatureOptions, MoEEmbedder
+from moee_ref.embed import FeatureOptions, MoEEmbedder, prompt_opening
 from moee_ref.model import SharedPrefix
 from moee_ref.prompts import apply_prompt, resolve_prompt
 
@@ -29,6 +29,11 @@ def embedder(request, tmp_path_factory):
 
 def prompt_ids(embedder: MoEEmbedder, text: str) -> list[int]:
     return embedder.tokenizer.tokenize([apply_prompt(resolve_prompt("prompteol"), text)])[0][0]
+
+
+def prompteol_prefix(embedder: MoEEmbedder) -> SharedPrefix:
+    """The encoded opening of PromptEOL's prompts, as features() uses it."""
+    return embedder._encoded_prefix(prompt_opening(embedder.tokenizer, resolve_prompt("prompteol")))
 
 
 def left_padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +64,7 @@ def record_prefixes(embedder: MoEEmbedder, monkeypatch) -> list:
 
 
 def test_the_prompt_opening_is_found_and_encoded(embedder):
-    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    prefix = prompteol_prefix(embedder)
     ids = [prompt_ids(embedder, text) for text in TEXTS]
     assert isinstance(prefix, SharedPrefix) and prefix.length >= 2
     assert all(tuple(seq[: prefix.length]) == prefix.ids for seq in ids)
@@ -72,7 +77,7 @@ def test_the_prompt_opening_is_found_and_encoded(embedder):
 
 def test_continuation_after_prefix_equals_whole_sequence(embedder):
     sequences = [prompt_ids(embedder, text) for text in TEXTS[:4]]
-    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    prefix = prompteol_prefix(embedder)
     whole = run(embedder, *left_padded(sequences), return_layer_states=True)
     ids, mask = left_padded([seq[prefix.length :] for seq in sequences])
     cont = run(embedder, ids, mask, prefix=prefix, return_layer_states=True)
@@ -89,7 +94,7 @@ def test_continuation_after_prefix_equals_whole_sequence(embedder):
 
 def test_continuation_at_kept_positions_only(embedder):
     sequences = [prompt_ids(embedder, text) for text in TEXTS[4:8]]
-    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    prefix = prompteol_prefix(embedder)
     ids, mask = left_padded(sequences)
     whole = run(embedder, ids, mask, keep_positions=torch.full((len(sequences), 1), ids.shape[1] - 1))
     ids, mask = left_padded([seq[prefix.length :] for seq in sequences])
@@ -102,7 +107,7 @@ def test_continuation_at_kept_positions_only(embedder):
 def test_a_wrong_prefix_changes_the_result(embedder):
     """The prefix's keys and values are really attended to: another prefix gives other states."""
     sequence = prompt_ids(embedder, TEXTS[0])
-    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    prefix = prompteol_prefix(embedder)
     with torch.inference_mode():
         other = embedder.model.encode_prefix(list(reversed(prefix.ids)))
     ids, mask = left_padded([sequence[prefix.length :]])
@@ -172,7 +177,7 @@ def real_vocab_olmoe(tmp_path_factory):
 
 def test_text_merging_into_the_opening_runs_its_batch_whole(real_vocab_olmoe, monkeypatch):
     embedder = real_vocab_olmoe
-    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    prefix = prompteol_prefix(embedder)
     assert [embedder.tokenizer.decode([i]) for i in prefix.ids] == ["This", " sentence", " :", ' "']
     merging = '"Quoted" words.'  # ' "' + '"' tokenize as one token ' ""'
     assert tuple(prompt_ids(embedder, merging)[: prefix.length]) != prefix.ids
@@ -203,7 +208,7 @@ def test_shared_prefix_with_int8_and_float64_weights(tmp_path_factory, load, hs_
 def test_bad_prefix_is_refused(embedder):
     from moee_ref.errors import InputError
 
-    prefix = embedder._prompt_prefix(resolve_prompt("prompteol"))
+    prefix = prompteol_prefix(embedder)
     ids, mask = left_padded([[5, 6, 7]])
     short = SharedPrefix(prefix.ids, prefix.keys[:-1], prefix.values[:-1])
     layers = embedder.args.num_layers
