@@ -58,6 +58,25 @@ class SharedPrefix:
 
 
 @dataclass
+class BatchLayout:
+    """What a padded batch's positions and padding mean for every block."""
+
+    positions: torch.Tensor  # [B, T] rotary positions: real tokens counted from 0, or from after a shared prefix
+    full_mask: torch.Tensor | None  # for blocks that run every position (None: plain causal attention)
+    last_mask: torch.Tensor | None  # for the last block when it runs the kept positions only
+    real_rows: torch.Tensor | None  # [B * T] bool, the rows the MLP runs on (None: no padding)
+
+    @classmethod
+    def of(cls, attention_mask, keep_positions=None, prefix_length: int = 0, position_ids=None) -> "BatchLayout":
+        if position_ids is None:
+            position_ids = prefix_length + (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        full_mask = attention_mask_4d(attention_mask, prefix_length=prefix_length)
+        last_mask = full_mask if keep_positions is None else attention_mask_4d(attention_mask, keep_positions, prefix_length)
+        real_rows = None if bool(attention_mask.all()) else attention_mask.reshape(-1).bool()
+        return cls(position_ids, full_mask, last_mask, real_rows)
+
+
+@dataclass
 class DecoderOutput:
     hidden_states: torch.Tensor  # [B, T, D] after the final norm
     routing: Routing
@@ -166,25 +185,21 @@ class MoEDecoder(nn.Module):
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         batch, length = input_ids.shape
         shift = 0 if prefix is None else self._check_prefix(prefix, length)
-        if position_ids is None:
-            position_ids = shift + (attention_mask.cumsum(-1) - 1).clamp(min=0)
         if keep_positions is not None:
             keep_positions = self._check_keep(keep_positions, batch, length)
-        full_mask = attention_mask_4d(attention_mask, prefix_length=shift)
-        real_rows = None if bool(attention_mask.all()) else attention_mask.reshape(-1).bool()
+        layout = BatchLayout.of(attention_mask, keep_positions, shift, position_ids)
         past = [None] * len(self.layers) if prefix is None else list(zip(prefix.keys, prefix.values))
 
         x = self.embed(input_ids).to(self.dtype)
-        cos, sin = rotary_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, x.dtype)
+        cos, sin = rotary_cos_sin(layout.positions, self.args.head_dim, self.args.rope_theta, x.dtype)
         per_layer_routing, layer_states = [], []
         last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
             if i == last and keep_positions is not None:
                 # Only the kept positions of the last block are ever read: run its queries and MLP on them alone.
-                mask = attention_mask_4d(attention_mask, keep_positions, prefix_length=shift)
-                x, routing = block(x, cos, sin, mask, keep_positions, past=past[i])
+                x, routing = block(x, cos, sin, layout.last_mask, keep_positions, past=past[i])
             else:
-                x, routing = block(x, cos, sin, full_mask, real=real_rows, past=past[i])
+                x, routing = block(x, cos, sin, layout.full_mask, real=layout.real_rows, past=past[i])
                 if keep_positions is not None and routing is not None:
                     routing = _gather_routing(routing, keep_positions, length)
             if routing is not None:

@@ -30,7 +30,7 @@ from .config import read_config
 from .errors import InputError, MoEERefError
 from .layers import LayerRouting, RMSNorm, rotary_cos_sin
 from .layout import leaves
-from .model import Block, DecoderOutput, Routing, _gather_routing, attention_mask_4d
+from .model import BatchLayout, Block, DecoderOutput, Routing, _gather_routing
 
 WORKING_FACTOR = 12  # transient tensors of one batch in one block, in units of that batch's hidden states
 RUNTIME_OVERHEAD = 256 * 2**20  # allowance for what is not weights or activations (index tensors, routing outputs)
@@ -267,17 +267,9 @@ class StreamedModel:
             store.close()
 
     def _run(self, batches, store: ActivationStore, position_ids, show_progress_bar: bool, prefix_ids, continues):
-        masks = [mask.long() for _, mask, _ in batches]
-        shifts = [len(prefix_ids) if shifted else 0 for shifted in continues]
-        positions = [
-            shift + (m.cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids[i]
-            for i, (m, shift) in enumerate(zip(masks, shifts))
-        ]
-        full_masks = [attention_mask_4d(m, prefix_length=shift) for m, shift in zip(masks, shifts)]
-        real_rows = [None if bool(m.all()) else m.reshape(-1).bool() for m in masks]
-        last_masks = [
-            attention_mask_4d(m, keep, prefix_length=shift) if keep is not None else full
-            for m, (_, _, keep), full, shift in zip(masks, batches, full_masks, shifts)
+        layouts = [
+            BatchLayout.of(mask.long(), keep, len(prefix_ids) if shifted else 0, None if position_ids is None else position_ids[i])
+            for i, ((_, mask, keep), shifted) in enumerate(zip(batches, continues))
         ]
 
         # Only the rows of the tokens present are converted: the table stays in its stored dtype.
@@ -308,12 +300,12 @@ class StreamedModel:
                         prefix, past = block.run_prefix(prefix, prefix_cos, prefix_sin)
                     for i, (ids, _, keep) in enumerate(batches):
                         x = store.get(i)
-                        cos, sin = rotary_cos_sin(positions[i], self.args.head_dim, self.args.rope_theta, x.dtype)
+                        cos, sin = rotary_cos_sin(layouts[i].positions, self.args.head_dim, self.args.rope_theta, x.dtype)
                         batch_past = past if continues[i] else None
                         if layer == last and keep is not None:
-                            x, layer_routing = block(x, cos, sin, last_masks[i], keep, past=batch_past)
+                            x, layer_routing = block(x, cos, sin, layouts[i].last_mask, keep, past=batch_past)
                         else:
-                            x, layer_routing = block(x, cos, sin, full_masks[i], real=real_rows[i], past=batch_past)
+                            x, layer_routing = block(x, cos, sin, layouts[i].full_mask, real=layouts[i].real_rows, past=batch_past)
                             if keep is not None and layer_routing is not None:
                                 layer_routing = _gather_routing(layer_routing, keep, ids.shape[1])
                         if layer_routing is not None:
