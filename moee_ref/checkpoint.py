@@ -114,7 +114,6 @@ class ShardReader:
         self.files = files
         self.location: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.element_sizes: dict[str, int] = {}  # bytes per element as stored
         self.spans: dict[str, tuple[str, int, int]] = {}  # stored dtype, first byte and end in the file
         for file in files:
             with _open(file):  # safetensors checks the header against the file (offsets, sizes) or raises
@@ -127,8 +126,11 @@ class ShardReader:
                     )
                 self.location[name] = file
                 self.shapes[name] = shape
-                self.element_sizes[name] = STORED_SIZES.get(code, 4)
                 self.spans[name] = (code, start, end)
+
+    def element_size(self, name: str) -> int:
+        """Bytes per element of tensor `name` as stored."""
+        return STORED_SIZES.get(self.spans[name][0], 4)
 
     def check(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""

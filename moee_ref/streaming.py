@@ -169,7 +169,7 @@ class StreamedModel:
         return sum(int(np.prod(leaf.shape)) * self._stored_size(leaf.name) for recipe in group.values() for leaf in leaves(recipe))
 
     def _stored_size(self, name: str) -> int:
-        return self.reader.element_sizes[name]
+        return self.reader.element_size(name)
 
     def weights_need(self) -> int:
         """Bytes the weights take at the worst moment: a resident layer while the next one is built.
