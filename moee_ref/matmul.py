@@ -47,14 +47,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        return _ONEDNN_LINEAR(rows, weight, bias, "none", [], "")  # no fused activation
+
     rows = x.reshape(-1, x.shape[-1])
-    pieces = [_ONEDNN_LINEAR(rows[start:end], weight, bias, "none", [], "") for start, end in row_tiles(len(rows))]
+    pieces = [run(rows[start:end]) for start, end in row_tiles(len(rows))]
     rest = len(rows) % ROW_TILE
     if rest >= ROW_STEP and rest % ROW_STEP:
-        padded = F.pad(rows[len(rows) - rest :], (0, 0, 0, ROW_STEP - rest % ROW_STEP))
-        pieces.append(_ONEDNN_LINEAR(padded, weight, bias, "none", [], "")[:rest])
+        pieces.append(run(F.pad(rows[len(rows) - rest :], (0, 0, 0, ROW_STEP - rest % ROW_STEP)))[:rest])
     elif rest:
-        pieces.append(_ONEDNN_LINEAR(rows[len(rows) - rest :], weight, bias, "none", [], ""))
+        pieces.append(run(rows[len(rows) - rest :]))
     if not pieces:  # no rows at all
         return x.new_empty(*x.shape[:-1], weight.shape[0])
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
