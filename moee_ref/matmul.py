@@ -24,9 +24,11 @@ _ONEDNN_PACK = getattr(_MKLDNN, "_reorder_linear_weight", None)
 
 # oneDNN builds a kernel for every input shape it meets and keeps it (about half a MiB each, up to a thousand
 # of them). Rows therefore go in tiles whose sizes come from a small set: whole tiles of ROW_TILE * 2^i rows,
-# then the rest padded to a multiple of ROW_STEP (at most ROW_STEP - 1 wasted rows; fewer than ROW_STEP rows
-# run as they are). A whole run then meets about 24 shapes per weight matrix.
-ROW_TILE, ROW_STEP = 128, 8
+# then the rest padded to a multiple of ROW_STEP (at most ROW_STEP - 1 wasted rows). Fewer than EXACT_ROWS
+# rows run as they are: at batch 1 an expert gets a handful of rows, and there padding 9 rows to 16 costs
+# more than a kernel of its own (9 to 14 rows ran 10-45% faster exact, bench/bench_expert_read.py --rows).
+# A whole run then meets about 30 shapes per weight matrix.
+ROW_TILE, ROW_STEP, EXACT_ROWS = 128, 8, 16
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -53,7 +55,7 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     rows = x.reshape(-1, x.shape[-1])
     pieces = [run(rows[start:end]) for start, end in row_tiles(len(rows))]
     rest = len(rows) % ROW_TILE
-    if rest >= ROW_STEP and rest % ROW_STEP:
+    if rest >= EXACT_ROWS and rest % ROW_STEP:
         pieces.append(run(F.pad(rows[len(rows) - rest :], (0, 0, 0, ROW_STEP - rest % ROW_STEP)))[:rest])
     elif rest:
         pieces.append(run(rows[len(rows) - rest :]))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from moee_ref import MoEEmbedder, load_model, matmul
 from moee_ref.errors import CheckpointError
 from moee_ref.layers import Linear, RoutedExperts
-from moee_ref.matmul import ROW_STEP, ROW_TILE, linear, onednn_applies, pack_weight, packing_available, row_tiles
+from moee_ref.matmul import EXACT_ROWS, ROW_STEP, ROW_TILE, linear, onednn_applies, pack_weight, packing_available, row_tiles
 from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
 
 ONEDNN = matmul._ONEDNN_LINEAR is not None
@@ -113,7 +113,7 @@ def test_experts_run_one_call_per_active_expert_through_onednn(onednn_rows):
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
 def test_any_number_of_rows_runs_in_few_shapes(onednn_rows):
-    allowed = set(range(1, ROW_STEP)) | set(range(ROW_STEP, ROW_TILE, ROW_STEP)) | {ROW_TILE << i for i in range(8)}
+    allowed = set(range(1, EXACT_ROWS)) | set(range(EXACT_ROWS, ROW_TILE, ROW_STEP)) | {ROW_TILE << i for i in range(8)}
     seen = set()
     weight = torch.randn(16, 32)
     for num_rows in range(1, 3000, 7):
@@ -124,7 +124,19 @@ def test_any_number_of_rows_runs_in_few_shapes(onednn_rows):
         assert sum(shapes) - num_rows in range(ROW_STEP), num_rows  # at most ROW_STEP - 1 padded rows
         assert len(shapes) <= (num_rows // ROW_TILE).bit_length() + 1
         seen |= set(shapes)
-    assert len(seen) <= len(allowed) and len(allowed) == 7 + 15 + 8
+    assert len(seen) <= len(allowed) and len(allowed) == 15 + 14 + 8
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
+def test_few_rows_run_unpadded(onednn_rows):
+    weight = torch.randn(16, 32)
+    for num_rows in (1, ROW_STEP + 1, EXACT_ROWS - 1, EXACT_ROWS + 1, ROW_TILE + ROW_STEP + 1):
+        onednn_rows.clear()
+        x = torch.randn(num_rows, 32)
+        assert rel_error(linear(x, weight), x.double() @ weight.double().T) <= 1e-6
+        rest = num_rows % ROW_TILE
+        padded = rest if rest < EXACT_ROWS else -(-rest // ROW_STEP) * ROW_STEP
+        assert onednn_rows[-1] == padded, num_rows
 
 
 def test_row_tiles_are_powers_of_two_of_the_tile():
