@@ -5,6 +5,7 @@ Run by hand (bench/README.md):
 
     python bench/bench_expert_read.py                 # OLMoE's gate_up shape [2048, 2048], 5 rows, 48 experts
     python bench/bench_expert_read.py --rows 1 --out 2816
+    python bench/bench_expert_read.py --rows 1,2,4,8,12,16   # one line per row count
 
 At batch 1 a 40-token prompt reaches nearly every expert of a layer with a
 handful of rows each, so every expert matrix is read once from memory. This
@@ -36,7 +37,7 @@ def best_seconds(fn, reps: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=5, help="rows per expert (tokens routed to it); default 5")
+    p.add_argument("--rows", default="5", help="rows per expert (tokens routed to it), or a comma-separated list; default 5")
     p.add_argument("--in", dest="inputs", type=int, default=2048, help="input width (default 2048)")
     p.add_argument("--out", type=int, default=2048, help="output width (default 2048: OLMoE's gate and up, fused)")
     p.add_argument("--experts", type=int, default=48, help="distinct matrices cycled through (default 48)")
@@ -45,8 +46,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
+    row_counts = [int(r) for r in args.rows.split(",")]
     weights = [torch.randn(args.out, args.inputs) for _ in range(args.experts)]
-    xs = [torch.randn(args.rows, args.inputs) for _ in range(args.experts)]
     total = args.experts * args.out * args.inputs * 4
     big = torch.ones(1 << 28)
     paths = {"F.linear (torch's default: MKL)": (weights, torch.nn.functional.linear)}
@@ -54,18 +55,21 @@ def main() -> None:
         paths["oneDNN, plain weights"] = (weights, lambda x, w: _ONEDNN_LINEAR(x, w, None, "none", [], ""))
         paths["oneDNN, packed weights (moee-ref)"] = ([pack_weight(w) for w in weights], linear)
 
-    print(f"{args.experts} fp32 matrices [{args.out} x {args.inputs}] ({total / 2**30:.2f} GiB), {args.rows} rows each, "
+    print(f"{args.experts} fp32 matrices [{args.out} x {args.inputs}] ({total / 2**30:.2f} GiB), "
           f"{args.threads} threads, best of {args.reps}")
-    bandwidth = big.numel() * 4 / best_seconds(big.sum, args.reps)
-    print(f"read bandwidth, 1 GiB fp32 sum: {bandwidth / 1e9:.1f} GB/s")
-    for name, (matrices, fn) in paths.items():
-        for x, w in zip(xs, matrices):  # warm-up: kernels built for these shapes
-            fn(x, w)
-        seconds = best_seconds(lambda: [fn(x, w) for x, w in zip(xs, matrices)], args.reps)
-        rate = total / seconds
-        print(f"{name:36s} {rate / 1e9:6.1f} GB/s of weights = {rate / bandwidth:.0%} of the sum's bandwidth")
-    print(f"read bandwidth again: {big.numel() * 4 / best_seconds(big.sum, args.reps) / 1e9:.1f} GB/s")
-
+    for rows in row_counts:
+        xs = [torch.randn(rows, args.inputs) for _ in range(args.experts)]
+        bandwidth = big.numel() * 4 / best_seconds(big.sum, args.reps)
+        print(f"{rows} rows each; read bandwidth, 1 GiB fp32 sum: {bandwidth / 1e9:.1f} GB/s")
+        for name, (matrices, fn) in paths.items():
+            for x, w in zip(xs, matrices):  # warm-up: kernels built for these shapes
+                fn(x, w)
+            seconds = best_seconds(lambda: [fn(x, w) for x, w in zip(xs, matrices)], args.reps)
+            rate = total / seconds
+            gflops = 2 * rows * total / 4 / seconds / 1e9
+            print(f"  {name:36s} {rate / 1e9:6.1f} GB/s of weights = {rate / bandwidth:4.0%} of the sum's bandwidth"
+                  f" ({gflops:.0f} GFLOP/s)")
+        print(f"  read bandwidth again: {big.numel() * 4 / best_seconds(big.sum, args.reps) / 1e9:.1f} GB/s")
 
 if __name__ == "__main__":
     main()
