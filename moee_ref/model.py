@@ -135,10 +135,13 @@ class Block(nn.Module):
             routing = routing and routing.placed(rows, len(flat))
         return x + out.reshape(batch, length, dim), routing
 
-    def run_prefix(self, x, cos, sin) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """For a shared prefix x [1, S, D]: its output, and the keys and values its continuations attend to."""
+    def run_prefix(self, x, cos, sin, feeds_next: bool = True) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        """For a shared prefix x [1, S, D]: its output, and the keys and values its continuations attend to.
+
+        feeds_next=False (the last block): only the keys and values; the prefix's output there is never read.
+        """
         keys_values = self.attn.keys_values(self.attn_norm(x), cos, sin)
-        return self(x, cos, sin, None)[0], keys_values
+        return (self(x, cos, sin, None)[0] if feeds_next else None), keys_values
 
 
 class MoEDecoder(nn.Module):
@@ -223,8 +226,9 @@ class MoEDecoder(nn.Module):
         x = self.embed(input_ids).to(self.dtype)
         cos, sin = rotary_cos_sin(torch.arange(len(ids))[None], self.args.head_dim, self.args.rope_theta, x.dtype)
         keys, values = [], []
-        for block in self.layers:
-            x, (k, v) = block.run_prefix(x, cos, sin)
+        last = len(self.layers) - 1
+        for i, block in enumerate(self.layers):
+            x, (k, v) = block.run_prefix(x, cos, sin, feeds_next=i < last)
             keys.append(k)
             values.append(v)
         return SharedPrefix(tuple(int(i) for i in ids), keys, values)

@@ -297,7 +297,7 @@ class StreamedModel:
                 with torch.inference_mode():
                     past = None
                     if prefix is not None:
-                        prefix, past = block.run_prefix(prefix, prefix_cos, prefix_sin)
+                        prefix, past = block.run_prefix(prefix, prefix_cos, prefix_sin, feeds_next=layer < last)
                     for i, (ids, _, keep) in enumerate(batches):
                         x = store.get(i)
                         cos, sin = rotary_cos_sin(layouts[i].positions, self.args.head_dim, self.args.rope_theta, x.dtype)

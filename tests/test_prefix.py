@@ -115,6 +115,17 @@ def test_a_wrong_prefix_changes_the_result(embedder):
     assert max_rel_error(wrong.hidden_states[0, -1], right.hidden_states[0, -1]) > 1e-3
 
 
+def test_prefix_runs_no_block_whose_output_nothing_reads(embedder, monkeypatch):
+    """encode_prefix needs every layer's keys and values, but the prefix's output only up to the next-to-last block."""
+    ran = []
+    for index, block in enumerate(embedder.model.layers):
+        real = block.forward
+        monkeypatch.setattr(block, "forward", lambda *args, index=index, real=real, **kwargs: ran.append(index) or real(*args, **kwargs))
+    with torch.inference_mode():
+        prefix = embedder.model.encode_prefix(list(prompteol_prefix(embedder).ids))
+    layers = embedder.args.num_layers
+    assert ran == list(range(layers - 1)) and len(prefix.keys) == len(prefix.values) == layers
+
 # --- the embedder ---------------------------------------------------------------------------------
 
 
