@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from moee_ref import MoEEmbedder, Tokenizer, read_config
-from moee_ref.config import parse_config
-from moee_ref.embed import FeatureOptions, prompt_opening
-from moee_ref.prompts import apply_prompt, resolve_prompt
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.families import parse_config
+from moee_ref.embedding.embedder import FeatureOptions, prompt_opening
+from moee_ref.embedding.prompts import apply_prompt, resolve_prompt
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"
 HF_CLASSES = {"olmoe": "OlmoeModel", "qwen2_moe": "Qwen2MoeModel", "deepseek": None}  # None: verify.py's equivalent
@@ -223,7 +223,7 @@ def matmul_rate(runs: int = 3) -> dict:
     """fp32 GFLOP/s of MoE-shaped matmuls and a square 2048^3, through torch's default (F.linear / torch.mm: MKL)
     and through oneDNN with plain and packed weights (what moee-ref calls where torch has it); best of runs.
     The machine's rate is the best of all."""
-    from moee_ref.matmul import _ONEDNN_LINEAR, pack_weight, packing_available
+    from moee_ref.kernels.onednn import _ONEDNN_LINEAR, pack_weight, packing_available
 
     shapes = {"160x2048 -> 2048": (160, 2048, 2048), "160x1024 -> 2048": (160, 1024, 2048), "2048^3": (2048, 2048, 2048)}
     rates = {}
@@ -288,7 +288,7 @@ def batch1_bytes(model, tokenizer: Tokenizer, text: str, prefix: int) -> int:
 def record_b1_matmuls(embedder: MoEEmbedder, text: str) -> list[tuple]:
     """The oneDNN matmuls one text at batch 1 makes, in order, as (input [rows, in], weight, bias): the same
     weights (packed as the model holds them) and shapes, random inputs. Empty where oneDNN does not serve."""
-    from moee_ref import matmul
+    from moee_ref.kernels import onednn as matmul
 
     calls, real = [], matmul._onednn_linear
 
@@ -305,7 +305,7 @@ def record_b1_matmuls(embedder: MoEEmbedder, text: str) -> list[tuple]:
 
 
 def replay_matmuls(calls: list[tuple]) -> None:
-    from moee_ref.matmul import _onednn_linear
+    from moee_ref.kernels.onednn import _onednn_linear
 
     for x, weight, bias in calls:
         _onednn_linear(x, weight, bias)
@@ -409,7 +409,7 @@ def load_floor(directory: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """What any load that casts to fp32 once has to do, and nothing else: read every tensor moee-ref loads
     with its pread reader (reading ahead) and widen it into one fresh fp32 arena; the embedding table gets a
     tensor of its own, kept bf16/fp16 as stored, as moee-ref keeps it. No model, no packing, no checks."""
-    from moee_ref.checkpoint import ReadAhead, ShardReader, expected_shapes, name_map_groups, shard_files
+    from moee_ref.loading.checkpoint import ReadAhead, ShardReader, expected_shapes, name_map_groups, shard_files
 
     shapes = {n: s for n, s in expected_shapes(name_map_groups(read_config(directory))).items() if n != "lm_head.weight"}
     embed = "model.embed_tokens.weight"

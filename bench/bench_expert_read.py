@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from moee_ref.matmul import _ONEDNN_LINEAR, linear, pack_weight, packing_available
+from moee_ref.kernels.onednn import _ONEDNN_LINEAR, linear, pack_weight, packing_available
 
 
 def best_seconds(fn, reps: int) -> float:

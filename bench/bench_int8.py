@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from moee_ref import MoEEmbedder, load_model
-from moee_ref.synthetic import write_random_checkpoint
+from moee_ref.demo.checkpoints import write_random_checkpoint
 from moee_ref.tokenizer import Tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"

@@ -60,7 +60,7 @@ def config_dict(layers: int) -> dict:
 
 
 def model_args(layers: int):
-    from moee_ref.config import parse_config
+    from moee_ref.families import parse_config
 
     return parse_config(config_dict(layers), f"DeepSeekMoE-16B config with {layers} layers")
 
@@ -85,7 +85,7 @@ def fitting_layers(wanted: int, free: int) -> int:
 
 
 def checkpoint_complete(directory: Path, layers: int) -> bool:
-    from moee_ref.checkpoint import ShardReader, expected_shapes, name_map_groups, shard_files
+    from moee_ref.loading.checkpoint import ShardReader, expected_shapes, name_map_groups, shard_files
 
     try:
         written = json.loads((directory / "config.json").read_text())
@@ -103,8 +103,8 @@ def int8_estimate(layers: int) -> tuple[int, int]:
     """(bytes held by the resident int8 model, estimated peak while loading it), from the tensor shapes."""
     import math
 
-    from moee_ref.checkpoint import name_map_groups
-    from moee_ref.layout import leaves
+    from moee_ref.loading.checkpoint import name_map_groups
+    from moee_ref.families.names import leaves
 
     groups = name_map_groups(model_args(layers))
     groups[-1] = {k: v for k, v in groups[-1].items() if k != "lm_head.weight"}
@@ -145,7 +145,7 @@ def peak_rss() -> dict:
 
 def make_prompts(tokenizer, count: int) -> tuple[list[str], list[int]]:
     """Deterministic texts whose PromptEOL prompts are 20-60 tokens long (BOS included)."""
-    from moee_ref.prompts import apply_prompt, resolve_prompt
+    from moee_ref.embedding.prompts import apply_prompt, resolve_prompt
 
     template = resolve_prompt("prompteol")
     length = lambda words: len(tokenizer.tokenize([apply_prompt(template, " ".join(words) + ".")])[0][0])
@@ -172,7 +172,7 @@ def matmul_gflops(m: int, k: int, n: int, rounds: int = 5, seconds: float = 0.3)
     """
     import torch
 
-    from moee_ref.matmul import linear, pack_weight, packing_available
+    from moee_ref.kernels.onednn import linear, pack_weight, packing_available
 
     x, w = torch.randn(m, k), torch.randn(n, k)
     calls = [lambda: torch.mm(x, w.t())]
@@ -199,7 +199,7 @@ def child(opts) -> dict:
         torch.set_num_threads(opts.threads)
     directory = Path(opts.workdir)
     if opts.child == "write":
-        from moee_ref.synthetic import write_random_checkpoint
+        from moee_ref.demo.checkpoints import write_random_checkpoint
 
         start = time.perf_counter()
         write_random_checkpoint(directory, config_dict(opts.layers), dtype="bfloat16", seed=0, max_shard_bytes=SHARD_BYTES)
@@ -207,7 +207,7 @@ def child(opts) -> dict:
         return {"seconds": time.perf_counter() - start, "bytes_on_disk": on_disk, **peak_rss()}
 
     from moee_ref import MoEEmbedder, Tokenizer
-    from moee_ref.embed import FeatureOptions
+    from moee_ref.embedding.embedder import FeatureOptions
 
     args = model_args(opts.layers)
     texts, lengths = make_prompts(Tokenizer.from_dir(directory), opts.prompts)
@@ -315,7 +315,7 @@ def main() -> None:
     if opts.child:
         Path(opts.json).write_text(json.dumps(child(opts)))
         return
-    from moee_ref.streaming import parse_bytes
+    from moee_ref.loading.streamed import parse_bytes
 
     if not MIN_LAYERS <= opts.layers <= FULL_LAYERS:
         parser.error(f"--layers must lie in [{MIN_LAYERS}, {FULL_LAYERS}]")

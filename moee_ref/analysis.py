@@ -146,7 +146,7 @@ def _spread(values) -> dict:
 
 
 def _feature_options(options, prompt):
-    from .embed import FeatureOptions
+    from .embedding.embedder import FeatureOptions
 
     options = options or FeatureOptions()
     return dataclasses.replace(options, prompt=prompt)
@@ -186,7 +186,7 @@ def prompt_robustness(embedder, pairs: Pairs, prompts: Sequence[str] | None = No
     with gold scores each prompt's Spearman against gold for HS and RW with
     their mean, variance, min and max across prompts (gold is None otherwise).
     """
-    from .prompts import list_prompts
+    from .embedding.prompts import list_prompts
 
     names = [name for name, _ in list_prompts()] if prompts is None else list(prompts)
     if not names:

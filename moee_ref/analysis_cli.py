@@ -24,7 +24,7 @@ from .cli_common import Parser, UsageError, int_at_least, load_embedder, positiv
 
 
 def _parse_prompt_names(text: str) -> list[str]:
-    from .prompts import BUILTIN_PROMPTS, list_prompts
+    from .embedding.prompts import BUILTIN_PROMPTS, list_prompts
 
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
@@ -55,7 +55,7 @@ def _threshold(text: str) -> float:
 
 
 def _options(ns, prompt=None):
-    from .embed import FeatureOptions
+    from .embedding.embedder import FeatureOptions
 
     return FeatureOptions(prompt=prompt, max_length=ns.max_length, truncation=ns.truncation)
 

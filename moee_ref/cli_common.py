@@ -25,8 +25,8 @@ class UsageError(Exception):
 def load_embedder(ns):
     import torch
 
-    from .embed import MoEEmbedder
-    from .prompts import resolve_prompt
+    from .embedding.embedder import MoEEmbedder
+    from .embedding.prompts import resolve_prompt
 
     if getattr(ns, "prompt", None) is not None and getattr(ns, "mode", "default") == "default":
         resolve_prompt(ns.prompt)  # an unknown prompt is reported before minutes of loading, not after

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .data import Pairs
-from .embed import FeatureOptions, MoEEmbedder, apply_standardizers, choose_alpha, combine
+from .embedding.embedder import FeatureOptions, MoEEmbedder, apply_standardizers, choose_alpha, combine
 from .stats import cosine_rows, pearson, spearman
 
 

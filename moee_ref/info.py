@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from .config import ModelArgs
-from .model import DecoderOutput
+from .decoder.args import ModelArgs
+from .decoder.model import DecoderOutput
 
 
 def human_count(n: int) -> str:

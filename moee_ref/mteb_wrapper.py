@@ -26,9 +26,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .embed import KINDS, FeatureOptions, MoEEmbedder
+from .embedding.embedder import KINDS, FeatureOptions, MoEEmbedder
 from .errors import InputError, MoEERefError
-from .prompts import PLACEHOLDER, list_prompts, resolve_prompt
+from .embedding.prompts import PLACEHOLDER, list_prompts, resolve_prompt
 
 MISSING_MTEB = "moee eval mteb needs the optional mteb package: pip install 'moee-ref[mteb]'"
 REFERENCE = "https://github.com/tianyi-lab/MoE-Embedding"

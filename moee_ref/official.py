@@ -1,7 +1,7 @@
 """Official-code mode: the embeddings exactly as the authors' public code computes them.
 
 This exists to reproduce published numbers, not as a recommended way to
-embed. Point by point (see model-facts.md, "What the authors' public code does"):
+embed. Point by point, as their public code does it:
 
 1. sentences are preprocessed (empty -> "."; a final "." added unless the text
    ends in . ? ! " '; double quotes become single quotes) and put into the
@@ -31,16 +31,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .embed import FeatureOptions, _check_kind, _positive_int, _progress, combine
+from .embedding.embedder import FeatureOptions, _check_kind, _positive_int, _progress, combine
 from .errors import InputError
-from .prompts import OFFICIAL_PROMPTS, _lookup_builtin, apply_official_prompt
-from .standardize import standardize_per_batch
+from .families import FAMILIES
+from .embedding.prompts import OFFICIAL_PROMPTS, _lookup_builtin, apply_official_prompt
+from .embedding.standardize import standardize_per_batch
 from .tokenizer import check_texts
 
 OFFICIAL_BATCH_SIZE = 256
 OFFICIAL_PAD_ID = 0
-# Which router output the authors' code concatenates, by family.
-OFFICIAL_RW_VALUES = {"olmoe": "logits", "qwen2_moe": "logits", "deepseek": "probs"}
+# Which router output the authors' code concatenates, by family (each family file says).
+OFFICIAL_RW_VALUES = {model_type: family.OFFICIAL_RW for model_type, family in FAMILIES.items()}
 
 
 def encode_official(embedder, texts: Sequence[str], kind: str, *, prompt: str | None, alpha: float, batch_size: int | None, show_progress_bar: bool | None) -> np.ndarray:

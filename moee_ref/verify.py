@@ -1,10 +1,10 @@
 """`moee verify`: run a checkpoint through moee-ref and through transformers and compare.
 
-transformers is an optional dependency (the `test` extra). OLMoE and
-Qwen1.5-MoE load with transformers' own classes and loader. DeepSeekMoE has
-no transformers class; its reference is the exact Qwen2-MoE equivalent of
-model-facts.md, filled straight from the checkpoint's tensors (not through
-moee-ref's loader, so a mistake there cannot hide on both sides).
+transformers is an optional dependency (the `test` extra). A family that
+transformers loads with its own classes is compared with AutoModelForCausalLM;
+a family it has no class for (DeepSeekMoE) brings its own
+`transformers_reference`, an exactly equivalent transformers model (see its
+family file).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import MoEERefError
+from .families import family_of
+from .loading.checkpoint import ShardReader, shard_files
 
 VERIFY_SENTENCES = [
     "The cat sat on the mat.",
@@ -74,51 +76,13 @@ def load_reference(directory: Path, args):
         raise VerifyUnavailable("moee verify needs transformers: pip install 'moee-ref[test]'") from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    if args.family == "deepseek":
-        return _deepseek_reference(transformers, directory, args)
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-
-
-def _deepseek_reference(transformers, directory: Path, args):
-    from .checkpoint import ShardReader, shard_files
-
-    config = transformers.Qwen2MoeConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.dense_size or 1,
-        moe_intermediate_size=args.expert_size, shared_expert_intermediate_size=args.shared_expert_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-        num_experts=args.num_experts, num_experts_per_tok=args.top_k, norm_topk_prob=args.norm_topk_prob,
-        decoder_sparse_step=1, mlp_only_layers=list(args.dense_layers), max_position_embeddings=args.max_position_embeddings,
-        rms_norm_eps=args.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
-        tie_word_embeddings=args.tie_word_embeddings,
-    )
-    with torch.device("meta"):
-        model = transformers.Qwen2MoeForCausalLM(config)
+    build = getattr(family_of(args), "transformers_reference", None)
+    if build is None:
+        return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    # A family transformers cannot load as it is: its reference is filled straight from the checkpoint's
+    # tensors (not through moee-ref's loader, so a mistake there cannot hide on both sides).
     with ShardReader(shard_files(directory)).reading() as shards:
-
-        def read(name):
-            return shards.read(name).float()
-
-        state = {}
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "shared_expert_gate.weight")):
-                state[name] = torch.zeros(param.shape)  # no bias in DeepSeekMoE; sigmoid(0) = 0.5 on the shared expert
-            elif name.endswith("mlp.experts.gate_up_proj"):
-                prefix = name[: -len("gate_up_proj")]
-                state[name] = torch.stack(
-                    [torch.cat([read(f"{prefix}{e}.gate_proj.weight"), read(f"{prefix}{e}.up_proj.weight")]) for e in range(args.num_experts)]
-                )
-            elif name.endswith("mlp.experts.down_proj"):
-                prefix = name[: -len("down_proj")]
-                state[name] = torch.stack([read(f"{prefix}{e}.down_proj.weight") for e in range(args.num_experts)])
-            elif ".mlp.shared_expert." in name:
-                tensor = read(name.replace(".mlp.shared_expert.", ".mlp.shared_experts."))
-                state[name] = 2.0 * tensor if name.endswith("down_proj.weight") else tensor  # 0.5 * (2 W) = W exactly
-            else:
-                state[name] = read(name)
-    model.load_state_dict(state, assign=True, strict=True)
-    # Buffers that are not in any checkpoint (rotary frequencies) must be built for real, off the meta device.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config)
-    return model.eval()
+        return build(transformers, args, lambda name: shards.read(name).float())
 
 
 def verify(model, tokenizer, reference) -> VerifyReport:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from moee_ref import checkpoint
-from moee_ref.embed import MoEEmbedder
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.loading import checkpoint
+from moee_ref.embedding.embedder import MoEEmbedder
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 # Different lengths (in tokens), so that batches are padded.
 TEXTS = [

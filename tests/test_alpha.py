@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from moee_ref.alpha import (
+from moee_ref.embedding.alpha import (
     ALPHA_MAX,
     SUPERVISED_CRITERION,
     UNSUPERVISED_CRITERION,

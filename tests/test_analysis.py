@@ -28,10 +28,10 @@ from moee_ref.analysis import (
     spearman_matrix,
 )
 from moee_ref.data import Pairs
-from moee_ref.embed import MoEEmbedder
+from moee_ref.embedding.embedder import MoEEmbedder
 from moee_ref.errors import InputError, MoEERefError
 from moee_ref.stats import cosine_rows, spearman
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 
 def needs_sklearn():

@@ -13,8 +13,8 @@ import torch
 
 from moee_ref.analysis import ANALYSIS_EXTRA_MESSAGE, complementarity, error_analysis_for_pairs, prompt_robustness
 from moee_ref.data import read_pairs
-from moee_ref.embed import FeatureOptions, MoEEmbedder
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.embedding.embedder import FeatureOptions, MoEEmbedder
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 # Imported as moee_ref.cli (not run as __main__), as the `moee` script does.
 RUNNER = "import sys; from moee_ref.cli import main; sys.exit(main(sys.argv[1:]))"

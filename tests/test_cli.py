@@ -29,9 +29,9 @@ import torch
 # One torch thread here as in the subprocesses (OMP_NUM_THREADS=1): the same sums in the same order.
 from embed_fixtures import single_thread  # noqa: F401  (an autouse fixture)
 from moee_ref import MoEEmbedder, Tokenizer, cli, load_model, read_config
-from moee_ref.prompts import BUILTIN_PROMPTS
+from moee_ref.embedding.prompts import BUILTIN_PROMPTS
 from moee_ref.stats import pearson, spearman
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moee_ref import MoEEmbedder
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 TEXTS = ["A man plays a guitar.", "The market fell sharply today.", "Cats sleep.", "Rain is expected tomorrow in the north."]
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from moee_ref.config import ModelArgs, parse_config, read_config
+from moee_ref.decoder.args import ModelArgs
+from moee_ref.families import parse_config, read_config
 from moee_ref.errors import ConfigError, MoEERefError
-from moee_ref.synthetic import SMALL_CONFIGS
+from moee_ref.demo.checkpoints import SMALL_CONFIGS
 
 CONFIG_DIR = Path(__file__).parent / "fixtures" / "configs"
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek")

@@ -30,11 +30,11 @@ from embed_fixtures import (  # noqa: F401  (fixtures are used by name)
     run_alone,
     single_thread,
 )
-from moee_ref.alpha import SUPERVISED_CRITERION, UNSUPERVISED_CRITERION, AlphaChoice
-from moee_ref.embed import KINDS, MoEEmbedder, alpha_over_all_pairs
+from moee_ref.embedding.alpha import SUPERVISED_CRITERION, UNSUPERVISED_CRITERION, AlphaChoice
+from moee_ref.embedding.embedder import KINDS, MoEEmbedder, alpha_over_all_pairs
 from moee_ref.errors import InputError
-from moee_ref.prompts import BUILTIN_PROMPTS, apply_prompt, resolve_prompt
-from moee_ref.standardize import Standardizer
+from moee_ref.embedding.prompts import BUILTIN_PROMPTS, apply_prompt, resolve_prompt
+from moee_ref.embedding.standardize import Standardizer
 
 BATCH_TOL = 1e-5  # float32, same text computed in different batches
 IDENTITY_TOL = 1e-6

@@ -20,11 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import moee_ref
-from moee_ref import checkpoint
-from moee_ref.checkpoint import INDEX_FILE, name_map_groups
+from moee_ref.loading import checkpoint
+from moee_ref.loading.checkpoint import INDEX_FILE, name_map_groups
 from moee_ref.errors import CheckpointError, ConfigError, ModelNotFoundError, UnsafeCheckpointError
-from moee_ref.layout import leaves
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.families.names import leaves
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
 SHARD_BYTES = 2**17  # small shards: every small checkpoint is spread over many files

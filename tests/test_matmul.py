@@ -10,11 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moee_ref import MoEEmbedder, load_model, matmul
+from moee_ref import MoEEmbedder, load_model
+from moee_ref.kernels import onednn as matmul
 from moee_ref.errors import CheckpointError
-from moee_ref.layers import Linear, RoutedExperts
-from moee_ref.matmul import EXACT_ROWS, ROW_STEP, ROW_TILE, linear, onednn_applies, pack_weight, packing_available, row_tiles
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.decoder.layers import Linear
+from moee_ref.decoder.moe import RoutedExperts
+from moee_ref.kernels.experts import GroupedExperts, OneDNNExperts
+from moee_ref.kernels import use_kernels
+from moee_ref.kernels.onednn import OneDNNLinear
+from moee_ref.kernels.onednn import EXACT_ROWS, ROW_STEP, ROW_TILE, linear, onednn_applies, pack_weight, packing_available, row_tiles
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 ONEDNN = matmul._ONEDNN_LINEAR is not None
 FP32_REL = 1e-6  # float32 rounding of a 256-term dot product, relative to the output's largest value
@@ -75,27 +80,31 @@ def test_gradients_flow_where_asked():
 
 
 def test_linear_module_has_no_random_init_and_uses_linear():
-    module = Linear(256, 96, bias=True)
+    module = OneDNNLinear(256, 96, bias=True)
     with torch.no_grad():
         module.weight.normal_()
         module.bias.normal_()
     module.requires_grad_(False)
     x = torch.randn(2, 256)
     assert torch.equal(module(x), linear(x, module.weight, module.bias))
+    plain = Linear(256, 96, bias=True)  # the reference layer: F.linear
+    plain.load_state_dict(module.state_dict())
+    assert torch.equal(plain(x), F.linear(x, module.weight, module.bias))
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
 def test_experts_run_one_call_per_active_expert_through_onednn(onednn_rows):
     """With oneDNN serving float32, the experts do not take grouped_mm (MKL underneath): one matmul pair per expert."""
     generator = torch.Generator().manual_seed(2)
-    experts = RoutedExperts(6, 32, 16).requires_grad_(False)
+    experts = OneDNNExperts(6, 32, 16).requires_grad_(False)
     with torch.no_grad():
         experts.gate_up.copy_(torch.randn(6, 32, 32, generator=generator))
         experts.down.copy_(torch.randn(6, 32, 16, generator=generator))
     x = torch.randn(10, 32, generator=generator)
     ids = torch.tensor([[0, 1]] * 5 + [[1, 3]] * 5)  # experts 0, 1, 3 active
     weights = torch.rand(10, 2, generator=generator)
-    assert not experts.grouped_mm_ok(x)
+    # The kernel the loader picks for float32 where oneDNN serves it: not grouped_mm.
+    assert type(use_kernels(RoutedExperts(6, 32, 16), torch.float32)) is OneDNNExperts
     out = experts(x, ids, weights)
     assert len(onednn_rows) == 2 * 3
     expected = torch.zeros(10, 32, dtype=torch.float64)

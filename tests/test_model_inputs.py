@@ -9,7 +9,7 @@ import torch
 
 import moee_ref
 from moee_ref.errors import InputError
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
 REL_TOL = 1e-5  # float32: max |batched - alone| / max |alone| on real tokens

@@ -17,7 +17,7 @@ from mteb.abstasks import AbsTaskClassification, AbsTaskSTS  # noqa: E402
 from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from moee_ref.embed import MoEEmbedder  # noqa: E402
+from moee_ref.embedding.embedder import MoEEmbedder  # noqa: E402
 from moee_ref.errors import InputError, MoEERefError  # noqa: E402
 from moee_ref.mteb_wrapper import (  # noqa: E402
     MISSING_MTEB,
@@ -28,7 +28,7 @@ from moee_ref.mteb_wrapper import (  # noqa: E402
     run_mteb,
 )
 from moee_ref.stats import spearman  # noqa: E402
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint  # noqa: E402
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint  # noqa: E402
 
 SUBJECTS = ["The cat", "A young dog", "My neighbour", "The old teacher", "A small child", "The pilot"]
 ACTIONS = ["sleeps on the sofa", "reads a long book", "runs in the park", "cooks dinner for friends", "sings a song"]

@@ -26,12 +26,12 @@ from embed_fixtures import (  # noqa: F401  (fixtures are used by name)
     sample_std_standardize,
     single_thread,
 )
-from moee_ref.alpha import AlphaChoice
-from moee_ref.embed import KINDS
+from moee_ref.embedding.alpha import AlphaChoice
+from moee_ref.embedding.embedder import KINDS
 from moee_ref.errors import InputError
 from moee_ref.official import OFFICIAL_BATCH_SIZE, OFFICIAL_RW_VALUES
-from moee_ref.prompts import BUILTIN_PROMPTS, apply_official_prompt
-from moee_ref.standardize import Standardizer
+from moee_ref.embedding.prompts import BUILTIN_PROMPTS, apply_official_prompt
+from moee_ref.embedding.standardize import Standardizer
 
 FAMILIES = ["olmoe", "qwen2_moe", "deepseek"]
 FEATURE_TOL = 1e-6

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from embed_fixtures import TEXTS, build_embedder, build_real_vocab_olmoe, max_rel_error, single_thread  # noqa: F401
-from moee_ref.embed import FeatureOptions, MoEEmbedder, prompt_opening
-from moee_ref.model import SharedPrefix
-from moee_ref.prompts import apply_prompt, resolve_prompt
+from moee_ref.embedding.embedder import FeatureOptions, MoEEmbedder, prompt_opening
+from moee_ref.decoder.batch import SharedPrefix
+from moee_ref.embedding.prompts import apply_prompt, resolve_prompt
 
 HS_TOL = 1e-5  # relative to the largest |HS|
 PROBS_TOL = 1e-5  # absolute, router probabilities (as batch invariance in test_embed.py)

@@ -1,7 +1,7 @@
 import pytest
 
 from moee_ref.errors import InputError
-from moee_ref.prompts import (
+from moee_ref.embedding.prompts import (
     BUILTIN_PROMPTS,
     OFFICIAL_PROMPTS,
     apply_official_prompt,

@@ -18,15 +18,17 @@ import torch
 from torch import nn
 
 from embed_fixtures import TEXTS, max_rel_error, single_thread, tensor_reads  # noqa: F401  (fixtures used by name)
-from moee_ref import layers
-from moee_ref.checkpoint import load_model
-from moee_ref.embed import MoEEmbedder
+from moee_ref.kernels import onednn
+from moee_ref.loading.checkpoint import load_model
+from moee_ref.embedding.embedder import MoEEmbedder
 from moee_ref.errors import InputError
-from moee_ref.layers import Linear, RMSNorm, RoutedExperts, SwiGLU
-from moee_ref.model import MoE
-from moee_ref.quant import Int8Linear, Int8RoutedExperts, quantize_rows
-from moee_ref.streaming import StreamedModel
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.decoder.layers import Linear, RMSNorm, SwiGLU
+from moee_ref.decoder.moe import RoutedExperts
+from moee_ref.decoder.moe import MoE
+from moee_ref.kernels.experts import OneDNNExperts
+from moee_ref.kernels.int8 import Int8Linear, Int8RoutedExperts, quantize_rows
+from moee_ref.loading.streamed import StreamedModel
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.tokenizer import Tokenizer
 
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
@@ -118,7 +120,7 @@ def test_int8_linear_equals_dequantized_linear(bias):
     assert q.values.dtype == torch.int8 and q.scale.dtype == torch.float32
     x = torch.randn(2, 5, 40)
     dequantized = q.values.float() * q.scale[:, None]
-    assert torch.equal(q(x), layers.linear(x, dequantized, linear.bias))
+    assert torch.equal(q(x), onednn.linear(x, dequantized, linear.bias))
     if bias:
         assert q.bias is linear.bias  # the bias is kept as it is
     # And close to the float layer: |error| <= sum_j |x_j| * step_j / 2, bounded by the largest half step.
@@ -136,7 +138,7 @@ def test_int8_routed_experts_equal_dequantized_experts():
     assert q.num_experts == 6 and not list(q.parameters())
     assert q.gate_up_values.dtype == q.down_values.dtype == torch.int8
 
-    reference = RoutedExperts(6, 16, 8).requires_grad_(False)  # like a loaded model: the same matmul path as q
+    reference = OneDNNExperts(6, 16, 8).requires_grad_(False)  # like a loaded float32 model: the same matmul path as q
     with torch.no_grad():
         reference.gate_up.copy_(q.gate_up_values.float() * q.gate_up_scale[..., None])
         reference.down.copy_(q.down_values.float() * q.down_scale[..., None])
@@ -175,7 +177,7 @@ def test_int8_modules(float_models, int8_models, family):
             if block.mlp.shared is not None:
                 assert all(isinstance(getattr(block.mlp.shared, n), Int8Linear) for n in ("gate", "up", "down"))
             if block.mlp.shared_gate is not None:  # Qwen's per-token gate of the shared expert: a router, kept
-                assert type(block.mlp.shared_gate) is Linear and block.mlp.shared_gate.weight.dtype == torch.float32
+                assert type(block.mlp.shared_gate) in (Linear, onednn.OneDNNLinear) and block.mlp.shared_gate.weight.dtype == torch.float32
         else:
             assert isinstance(block.mlp, SwiGLU)  # DeepSeek's dense first layer
             assert all(isinstance(getattr(block.mlp, n), Int8Linear) for n in ("gate", "up", "down"))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from moee_ref.errors import InputError
-from moee_ref.standardize import FORMAT_VERSION, Standardizer, standardize_per_batch
+from moee_ref.embedding.standardize import FORMAT_VERSION, Standardizer, standardize_per_batch
 
 
 @pytest.fixture

@@ -26,12 +26,12 @@ import pytest
 import torch
 
 from embed_fixtures import max_rel_error, single_thread, tensor_reads  # noqa: F401  (fixtures used by name)
-from moee_ref.embed import FeatureOptions, MoEEmbedder, prompt_opening
+from moee_ref.embedding.embedder import FeatureOptions, MoEEmbedder, prompt_opening
 from moee_ref.errors import InputError, MoEERefError
-from moee_ref.model import Block
-from moee_ref.prompts import apply_prompt, resolve_prompt
-from moee_ref.streaming import ActivationStore, SpillError, StreamedModel, parse_bytes
-from moee_ref.synthetic import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.decoder.model import Block
+from moee_ref.embedding.prompts import apply_prompt, resolve_prompt
+from moee_ref.loading.streamed import ActivationStore, SpillError, StreamedModel, parse_bytes
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.tokenizer import Tokenizer
 
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
@@ -466,9 +466,9 @@ def test_streamed_refuses_official_mode(streamed_olmoe):
 @pytest.mark.parametrize(
     "ids, message",
     [
-        (torch.tensor([[5, 6, 512]]), "token ids outside the vocabulary [0, 512)"),
-        (torch.tensor([[-1, 6, 7]]), "token ids outside the vocabulary [0, 512)"),
-        (torch.full((1, 513), 7), "sequence length 513 exceeds max_position_embeddings=512"),
+        (torch.tensor([[5, 6, 512]]), "token id 512 is outside the vocabulary [0, 512); check the tokenizer"),
+        (torch.tensor([[-1, 6, 7]]), "token id -1 is outside the vocabulary [0, 512); check the tokenizer"),
+        (torch.full((1, 513), 7), "sequence length 513 exceeds max_position_embeddings=512; truncate the input (tokenizer max_length)"),
     ],
 )
 def test_run_refuses_bad_ids(streamed_olmoe, ids, message):
@@ -555,5 +555,5 @@ def test_streamed_run_refuses_flags_without_prefix(streamed_olmoe):
         with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
             streamed_olmoe.model.run(batches, **kwargs)
     too_long = torch.full((1, 511), 7)
-    with pytest.raises(InputError, match=r"^sequence length 513 exceeds max_position_embeddings=512$"):
+    with pytest.raises(InputError, match=r"^prefix \(2 tokens\) and input \(511\) exceed max_position_embeddings=512; truncate the input$"):
         streamed_olmoe.model.run([(too_long, torch.ones_like(too_long), None)], prefix_ids=[1, 2], continues=[True])

@@ -12,14 +12,11 @@ import tokenizers
 import torch
 
 from moee_ref.errors import CheckpointError, ConfigError, InputError
-from moee_ref.synthetic_tokenizer import (
-    DEEPSEEK_BOS,
-    DEEPSEEK_EOS,
-    DEEPSEEK_STYLE,
-    OLMOE_STYLE,
-    QWEN_STYLE,
-    build_byte_level_tokenizer,
-)
+from moee_ref.demo.tokenizers import build_byte_level_tokenizer
+from moee_ref.families import deepseek, olmoe, qwen2_moe
+
+DEEPSEEK_BOS, DEEPSEEK_EOS = deepseek.BOS, deepseek.EOS
+DEEPSEEK_STYLE, OLMOE_STYLE, QWEN_STYLE = deepseek.TOKENIZER_STYLE, olmoe.TOKENIZER_STYLE, qwen2_moe.TOKENIZER_STYLE
 from moee_ref.tokenizer import Batch, Tokenizer
 
 OLMOE_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "olmoe-tokenizer.json"

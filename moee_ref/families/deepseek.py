@@ -5,11 +5,14 @@ Upstream this model ships remote code; none of it is used: config.json is
 read as data and the math is written here.
 """
 
-from ..config import ConfigReader, ModelArgs
-from ..layout import NameMap, attention, block_norms, mlp, routed_experts
+import torch
+
+from ..decoder.args import ModelArgs
+from .config import ConfigReader
+from .names import LAYER, NameMap, attention, block_norms, dense_mlp, routed_experts, swiglu
 
 MODEL_TYPE = "deepseek"
-HUB_ID = "deepseek-ai/deepseek-moe-16b-base"
+OFFICIAL_RW = "probs"  # the router output the authors' code concatenates as RW (official mode)
 
 
 def args_from_config(cfg: ConfigReader) -> ModelArgs:
@@ -53,11 +56,94 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
 
 
 def layer_names(args: ModelArgs, layer: int) -> NameMap:
-    ckpt, ours = f"model.layers.{layer}.mlp", f"layers.{layer}.mlp"
     names = {**block_norms(args, layer), **attention(args, layer)}
     if layer not in args.moe_layers:
-        return {**names, **mlp(ckpt, ours, args.hidden_size, args.dense_size)}
+        return {**names, **dense_mlp(args, layer)}
     names.update(routed_experts(args, layer))
     if args.shared_expert_size:
-        names.update(mlp(f"{ckpt}.shared_experts", f"{ours}.shared", args.hidden_size, args.shared_expert_size))
+        ckpt = f"{LAYER.format(layer=layer)}.mlp.shared_experts"
+        names.update(swiglu(ckpt, f"layers.{layer}.mlp.shared", args.hidden_size, args.shared_expert_size))
     return names
+
+
+def transformers_reference(transformers, args: ModelArgs, read):
+    """transformers' model of a DeepSeekMoE checkpoint, for `moee verify` and the parity tests.
+
+    transformers has no DeepSeekMoE (v1) class, and the hub's remote code is
+    never run, so the checkpoint is loaded into Qwen2MoE, which computes the
+    same function once its extras are neutralised: zero q/k/v biases, and a
+    shared-expert gate of sigmoid(0) = 1/2 against a doubled down matrix
+    (exact in binary floating point). read(name): a checkpoint tensor in float32.
+    """
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.dense_size or 1,
+        moe_intermediate_size=args.expert_size, shared_expert_intermediate_size=args.shared_expert_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
+        num_experts=args.num_experts, num_experts_per_tok=args.top_k, norm_topk_prob=args.norm_topk_prob,
+        decoder_sparse_step=1, mlp_only_layers=list(args.dense_layers), max_position_embeddings=args.max_position_embeddings,
+        rms_norm_eps=args.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        tie_word_embeddings=args.tie_word_embeddings,
+    )
+    with torch.device("meta"):
+        model = transformers.Qwen2MoeForCausalLM(config)
+    state = {}
+    for name, param in model.named_parameters():
+        if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "shared_expert_gate.weight")):
+            state[name] = torch.zeros(param.shape)
+        elif name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            state[name] = torch.stack(
+                [torch.cat([read(f"{prefix}{e}.gate_proj.weight"), read(f"{prefix}{e}.up_proj.weight")]) for e in range(args.num_experts)]
+            )
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            state[name] = torch.stack([read(f"{prefix}{e}.down_proj.weight") for e in range(args.num_experts)])
+        elif ".mlp.shared_expert." in name:
+            tensor = read(name.replace(".mlp.shared_expert.", ".mlp.shared_experts."))
+            state[name] = 2.0 * tensor if name.endswith("down_proj.weight") else tensor  # 0.5 * (2 W) = W exactly
+        else:
+            state[name] = read(name)
+    model.load_state_dict(state, assign=True, strict=True)
+    # Buffers that are not in any checkpoint (rotary frequencies) must be built for real, off the meta device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.eval()
+
+
+# A small random checkpoint for demos and tests (demo/checkpoints.py): a dense first layer and two shared experts.
+DEMO_CONFIG = {
+    "architectures": ["DeepseekForCausalLM"],
+    "model_type": MODEL_TYPE,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 16,
+    "n_shared_experts": 2,
+    "num_experts_per_tok": 3,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "norm_topk_prob": False,
+    "scoring_func": "softmax",
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "pretraining_tp": 1,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 0,
+}
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+TOKENIZER_STYLE = {
+    "bos": BOS,
+    "add_bos_token": True,
+    "eos_token": EOS,
+    "pad_token": EOS,
+    # DeepSeek's hub config writes its tokens as AddedToken dicts; loaders must read both forms.
+    "tokens_as_dicts": True,
+}

@@ -1,10 +1,12 @@
 """OLMoE (allenai/OLMoE-1B-7B-0924): every layer is MoE; q/k RMSNorm; optional clip_qkv."""
 
-from ..config import ConfigReader, ModelArgs
-from ..layout import NameMap, Tensor, attention, block_norms, routed_experts
+from ..decoder.args import ModelArgs
+from .config import ConfigReader
+from .names import NameMap, attention, block_norms, routed_experts
 
 MODEL_TYPE = "olmoe"
-HUB_ID = "allenai/OLMoE-1B-7B-0924"
+# The router output the authors' public code concatenates as RW for this family (official mode).
+OFFICIAL_RW = "logits"
 
 
 def args_from_config(cfg: ConfigReader) -> ModelArgs:
@@ -31,12 +33,33 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
 
 
 def layer_names(args: ModelArgs, layer: int) -> NameMap:
-    q_out, kv_out = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-    ckpt = f"model.layers.{layer}.self_attn"
-    return {
-        **block_norms(args, layer),
-        **attention(args, layer),
-        f"layers.{layer}.attn.q_norm.weight": Tensor(f"{ckpt}.q_norm.weight", (q_out,)),
-        f"layers.{layer}.attn.k_norm.weight": Tensor(f"{ckpt}.k_norm.weight", (kv_out,)),
-        **routed_experts(args, layer),
-    }
+    return {**block_norms(args, layer), **attention(args, layer), **routed_experts(args, layer)}
+
+
+# A small random checkpoint of this family for demos and tests (demo/checkpoints.py), in the released
+# config.json style, every feature of the family switched on.
+DEMO_CONFIG = {
+    "architectures": ["OlmoeForCausalLM"],
+    "model_type": MODEL_TYPE,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_experts": 16,
+    "num_experts_per_tok": 4,
+    "norm_topk_prob": False,
+    "clip_qkv": None,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "eos_token_id": 0,  # ids of the demo tokenizer's special tokens
+    "pad_token_id": 1,
+}
+# The special-token conventions of the released tokenizer, for the demo tokenizer (demo/tokenizers.py).
+TOKENIZER_STYLE = {"bos": False, "eos_token": "<|endoftext|>", "pad_token": "<|padding|>"}

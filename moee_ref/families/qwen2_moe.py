@@ -1,11 +1,12 @@
 """Qwen1.5-MoE (Qwen/Qwen1.5-MoE-A2.7B): q/k/v bias, a shared expert scaled by a sigmoid gate,
 MoE layers chosen by decoder_sparse_step and mlp_only_layers."""
 
-from ..config import ConfigReader, ModelArgs
-from ..layout import NameMap, Tensor, attention, block_norms, mlp, routed_experts
+from ..decoder.args import ModelArgs
+from .config import ConfigReader
+from .names import LAYER, NameMap, Tensor, attention, block_norms, dense_mlp, routed_experts, swiglu
 
 MODEL_TYPE = "qwen2_moe"
-HUB_ID = "Qwen/Qwen1.5-MoE-A2.7B"
+OFFICIAL_RW = "logits"  # the router output the authors' code concatenates as RW (official mode)
 
 
 def args_from_config(cfg: ConfigReader) -> ModelArgs:
@@ -47,12 +48,42 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
 
 
 def layer_names(args: ModelArgs, layer: int) -> NameMap:
-    ckpt, ours = f"model.layers.{layer}.mlp", f"layers.{layer}.mlp"
     names = {**block_norms(args, layer), **attention(args, layer)}
     if layer not in args.moe_layers:
-        return {**names, **mlp(ckpt, ours, args.hidden_size, args.dense_size)}
+        return {**names, **dense_mlp(args, layer)}
     names.update(routed_experts(args, layer))
     if args.shared_expert_size:
-        names.update(mlp(f"{ckpt}.shared_expert", f"{ours}.shared", args.hidden_size, args.shared_expert_size))
+        ckpt, ours = f"{LAYER.format(layer=layer)}.mlp", f"layers.{layer}.mlp"
+        names.update(swiglu(f"{ckpt}.shared_expert", f"{ours}.shared", args.hidden_size, args.shared_expert_size))
         names[f"{ours}.shared_gate.weight"] = Tensor(f"{ckpt}.shared_expert_gate.weight", (1, args.hidden_size))
     return names
+
+
+# A small random checkpoint for demos and tests (demo/checkpoints.py): a dense layer is left out here, as in
+# the released model, and the shared expert with its gate is on.
+DEMO_CONFIG = {
+    "architectures": ["Qwen2MoeForCausalLM"],
+    "model_type": MODEL_TYPE,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_experts": 15,
+    "num_experts_per_tok": 4,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": False,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "use_sliding_window": False,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+TOKENIZER_STYLE = {"bos": False, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}

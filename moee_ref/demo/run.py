@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .synthetic import SMALL_CONFIGS, write_random_checkpoint
+from .checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 BANNER = """\
 moee-ref demo, offline.
@@ -68,13 +68,14 @@ def run_demo(root: Path, run: Callable[[list[str]], int]) -> int:
     root.mkdir(parents=True, exist_ok=True)
     paths = demo_checkpoints(root)
     texts, pairs = write_demo_data(root)
-    olmoe, qwen, deepseek = (str(paths[f]) for f in ("olmoe", "qwen2_moe", "deepseek"))
+    # Each command on a different family: the first, second and last registered.
+    first, second, last = (str(path) for path in (*list(paths.values())[:2], list(paths.values())[-1]))
     steps = [["info", "--model", str(p)] for p in paths.values()]
     steps += [
         ["prompts"],
-        ["route", "--model", deepseek, "--prompt", "prompteol", "Routers are embeddings too."],
-        ["embed", "--model", olmoe, "--input", str(texts), "--output", str(root / "embeddings.npy"), "--kind", "moee-sum", "--prompt", "prompteol", "--alpha", "auto"],
-        ["eval", "sts", "--model", qwen, "--pairs", str(pairs), "--prompt", "prompteol"],
+        ["route", "--model", last, "--prompt", "prompteol", "Routers are embeddings too."],
+        ["embed", "--model", first, "--input", str(texts), "--output", str(root / "embeddings.npy"), "--kind", "moee-sum", "--prompt", "prompteol", "--alpha", "auto"],
+        ["eval", "sts", "--model", second, "--pairs", str(pairs), "--prompt", "prompteol"],
     ]
     if importlib.util.find_spec("transformers") is not None:
         steps += [["verify", "--model", str(p)] for p in paths.values()]

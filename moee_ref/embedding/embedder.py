@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
-from .errors import InputError
-from .matmul import packing_available
-from .model import SharedPrefix
+from ..errors import InputError
+from ..kernels import packing_available
+from ..decoder.batch import SharedPrefix
 from .prompts import apply_prompt, list_prompts, resolve_prompt
 from .standardize import Standardizer
-from .stats import cosine_rows
-from .tokenizer import Tokenizer, check_texts
+from ..stats import cosine_rows
+from ..tokenizer import Tokenizer, check_texts
 
 KINDS = ("hs", "rw", "moee-concat", "moee-sum")
 POOLINGS = ("last", "mean")
@@ -127,11 +127,11 @@ class MoEEmbedder:
         if packed is None:
             packed = memory_budget is None and dtype == torch.float32 and not int8 and packing_available()
         if memory_budget is not None:
-            from .streaming import StreamedModel
+            from ..loading.streamed import StreamedModel
 
             model = StreamedModel(source, dtype, memory_budget=memory_budget, int8=int8, spill_dir=spill_dir, packed=packed)
         else:
-            from .checkpoint import load_model
+            from ..loading.checkpoint import load_model
 
             model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed)
         return cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
@@ -185,7 +185,7 @@ class MoEEmbedder:
         """
         _check_kind(kind)
         if mode == "official":
-            from .official import encode_official
+            from ..official import encode_official
 
             if (
                 standardizer is not None or feature_options or max_length is not None or truncation is not None

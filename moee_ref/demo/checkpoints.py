@@ -21,92 +21,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import INDEX_FILE, name_map_groups
-from .config import parse_config
-from .errors import InputError
-from .layout import leaves
+from ..errors import InputError
+from ..families import FAMILIES, name_map_groups, parse_config
+from ..families.names import leaves
+from ..loading.checkpoint import INDEX_FILE
 
-# Small configs of each family, in the released config.json style. They keep
-# every feature of the family switched on (dense first layer, shared experts,
-# q/k norm, biases) so that a demo exercises all of it.
-SMALL_CONFIGS: dict[str, dict[str, Any]] = {
-    "olmoe": {
-        "architectures": ["OlmoeForCausalLM"],
-        "model_type": "olmoe",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 32,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "num_experts": 16,
-        "num_experts_per_tok": 4,
-        "norm_topk_prob": False,
-        "clip_qkv": None,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-05,
-        "rope_theta": 10000.0,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "eos_token_id": 0,  # ids of the synthetic tokenizer's special tokens
-        "pad_token_id": 1,
-    },
-    "qwen2_moe": {
-        "architectures": ["Qwen2MoeForCausalLM"],
-        "model_type": "qwen2_moe",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "num_experts": 15,
-        "num_experts_per_tok": 4,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "norm_topk_prob": False,
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-06,
-        "rope_theta": 1000000.0,
-        "use_sliding_window": False,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-    },
-    "deepseek": {
-        "architectures": ["DeepseekForCausalLM"],
-        "model_type": "deepseek",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 160,
-        "moe_intermediate_size": 32,
-        "n_routed_experts": 16,
-        "n_shared_experts": 2,
-        "num_experts_per_tok": 3,
-        "first_k_dense_replace": 1,
-        "moe_layer_freq": 1,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "norm_topk_prob": False,
-        "scoring_func": "softmax",
-        "max_position_embeddings": 512,
-        "rms_norm_eps": 1e-06,
-        "rope_theta": 10000,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "pretraining_tp": 1,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 0,
-    },
-}
+# Small configs of each family, in the released config.json style (each family file's DEMO_CONFIG). They keep
+# every feature of the family switched on (dense first layer, shared experts, q/k norm, biases) so that a
+# demo exercises all of it.
+SMALL_CONFIGS: dict[str, dict[str, Any]] = {name: family.DEMO_CONFIG for name, family in FAMILIES.items()}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -148,9 +71,9 @@ def write_random_checkpoint(
         _write_weights(staging, args, _DTYPES[dtype], seed, max_shard_bytes)
         (staging / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2) + "\n")
         if tokenizer:
-            from .synthetic_tokenizer import build_family_tokenizer
+            from .tokenizers import build_family_tokenizer
 
-            build_family_tokenizer(args.family, args.vocab_size, staging)
+            build_family_tokenizer(FAMILIES[args.family].TOKENIZER_STYLE, args.vocab_size, staging)
         staging.rename(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

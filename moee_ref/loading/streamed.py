@@ -8,7 +8,10 @@ states of all batches between layers stay in memory up to the budget and are
 spilled to a temporary file beyond it.
 
 The arithmetic is the resident model's own: the same Block modules, built
-layer by layer from the same name map, so results match the resident mode.
+layer by layer from the same name map and driven through the decoder's own
+layer loop (decoder/model.py `run_layers`), so results match the resident
+mode. What is this file's own is the schedule: the memory plan, the
+activation store and reading the next layer ahead.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import ShardReader, check_packing, expected_shapes, fill_module, name_map_groups, resolve_source, shard_files
-from .config import read_config
-from .errors import InputError, MoEERefError
-from .layers import LayerRouting, RMSNorm, rotary_cos_sin
-from .layout import leaves
-from .model import BatchLayout, Block, DecoderOutput, Routing, _gather_routing
+from ..decoder.batch import check_inputs
+from ..decoder.layers import RMSNorm
+from ..decoder.model import Block, DecoderOutput, LayerPass, PrefixPass, run_layers
+from ..errors import InputError, MoEERefError
+from ..families import name_map_groups, read_config
+from ..families.names import leaves
+from ..kernels import quantize_block_, use_kernels
+from .checkpoint import ShardReader, check_packing, expected_shapes, fill_module, resolve_source, shard_files
 
 WORKING_FACTOR = 12  # transient tensors of one batch in one block, in units of that batch's hidden states
 RUNTIME_OVERHEAD = 256 * 2**20  # allowance for what is not weights or activations (index tensors, routing outputs)
@@ -166,10 +171,7 @@ class StreamedModel:
         return total
 
     def _source_bytes(self, group) -> int:
-        return sum(int(np.prod(leaf.shape)) * self._stored_size(leaf.name) for recipe in group.values() for leaf in leaves(recipe))
-
-    def _stored_size(self, name: str) -> int:
-        return self.reader.element_size(name)
+        return sum(int(np.prod(leaf.shape)) * self.reader.element_size(leaf.name) for recipe in group.values() for leaf in leaves(recipe))
 
     def weights_need(self) -> int:
         """Bytes the weights take at the worst moment: a resident layer while the next one is built.
@@ -185,7 +187,7 @@ class StreamedModel:
         return (self.layer_bytes[largest] if self.prefetch else 0) + building
 
     def _largest_leaf_bytes(self, group) -> int:
-        return max(int(np.prod(leaf.shape)) * (self._stored_size(leaf.name) + self.element)
+        return max(int(np.prod(leaf.shape)) * (self.reader.element_size(leaf.name) + self.element)
                    for recipe in group.values() for leaf in leaves(recipe))
 
     def _resident_bytes_as_float(self, group) -> int:
@@ -226,12 +228,10 @@ class StreamedModel:
     def build_layer(self, layer: int) -> Block:
         prefix = f"layers.{layer}."
         with torch.device("meta"):
-            block = Block(self.args, layer)
+            block = use_kernels(Block(self.args, layer), self.dtype, self.packed)
         group = {name[len(prefix):]: recipe for name, recipe in self.layer_groups[layer].items()}
         self._build(group, block)
         if self.int8:
-            from .quant import quantize_block_
-
             quantize_block_(block)
         return block.eval().requires_grad_(False)
 
@@ -251,12 +251,10 @@ class StreamedModel:
         continues = continues or [False] * len(batches)
         if len(continues) != len(batches) or (any(continues) and not prefix_ids):
             raise InputError("continues needs one flag per batch, and prefix_ids for the batches it flags")
-        for (ids, mask, _), shifted in zip(batches, continues):
-            length = ids.shape[1] + (len(prefix_ids) if shifted else 0)
-            if length > self.args.max_position_embeddings:
-                raise InputError(f"sequence length {length} exceeds max_position_embeddings={self.args.max_position_embeddings}")
-            if int(ids.min()) < 0 or int(ids.max()) >= self.args.vocab_size:
-                raise InputError(f"token ids outside the vocabulary [0, {self.args.vocab_size})")
+        batches = [
+            (*check_inputs(self.args, ids, mask, len(prefix_ids) if shifted else 0), keep)
+            for (ids, mask, keep), shifted in zip(batches, continues)
+        ]
         activation_room = self.plan([tuple(ids.shape) for ids, _, _ in batches])
         shapes = [(ids.shape[0], ids.shape[1], self.args.hidden_size) for ids, _, _ in batches]
         store = ActivationStore(shapes, self.dtype, activation_room, self.spill_dir)
@@ -266,27 +264,32 @@ class StreamedModel:
         finally:
             store.close()
 
-    def _run(self, batches, store: ActivationStore, position_ids, show_progress_bar: bool, prefix_ids, continues):
-        layouts = [
-            BatchLayout.of(mask.long(), keep, len(prefix_ids) if shifted else 0, None if position_ids is None else position_ids[i])
-            for i, ((_, mask, keep), shifted) in enumerate(zip(batches, continues))
-        ]
-
+    def _run(self, batches, store: "ActivationStore", position_ids, show_progress_bar: bool, prefix_ids, continues):
         # Only the rows of the tokens present are converted: the table stays in its stored dtype.
         table_name = self.embed_group["embed.weight"].name
+        passes = []
         with self.reader.reading() as shards:
             table = shards.read(table_name)
-            for i, (ids, _, _) in enumerate(batches):
-                store.put(i, table[ids.long()].to(self.dtype))
+            for i, ((ids, mask, keep), shifted) in enumerate(zip(batches, continues)):
+                batch = StoredPass.start(
+                    self.args, table[ids].to(self.dtype), mask, keep=keep, prefix_length=len(prefix_ids) if shifted else 0,
+                    position_ids=None if position_ids is None else position_ids[i],
+                )
+                passes.append(batch.stored_in(store, i))
             # The shared prefix goes through the layers beside the batches; its keys and values are all they read.
-            prefix = None if prefix_ids is None else table[torch.tensor([prefix_ids])].to(self.dtype)
+            prefix = None if prefix_ids is None else PrefixPass.start(self.args, prefix_ids, table[torch.tensor([prefix_ids])].to(self.dtype))
         self.stats.weight_bytes_read += self._source_bytes(self.embed_group)
         del table
-        if prefix is not None:
-            prefix_positions = torch.arange(prefix.shape[1])[None]
-            prefix_cos, prefix_sin = rotary_cos_sin(prefix_positions, self.args.head_dim, self.args.rope_theta, self.dtype)
 
-        routing: list[list[LayerRouting]] = [[] for _ in batches]
+        with torch.inference_mode():
+            run_layers(self._blocks(show_progress_bar), passes, prefix)
+            norm = RMSNorm(self.args.hidden_size, self.args.rms_norm_eps)
+            self._build({"weight": self.norm_group["norm.weight"]}, norm)
+            return [batch.finish(norm, self.args.moe_layers) for batch in passes]
+
+    def _blocks(self, show_progress_bar: bool):
+        """(layer, block) for every layer in order, each built from the shards as it comes, the next read
+        ahead while this one computes (prefetch); a layer is freed before the one after next is built."""
         last = len(self.layer_groups) - 1
         with ThreadPoolExecutor(max_workers=1) as pool:
             upcoming = pool.submit(self.build_layer, 0)
@@ -295,38 +298,31 @@ class StreamedModel:
                 if self.prefetch and layer < last:
                     upcoming = pool.submit(self.build_layer, layer + 1)  # read ahead while this layer computes
                 with torch.inference_mode():
-                    past = None
-                    if prefix is not None:
-                        prefix, past = block.run_prefix(prefix, prefix_cos, prefix_sin, feeds_next=layer < last)
-                    for i, (ids, _, keep) in enumerate(batches):
-                        x = store.get(i)
-                        cos, sin = rotary_cos_sin(layouts[i].positions, self.args.head_dim, self.args.rope_theta, x.dtype)
-                        batch_past = past if continues[i] else None
-                        if layer == last and keep is not None:
-                            x, layer_routing = block(x, cos, sin, layouts[i].last_mask, keep, past=batch_past)
-                        else:
-                            x, layer_routing = block(x, cos, sin, layouts[i].full_mask, real=layouts[i].real_rows, past=batch_past)
-                            if keep is not None and layer_routing is not None:
-                                layer_routing = _gather_routing(layer_routing, keep, ids.shape[1])
-                        if layer_routing is not None:
-                            routing[i].append(layer_routing)
-                        store.put(i, x)
+                    yield layer, block
                 del block
                 release_freed_memory()
                 if not self.prefetch and layer < last:
                     upcoming = pool.submit(self.build_layer, layer + 1)
 
-        norm = RMSNorm(self.args.hidden_size, self.args.rms_norm_eps)
-        self._build({"weight": self.norm_group["norm.weight"]}, norm)
-        outputs = []
-        with torch.inference_mode():
-            for i, (ids, _, keep) in enumerate(batches):
-                hidden = norm(store.get(i))
-                length = ids.shape[1] if keep is None else keep.shape[1]
-                outputs.append(DecoderOutput(hidden, Routing.stack(routing[i], self.args.moe_layers, ids.shape[0], length)))
-        return outputs
 
+class StoredPass(LayerPass):
+    """A LayerPass whose hidden states live in the activation store between layers (in memory or spilled)."""
 
+    def stored_in(self, store: "ActivationStore", index: int) -> "StoredPass":
+        store.put(index, self.__dict__.pop("x"))
+        self.store, self.index = store, index
+        return self
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.store.get(self.index)
+
+    @x.setter
+    def x(self, value: torch.Tensor) -> None:
+        if "store" in self.__dict__:
+            self.store.put(self.index, value)
+        else:  # while the dataclass is built, before the pass is given its store
+            self.__dict__["x"] = value
 
 
 def release_freed_memory() -> None:

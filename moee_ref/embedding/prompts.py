@@ -16,7 +16,7 @@ template may contain literal braces (JSON examples, code) without escaping.
 
 from __future__ import annotations
 
-from .errors import InputError
+from ..errors import InputError
 
 PLACEHOLDER = "{text}"
 

@@ -1,4 +1,4 @@
-"""The matmul every layer goes through: `linear`, and weights packed for it.
+"""oneDNN for float32 on the CPU: `linear`, weights packed for it, and the modules that use it.
 
 torch sends float32 matmuls to MKL, which on AMD CPUs runs its AVX2 code
 whatever the CPU has. oneDNN, which torch also ships (for its own compiled
@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..decoder.layers import Linear
+from ..decoder.moe import Router
 
 _MKLDNN = getattr(torch.ops, "mkldnn", None) if torch.backends.mkldnn.is_available() else None
 _ONEDNN_LINEAR = getattr(_MKLDNN, "_linear_pointwise", None)
@@ -83,3 +86,20 @@ def packing_available() -> bool:
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """A float32 [out, in] weight in oneDNN's blocked layout, for `linear` (same values, same size)."""
     return _ONEDNN_PACK(weight.contiguous())
+
+
+def onednn_serves(dtype: torch.dtype) -> bool:
+    """Whether float32 matmuls of this dtype go to oneDNN in this torch build (what `linear` decides per call)."""
+    return _ONEDNN_LINEAR is not None and dtype == torch.float32
+
+
+class OneDNNLinear(Linear):
+    """Linear through `linear`: oneDNN for float32, the weight plain or packed by `pack_weight`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class OneDNNRouter(Router):
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)

@@ -1,4 +1,4 @@
-"""Finding a checkpoint and loading its safetensors into MoEDecoder.
+"""Finding a checkpoint and loading its safetensors into MoEDecoder (resident: all layers in memory).
 
 A source is a local directory or a Hugging Face hub id. Only config,
 tokenizer and safetensors files are ever fetched; pickle-based weights
@@ -22,18 +22,17 @@ import sys
 import threading
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .config import ModelArgs, read_config
-from .errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
-from .families import FAMILIES
-from .layout import NameMap, Stack, Tensor, build, leaves, outer, shape_of
-from .matmul import pack_weight, packing_available
-from .model import MoEDecoder
+from ..decoder.model import MoEDecoder
+from ..errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from ..families import name_map_groups, read_config
+from ..families.names import NameMap, Recipe, Stack, Tensor, leaves, shape_of
+from ..kernels import pack_weight, packing_available, quantize_block_, use_kernels
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -238,13 +237,6 @@ def _listing(label: str, names: list[str], limit: int = 12) -> str:
     return f"{len(names)} {label}: {shown}{more}"
 
 
-def name_map_groups(args: ModelArgs) -> list[NameMap]:
-    """The name map in loading order: embeddings, each decoder layer, then final norm and head."""
-    family = FAMILIES[args.family]
-    before, after = outer(args)
-    return [before, *(family.layer_names(args, layer) for layer in range(args.num_layers)), after]
-
-
 def expected_shapes(groups: Iterable[NameMap]) -> dict[str, tuple[int, ...]]:
     return {leaf.name: leaf.shape for group in groups for recipe in group.values() for leaf in leaves(recipe)}
 
@@ -278,14 +270,12 @@ def load_model(
         groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
 
     with torch.device("meta"):
-        model = MoEDecoder(args, with_lm_head=lm_head)
+        model = use_kernels(MoEDecoder(args, with_lm_head=lm_head), dtype, packed)
     for index, group in enumerate(groups):
         names = [leaf.name for recipe in group.values() for leaf in leaves(recipe)]  # the order fill_module reads in
         with reader.reading() as shards, ReadAhead(shards.read, names) as ahead:
             fill_module(model, group, ahead.read, dtype, packed)
         if int8 and 1 <= index <= args.num_layers:
-            from .quant import quantize_block_
-
             quantize_block_(model.layers[index - 1])  # before the next layer is read: never all of it in float
     unset = [n for n, p in model.named_parameters() if p.is_meta]
     if unset:  # the name map forgot a parameter: a bug in moee-ref, not in the checkpoint
@@ -341,6 +331,29 @@ class ReadAhead:
                 pass
 
 
+def build(recipe: Recipe, read: Callable[[str], torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Materialise one parameter, converting each leaf to dtype as it is read.
+
+    Concatenated and stacked parameters are filled in place, leaf by leaf, so
+    that building 64 experts never holds them twice (as pieces, then stacked).
+    """
+    if isinstance(recipe, Tensor):
+        leaf = read(recipe.name)
+        return leaf.to(dtype) if out is None else out.copy_(leaf)
+    if out is None:
+        out = torch.empty(shape_of(recipe), dtype=dtype)
+    if isinstance(recipe, Stack):
+        for i, part in enumerate(recipe.parts):
+            build(part, read, dtype, out[i])
+    else:
+        start = 0
+        for part in recipe.parts:
+            rows = shape_of(part)[0]
+            build(part, read, dtype, out[start : start + rows])
+            start += rows
+    return out
+
+
 def check_packing(packed: bool, dtype: torch.dtype, int8: bool) -> None:
     if not packed:
         return
@@ -359,10 +372,11 @@ def fill_module(module: nn.Module, names_to_recipes: NameMap, read, dtype: torch
     The embedding table keeps a bf16/fp16 storage dtype.
     """
     for name, recipe in names_to_recipes.items():
-        if packed and isinstance(recipe, Stack):
+        if packed and isinstance(recipe, Stack):  # a PackedExperts list (kernels/experts.py), filled expert by expert
             staging = torch.empty(shape_of(recipe.parts[0]), dtype=dtype)  # one buffer for all: no fresh pages each time
-            experts = [pack_weight(build(part, read, dtype, out=staging)) for part in recipe.parts]
-            replace_parameter(module, name, nn.ParameterList(nn.Parameter(e, requires_grad=False) for e in experts))
+            matrices = module.get_submodule(name)
+            for i, part in enumerate(recipe.parts):
+                matrices[i] = nn.Parameter(pack_weight(build(part, read, dtype, out=staging)), requires_grad=False)
             continue
         if packed and name == "embed.weight" and isinstance(recipe, Tensor):
             # Widening bf16 or fp16 to float32 is exact: the table stays as stored (half the bytes of float32),
@@ -374,14 +388,6 @@ def fill_module(module: nn.Module, names_to_recipes: NameMap, read, dtype: torch
         if packed and tensor.dim() == 2 and name.endswith(".weight") and name != "lm_head.weight":  # the head: logits only
             tensor = pack_weight(tensor)
         assign_parameter(module, name, tensor)
-
-
-def replace_parameter(module: nn.Module, name: str, value: nn.Module) -> None:
-    """Put a module (a ParameterList of packed experts) where the parameter `name` was."""
-    owner_name, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_name)
-    delattr(owner, attr)
-    setattr(owner, attr, value)
 
 
 def assign_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -9,10 +9,12 @@ A model in int8 holds about a quarter of its float32 weight bytes.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention, RoutedExperts, SwiGLU
-from .matmul import linear
+from ..decoder.layers import Attention, SwiGLU
+from ..decoder.moe import RoutedExperts
+from .onednn import linear
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +54,16 @@ class Int8RoutedExperts(RoutedExperts):
     def num_experts(self) -> int:
         return self.gate_up_values.shape[0]
 
-    def expert_matrices(self, expert: int, dtype: torch.dtype):
+    def expert_matrices(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """([2 * size, dim], [dim, size]) weights of one expert, dequantized to dtype."""
         gate_up = self.gate_up_values[expert].to(dtype) * self.gate_up_scale[expert, :, None].to(dtype)
         down = self.down_values[expert].to(dtype) * self.down_scale[expert, :, None].to(dtype)
         return gate_up, down
+
+    def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.expert_matrices(expert, x.dtype)
+        gate, up = linear(x, gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, down)
 
 
 def quantize_block_(block: nn.Module) -> None:

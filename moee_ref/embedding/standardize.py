@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.npyio import NpzFile  # the type np.load returns for an .npz archive
 
-from .errors import InputError
+from ..errors import InputError
 
 FORMAT_VERSION = 1
 DEFAULT_EPS = 1e-8
@@ -35,7 +35,7 @@ _SAVED_KEYS = ("format_version", "kind", "eps", "mean", "std")
 class Standardizer:
     """Fitted per-feature mean and std; ``transform`` maps x to (x - mean) / (std + eps).
 
-    ``kind`` labels what the statistics were fitted for (e.g. "rw:olmoe"), so
+    ``kind`` labels what the statistics were fitted for (e.g. "rw", or a longer label such as "rw:my-model"), so
     a mismatch can be reported in words. A feature constant on the fit corpus
     has std 0 and is divided by ``eps`` alone, as in the authors' formula.
     """

@@ -10,9 +10,9 @@ MoE checkpoints moee-ref supports, without downloading anything:
   tokenizer.json post-processor adds the BOS itself too, which is what a
   loader must not double.
 
-Pass one of the ``*_STYLE`` dicts as keyword arguments to get that style::
+Pass a family's ``TOKENIZER_STYLE`` dict as keyword arguments to get that style::
 
-    build_byte_level_tokenizer(512, tmp_dir, **DEEPSEEK_STYLE)
+    build_byte_level_tokenizer(512, tmp_dir, **families.deepseek.TOKENIZER_STYLE)
 
 Only the ``tokenizers`` library is needed. Training on the built-in corpus
 takes a few milliseconds and gives byte-identical files on every run.
@@ -26,30 +26,9 @@ from typing import Union
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from .errors import InputError
+from ..errors import InputError
 
-__all__ = [
-    "build_byte_level_tokenizer",
-    "OLMOE_STYLE",
-    "QWEN_STYLE",
-    "DEEPSEEK_STYLE",
-    "DEEPSEEK_BOS",
-    "DEEPSEEK_EOS",
-]
-
-DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
-DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
-
-OLMOE_STYLE = {"bos": False, "eos_token": "<|endoftext|>", "pad_token": "<|padding|>"}
-QWEN_STYLE = {"bos": False, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-DEEPSEEK_STYLE = {
-    "bos": DEEPSEEK_BOS,
-    "add_bos_token": True,
-    "eos_token": DEEPSEEK_EOS,
-    "pad_token": DEEPSEEK_EOS,
-    # DeepSeek's hub config writes its tokens as AddedToken dicts; loaders must read both forms.
-    "tokens_as_dicts": True,
-}
+__all__ = ["build_byte_level_tokenizer", "build_family_tokenizer"]
 
 # Every byte gets a token of its own in a byte-level vocabulary.
 BYTE_ALPHABET_SIZE = 256
@@ -210,10 +189,7 @@ def build_byte_level_tokenizer(
     return out_dir
 
 
-FAMILY_STYLES = {"olmoe": OLMOE_STYLE, "qwen2_moe": QWEN_STYLE, "deepseek": DEEPSEEK_STYLE}
-
-
-def build_family_tokenizer(family: str, model_vocab_size: int, path_dir) -> Path:
-    """A tokenizer with the special-token conventions of `family` that fits a model of model_vocab_size."""
+def build_family_tokenizer(style: dict, model_vocab_size: int, path_dir) -> Path:
+    """A tokenizer with a family's special-token conventions (its TOKENIZER_STYLE) that fits a model of model_vocab_size."""
     vocab = min(model_vocab_size, 1024)
-    return build_byte_level_tokenizer(vocab, path_dir, **FAMILY_STYLES[family])
+    return build_byte_level_tokenizer(vocab, path_dir, **style)

@@ -1,0 +1,122 @@
+"""The MoE layer: a router that picks top_k of E experts per token, the experts, and shared experts.
+
+The router's softmax over all experts (`LayerRouting.probs`) is what the
+paper reads as the routing-weight embedding; it is returned as a result of
+the layer, not observed from the side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .args import ModelArgs
+from .layers import Linear, SwiGLU
+
+
+@dataclass
+class LayerRouting:
+    """What the router of one MoE layer decided, for N tokens."""
+
+    logits: torch.Tensor  # [N, E] float32, before softmax
+    probs: torch.Tensor  # [N, E] float32, softmax over all experts
+    topk_ids: torch.Tensor  # [N, k] experts that process each token
+    topk_weights: torch.Tensor  # [N, k] float32, the weights their outputs are mixed with
+
+    def placed(self, rows: torch.Tensor, total: int) -> "LayerRouting":
+        """This routing of some token rows, spread over `total` rows; the others (padding) are zero."""
+        return self._map(lambda t: t.new_zeros((total, t.shape[-1])).index_copy_(0, rows, t))
+
+    def at(self, keep: torch.Tensor, length: int) -> "LayerRouting":
+        """This routing (flat over B*T tokens) at the kept positions keep [B, P] only (flat over B*P)."""
+        index = keep[..., None]
+        return self._map(lambda t: t.reshape(len(keep), length, -1).gather(1, index.expand(-1, -1, t.shape[-1])).reshape(-1, t.shape[-1]))
+
+    def _map(self, fn) -> "LayerRouting":
+        return LayerRouting(fn(self.logits), fn(self.probs), fn(self.topk_ids), fn(self.topk_weights))
+
+
+class Router(nn.Module):
+    """Softmax over all experts, then the top k; optionally renormalised."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
+        self.top_k, self.norm_topk_prob = args.top_k, args.norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> LayerRouting:
+        logits = self.logits(x).float()
+        probs = logits.softmax(dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return LayerRouting(logits, probs, ids, weights)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked tensors and run only on the tokens routed to them."""
+
+    def __init__(self, num_experts: int, dim: int, size: int):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * size, dim))  # [gate; up] of each expert
+        self.down = nn.Parameter(torch.empty(num_experts, dim, size))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.gate_up)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, D], ids and weights [N, k] -> sum over each token's k experts of weight * expert(x)."""
+        # Group the (token, expert) assignments by expert once, so that each active
+        # expert runs one matmul pair over a contiguous block of its tokens.
+        top_k = ids.shape[-1]
+        flat_ids = ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of = order // top_k
+        slot_weights = weights.reshape(-1)[order, None].to(x.dtype)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        return self.mix(x, token_of, slot_weights, counts)
+
+    def mix(self, x, token_of, slot_weights, counts) -> torch.Tensor:
+        """One expert at a time, adding its weighted outputs as it goes: no [N * k, D] copy of the input."""
+        result = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                rows = token_of[start : start + count]
+                result.index_add_(0, rows, self.run_expert(expert, x[rows]) * slot_weights[start : start + count])
+            start += count
+        return result
+
+    def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU on its tokens x [n, D]."""
+        gate, up = F.linear(x, self.gate_up[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down[expert])
+
+
+class MoE(nn.Module):
+    """Routed experts, plus the shared expert(s) that every token goes through where a family has them."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.router = Router(args)
+        self.experts = RoutedExperts(args.num_experts, args.hidden_size, args.expert_size)
+        self.shared = SwiGLU(args.hidden_size, args.shared_expert_size) if args.shared_expert_size else None
+        # Qwen scales its shared expert by sigmoid(w . x) per token; DeepSeekMoE adds its shared experts as they are.
+        self.shared_gate = Linear(args.hidden_size, 1, bias=False) if args.shared_expert_gated else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+        routing = self.router(x)
+        out = self.experts(x, routing.topk_ids, routing.topk_weights)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
+        return out, routing

@@ -1,0 +1,1 @@
+"""The offline demo: small random checkpoints and tokenizers of every family, and the demo run."""

@@ -1,0 +1,110 @@
+"""Reading config.json: typed access that names the field in every error.
+
+Family files read their configs through ConfigReader, so that every missing
+or inconsistent field gives the same kind of message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+
+
+class ConfigReader:
+    """Typed access to a config dict that names the field in every error."""
+
+    def __init__(self, raw: dict[str, Any], origin: str):
+        self.raw = raw
+        self.origin = origin
+
+    def error(self, field: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.origin}: field '{field}' {problem}")
+
+    def get(self, field: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if field not in self.raw or self.raw[field] is None:
+            if default is ...:
+                raise self.error(field, "is missing; the checkpoint's config.json must define it")
+            return default
+        value = self.raw[field]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # JSON has one number type: accept 1.0 for an int field, 1 for a float field, never a bool.
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if int in kinds and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(field, f"must be {_kind_names(kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise self.error(field, f"must be {_kind_names(kinds)}, got {value!r}")
+        return value
+
+    def positive(self, field: str, default: Any = ...) -> int:
+        value = self.get(field, int, default)
+        if value < 1:
+            raise self.error(field, f"must be a positive integer, got {value}")
+        return value
+
+    def rope_theta(self) -> float:
+        """rope_theta from either generation of config.json.
+
+        Released checkpoints write rope_theta (and rope_scaling) at top level;
+        transformers 5 writes rope_parameters = {"rope_type", "rope_theta"}.
+        Only plain RoPE is used by the supported checkpoints.
+        """
+        params = self.raw.get("rope_parameters")
+        if params is not None:
+            if not isinstance(params, dict):
+                raise self.error("rope_parameters", f"must be an object, got {params!r}")
+            rope_type = params.get("rope_type", params.get("type", "default"))
+            if rope_type != "default":
+                raise self.error("rope_parameters", f"has rope_type {rope_type!r}; only 'default' RoPE is supported")
+            theta = ConfigReader(params, f"{self.origin} rope_parameters").get("rope_theta", float)
+        else:
+            scaling = self.raw.get("rope_scaling")
+            if scaling is not None:
+                raise self.error("rope_scaling", f"is {scaling!r}; only plain RoPE (rope_scaling null) is supported")
+            theta = self.get("rope_theta", float)
+        if theta <= 0:
+            raise self.error("rope_theta", f"must be positive, got {theta}")
+        return theta
+
+    def attention_shape(self) -> dict[str, int]:
+        hidden = self.positive("hidden_size")
+        heads = self.positive("num_attention_heads")
+        kv_heads = self.positive("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise self.error("num_key_value_heads", f"({kv_heads}) must divide num_attention_heads ({heads})")
+        head_dim = self.get("head_dim", int, None)
+        if head_dim is None:
+            if hidden % heads:
+                raise self.error("hidden_size", f"({hidden}) must be divisible by num_attention_heads ({heads})")
+            head_dim = hidden // heads
+        if head_dim % 2:
+            raise self.error("head_dim", f"must be even for rotary embeddings, got {head_dim}")
+        return dict(hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+
+    def common(self) -> dict[str, Any]:
+        """Fields every family spells the same way."""
+        act = self.get("hidden_act", str, "silu")
+        if act != "silu":
+            raise self.error("hidden_act", f"is {act!r}; only 'silu' (SwiGLU) is supported")
+        return dict(
+            vocab_size=self.positive("vocab_size"),
+            num_layers=self.positive("num_hidden_layers"),
+            max_position_embeddings=self.positive("max_position_embeddings"),
+            rope_theta=self.rope_theta(),
+            rms_norm_eps=self.get("rms_norm_eps", float),
+            norm_topk_prob=self.get("norm_topk_prob", bool, False),
+            tie_word_embeddings=self.get("tie_word_embeddings", bool, False),
+            **self.attention_shape(),
+        )
+
+    def check_top_k(self, top_k: int, num_experts: int, field: str = "num_experts_per_tok") -> None:
+        if top_k > num_experts:
+            raise self.error(field, f"({top_k}) cannot exceed the number of experts ({num_experts})")
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "an object"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
