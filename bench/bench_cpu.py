@@ -34,7 +34,7 @@ import torch
 
 from moee_ref import MoEEmbedder, Tokenizer, read_config
 from moee_ref.families import parse_config
-from moee_ref.embedding.embedder import FeatureOptions, prompt_opening
+from moee_ref.embedding.embedder import FeatureOptions, shared_prefix_ids
 from moee_ref.embedding.prompts import apply_prompt, resolve_prompt
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
@@ -313,7 +313,7 @@ def replay_matmuls(calls: list[tuple]) -> None:
 
 def shared_prefix_tokens(embedder: MoEEmbedder) -> int:
     """Tokens of the prompt's fixed opening, which moee-ref runs once and reuses (at last-token pooling)."""
-    opening = prompt_opening(embedder.tokenizer, resolve_prompt(OPTIONS.prompt)) if embedder.share_prefix else None
+    opening = shared_prefix_ids(embedder.tokenizer, resolve_prompt(OPTIONS.prompt)) if embedder.share_prefix else None
     return 0 if opening is None else len(opening)
 
 

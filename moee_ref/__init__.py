@@ -5,12 +5,14 @@ from .decoder import DecoderOutput, ModelArgs, MoEDecoder, Routing
 from .families import read_config
 from .embedding.embedder import MoEEmbedder
 from .embedding.standardize import Standardizer
+from .official import encode_official
 from .tokenizer import Tokenizer
-from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, MoEERefError, UnsafeCheckpointError
+from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, MoEERefError, UnknownOptionError, UnsafeCheckpointError
 
 __all__ = [
     "load_model",
     "MoEEmbedder",
+    "encode_official",
     "Standardizer",
     "Tokenizer",
     "read_config",
@@ -24,4 +26,5 @@ __all__ = [
     "UnsafeCheckpointError",
     "ModelNotFoundError",
     "InputError",
+    "UnknownOptionError",
 ]

@@ -84,7 +84,9 @@ def cmd_embed(ns) -> int:
     embedder = load_embedder(ns)
     common = dict(kind=ns.kind, alpha=ns.alpha, batch_size=ns.batch_size, normalize=ns.normalize, show_progress_bar=progress_wanted(ns))
     if ns.mode == "official":
-        vectors = embedder.encode(texts, prompt=ns.prompt, mode="official", **common)
+        from .official import encode_official
+
+        vectors = encode_official(embedder, texts, prompt=ns.prompt, **common)
     else:
         opts = {k: v for k, v in vars(options).items() if k not in ("prompt", "max_length", "truncation")}
         vectors = embedder.encode(
@@ -171,7 +173,10 @@ def cmd_eval_mteb(ns) -> int:
     embedder = load_embedder(ns)
     tasks = [t for t in ns.tasks.split(",") if t.strip()]
     opts = {k: v for k, v in vars(feature_options(ns)).items() if k != "prompt"}
-    results = run_mteb(embedder, tasks, kind=ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size, output_dir=ns.output_dir, **opts)
+    results = run_mteb(
+        embedder, tasks, kind=ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size, output_dir=ns.output_dir,
+        standardizer=load_standardizers(ns.standardizer), show_progress_bar=progress_wanted(ns), **opts,
+    )
     if ns.json:
         print(json.dumps(results, indent=2))
     else:
@@ -254,8 +259,9 @@ def add_features(p, alpha_default="1.0") -> None:
     p.add_argument("--rw-layers", type=parse_layers, default=None, metavar="L1,L2,...", help="MoE layers to use for RW (default all)")
     p.add_argument("--standardizer", action="append", default=None, metavar="FILE.npz", help="fitted standardizer for the hs or rw component (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--whole-prompts", action="store_true", help="run every prompt from its first token (default: the "
-                   "opening all prompts share runs once; results differ in float32 rounding only)")
+    p.add_argument("--no-shared-prefix", "--whole-prompts", dest="no_shared_prefix", action="store_true",
+                   help="run every prompt from its first token (default: the shared prefix all prompts start with "
+                   "runs once; results differ in float32 rounding only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ def load_embedder(ns):
         int8=getattr(ns, "int8", False),
         memory_budget=getattr(ns, "memory_budget", None),
         spill_dir=getattr(ns, "spill_dir", None),
-        share_prefix=not getattr(ns, "whole_prompts", False),
+        share_prefix=not getattr(ns, "no_shared_prefix", False),
     )
 
 

@@ -28,3 +28,7 @@ class ModelNotFoundError(CheckpointError):
 
 class InputError(MoEERefError, ValueError):
     """Bad model or embedding input: token ids, batch shape, texts, options."""
+
+
+class UnknownOptionError(InputError, TypeError):
+    """A keyword argument the method does not take (a TypeError too, as Python's own would be)."""

@@ -62,8 +62,12 @@ class MoEEEncoder:
         prompt: str | None = None,
         alpha: float = 1.0,
         batch_size: int | None = None,
+        standardizer=None,
+        show_progress_bar: bool | None = None,
         **feature_options,
     ):
+        """standardizer: fitted Standardizer(s) applied to every text mteb asks for, as encode() applies them.
+        show_progress_bar: fixed for every call (None: what mteb asks, else a bar for 256 texts or more)."""
         if kind not in KINDS:
             raise InputError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
@@ -72,11 +76,7 @@ class MoEEEncoder:
                 "separately, so choose alpha beforehand (MoEEmbedder.select_alpha) instead of 'auto'"
             )
         feature_options.setdefault("allow_empty", True)  # MTEB data holds some empty texts
-        try:
-            options = FeatureOptions(prompt=prompt, **feature_options)
-        except TypeError as exc:
-            valid = ", ".join(f for f in FeatureOptions.__dataclass_fields__ if f != "prompt")
-            raise InputError(f"unknown feature option ({exc}); valid options: {valid}") from None
+        options = FeatureOptions.from_keywords(feature_options, "MoEEEncoder", prompt=prompt)
         options.check()
         self.template = resolve_prompt(prompt)  # fails early on an unknown prompt name
         self.embedder = embedder
@@ -84,6 +84,8 @@ class MoEEEncoder:
         self.prompt = prompt
         self.alpha = float(alpha)
         self.batch_size = batch_size
+        self.standardizer = standardizer
+        self.show_progress_bar = show_progress_bar
         self.feature_options = {k: v for k, v in vars(options).items() if k != "prompt"}
         self._meta = None
 
@@ -108,7 +110,8 @@ class MoEEEncoder:
             prompt=self.prompt,
             alpha=self.alpha,
             batch_size=self.batch_size or kwargs.get("batch_size"),
-            show_progress_bar=kwargs.get("show_progress_bar"),
+            standardizer=self.standardizer,
+            show_progress_bar=kwargs.get("show_progress_bar") if self.show_progress_bar is None else self.show_progress_bar,
             **self.feature_options,
         )
         return vectors
@@ -185,6 +188,8 @@ def run_mteb(
     batch_size: int | None = None,
     output_dir: str | Path | None = None,
     languages: list[str] | None = None,
+    standardizer=None,
+    show_progress_bar: bool | None = None,
     **feature_options,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one MoEE configuration on MTEB tasks; {task: {"main_score", "main_score_name", "scores", ...}}.
@@ -193,9 +198,11 @@ def run_mteb(
     output_dir: where mteb writes its per-task result files (none are written without it).
     languages: keep only the subsets of named tasks that are wholly in these languages (["eng"]: the
     English-only evaluation of the paper, e.g. STS17's en-en alone).
+    standardizer, show_progress_bar: as MoEEEncoder takes them.
     """
     mteb = require_mteb()
-    encoder = MoEEEncoder(embedder, kind, prompt=prompt, alpha=alpha, batch_size=batch_size, **feature_options)
+    encoder = MoEEEncoder(embedder, kind, prompt=prompt, alpha=alpha, batch_size=batch_size, standardizer=standardizer,
+                          show_progress_bar=show_progress_bar, **feature_options)
     cache = mteb.ResultCache(output_dir) if output_dir is not None else None
     results = {}
     for task in _tasks(mteb, task_names, languages):

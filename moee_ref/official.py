@@ -31,11 +31,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .embedding.embedder import FeatureOptions, _check_kind, _positive_int, _progress, combine
-from .errors import InputError
-from .families import FAMILIES
+from .embedding.embedder import EncodeReport, FeatureOptions, check_kind, combine, normalize_rows, positive_int, show_progress
 from .embedding.prompts import OFFICIAL_PROMPTS, _lookup_builtin, apply_official_prompt
 from .embedding.standardize import standardize_per_batch
+from .errors import InputError
+from .families import FAMILIES
+from .progress import progress
 from .tokenizer import check_texts
 
 OFFICIAL_BATCH_SIZE = 256
@@ -44,15 +45,41 @@ OFFICIAL_PAD_ID = 0
 OFFICIAL_RW_VALUES = {model_type: family.OFFICIAL_RW for model_type, family in FAMILIES.items()}
 
 
-def encode_official(embedder, texts: Sequence[str], kind: str, *, prompt: str | None, alpha: float, batch_size: int | None, show_progress_bar: bool | None) -> np.ndarray:
-    _check_kind(kind)
+def encode_official(
+    embedder,
+    texts: Sequence[str],
+    kind: str = "moee-sum",
+    *,
+    prompt: str | None = None,
+    alpha: float = 1.0,
+    batch_size: int | None = None,
+    normalize: bool = False,
+    show_progress_bar: bool | None = None,
+    **other_options,
+) -> np.ndarray:
+    """The vectors the authors' public code gives for `texts` on embedder's (resident) model, float32
+    [len(texts), dim] in input order. prompt: one of the authors' prompt names (None: their "none")."""
+    check_kind(kind)
+    if other_options:
+        raise InputError(
+            "mode='official' reproduces the authors' code and takes only kind, prompt, alpha, batch_size, "
+            "normalize and show_progress_bar; drop the other options"
+        )
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha) or alpha < 0:
+        raise InputError(f"mode='official' takes a fixed numeric alpha >= 0, as the authors' code does; got {alpha!r}")
     name = "none" if prompt is None else prompt
     if not isinstance(name, str) or _lookup_builtin(name, OFFICIAL_PROMPTS) is None:
         raise InputError(
             f"mode='official' takes one of the authors' prompt names ({', '.join(OFFICIAL_PROMPTS)}), got {prompt!r}"
         )
     check_texts(texts)
-    batch_size = _positive_int("batch_size", OFFICIAL_BATCH_SIZE if batch_size is None else batch_size)
+    batch_size = positive_int("batch_size", OFFICIAL_BATCH_SIZE if batch_size is None else batch_size)
+    vectors = _official_vectors(embedder, texts, kind, name, float(alpha), batch_size, show_progress_bar)
+    embedder.last_report = EncodeReport(num_texts=len(texts), alpha=float(alpha) if kind == "moee-sum" else None)
+    return normalize_rows(vectors) if normalize else vectors
+
+
+def _official_vectors(embedder, texts, kind: str, prompt: str, alpha: float, batch_size: int, show_progress_bar) -> np.ndarray:
     args = embedder.args
     options = FeatureOptions(rw_values=OFFICIAL_RW_VALUES[args.family])
     rw_positions = list(range(len(args.moe_layers)))
@@ -60,10 +87,10 @@ def encode_official(embedder, texts: Sequence[str], kind: str, *, prompt: str | 
     if not texts:
         return np.zeros((0, width), np.float32)
 
-    prompts = [apply_official_prompt(name, text) for text in texts]
+    prompts = [apply_official_prompt(prompt, text) for text in texts]
     chunks = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
     out = np.empty((len(texts), width), np.float32)
-    for rows in _progress(chunks, len(texts), show_progress_bar):
+    for rows in progress(chunks, show_progress(show_progress_bar, len(texts)), "embedding", "batch"):
         sequences, _ = embedder.tokenizer.tokenize([prompts[i] for i in rows])
         batch = embedder.tokenizer.pad(sequences, padding_side="left")
         input_ids = batch.input_ids.masked_fill(batch.attention_mask == 0, OFFICIAL_PAD_ID)

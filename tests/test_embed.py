@@ -581,9 +581,17 @@ def test_bad_batch_size_is_refused(olmoe, batch_size):
         MoEEmbedder(olmoe.model, olmoe.tokenizer, batch_size=batch_size)
 
 
-def test_unknown_mode_is_refused(olmoe):
-    with pytest.raises(InputError, match="mode='paper' is not valid; choose 'default' or 'official'"):
-        olmoe.encode(TEXTS[:2], "hs", mode="paper")
+def test_mode_and_unknown_options_are_refused(olmoe):
+    with pytest.raises(InputError, match=r"^encode\(\) takes no mode: the authors' computation is its own entry point, "
+                       r"moee_ref\.encode_official\(embedder, texts, kind, \.\.\.\)$"):
+        olmoe.encode(TEXTS[:2], "hs", mode="official")
+    fields = "prompt, pooling, hs_layer, rw_values, rw_layers, max_length, truncation, allow_empty"
+    with pytest.raises(InputError, match=rf"^encode\(\) got unknown option\(s\) 'poolling'; the feature options are {fields}$"):
+        olmoe.encode(TEXTS[:2], "hs", poolling="mean")
+    with pytest.raises(InputError, match=r"^select_alpha\(\) got unknown option\(s\) 'stride', 'x'; "):
+        olmoe.select_alpha(TEXTS[:3], TEXTS[3:6], stride=2, x=1)
+    with pytest.raises(InputError, match=r"^fit_standardizer\(\) got unknown option\(s\) 'normalise'; "):
+        olmoe.fit_standardizer(TEXTS[:3], normalise=True)
 
 
 # --- progress bar ------------------------------------------------------------------------

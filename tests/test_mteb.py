@@ -170,6 +170,21 @@ def test_empty_texts_do_not_crash(embedder):
     assert math.isfinite(results["MoEERefLocalSTS"]["main_score"])
 
 
+def test_standardizer_and_progress_setting_reach_encode(embedder, capsys):
+    from moee_ref.embedding.standardize import Standardizer
+
+    texts = [f"{s} {a}." for s in SUBJECTS for a in ACTIONS] * 9  # 270 texts: over the automatic progress threshold
+    fitted = embedder.fit_standardizer(texts[:30], "rw")
+    encoder = MoEEEncoder(embedder, "moee-concat", standardizer=fitted, show_progress_bar=False)
+    got = encoder.encode(loader(texts), task_metadata=None, hf_split="test", hf_subset="default", show_progress_bar=True)
+    assert "embedding" not in capsys.readouterr().err  # the encoder's show_progress_bar=False wins over mteb's True
+    want = embedder.encode(texts, "moee-concat", standardizer=fitted, allow_empty=True, show_progress_bar=False)
+    np.testing.assert_array_equal(got, want)
+    assert isinstance(fitted, Standardizer)
+    plain = MoEEEncoder(embedder, "moee-concat").encode(loader(texts[:4]), task_metadata=None, hf_split="test", hf_subset="default")
+    assert not np.allclose(plain, got[:4])
+
+
 def test_model_meta(embedder):
     encoder = MoEEEncoder(embedder, "moee-sum", prompt="PromptEOL", alpha=0.25, rw_layers=[1, 2])
     meta = encoder.mteb_model_meta

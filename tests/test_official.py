@@ -1,4 +1,4 @@
-"""mode="official": the authors' public code, point by point as official.py's docstring lists it.
+"""encode_official: the authors' public code, point by point as official.py's docstring lists it.
 
 Every expectation is rebuilt by hand from the tokenizer's ids and one direct
 decoder call on a batch padded the authors' way (pad id 0 on the left,
@@ -26,6 +26,7 @@ from embed_fixtures import (  # noqa: F401  (fixtures are used by name)
     sample_std_standardize,
     single_thread,
 )
+from moee_ref.official import encode_official
 from moee_ref.embedding.alpha import AlphaChoice
 from moee_ref.embedding.embedder import KINDS
 from moee_ref.errors import InputError
@@ -96,7 +97,7 @@ def test_the_batch_fed_to_the_model_is_the_authors_batch(embedders, family, monk
         return forward(input_ids, attention_mask, **kwargs)
 
     monkeypatch.setitem(embedder.model.__dict__, "forward", spy)
-    vectors = embedder.encode(OFFICIAL_TEXTS, "hs", mode="official")
+    vectors = encode_official(embedder, OFFICIAL_TEXTS, "hs")
     monkeypatch.undo()
 
     assert len(calls) == 1
@@ -111,14 +112,14 @@ def test_the_batch_fed_to_the_model_is_the_authors_batch(embedders, family, monk
 
 def test_prompt_names_are_the_builtin_names_in_any_spelling(olmoe):
     texts = OFFICIAL_TEXTS[:3]
-    canonical = olmoe.encode(texts, "hs", mode="official", prompt="language_style")
+    canonical = encode_official(olmoe, texts, "hs", prompt="language_style")
     hs, *_ = hand_batch(olmoe, texts, prompt="language_style")
     assert max_rel_error(canonical, hs) <= FEATURE_TOL
     for spelling in ("Language Style", "language-style", "LANGUAGE_STYLE"):
-        np.testing.assert_array_equal(olmoe.encode(texts, "hs", mode="official", prompt=spelling), canonical)
+        np.testing.assert_array_equal(encode_official(olmoe, texts, "hs", prompt=spelling), canonical)
     # no prompt means the authors' "none" (the text in double quotes), unlike the default mode
     np.testing.assert_array_equal(
-        olmoe.encode(texts, "hs", mode="official"), olmoe.encode(texts, "hs", mode="official", prompt="none")
+        encode_official(olmoe, texts, "hs"), encode_official(olmoe, texts, "hs", prompt="none")
     )
 
 
@@ -131,7 +132,7 @@ def test_rw_is_standardised_logits_or_probs_by_family(embedders, family, values)
     assert OFFICIAL_RW_VALUES[family] == values
     texts = TEXTS[:5]
     _, rw, input_ids, mask, positions = hand_batch(embedder, texts)
-    got = embedder.encode(texts, "rw", mode="official")
+    got = encode_official(embedder, texts, "rw")
     assert got.shape == (5, embedder.dimension("rw"))
     assert max_rel_error(got, sample_std_standardize(rw)) <= STANDARDISED_TOL
     # the other router output gives other vectors: the choice is visible
@@ -145,7 +146,7 @@ def test_rw_is_standardised_logits_or_probs_by_family(embedders, family, values)
 
 
 def test_rw_is_standardised_within_each_batch_of_the_given_size(olmoe):
-    got = olmoe.encode(TEXTS, "rw", mode="official", batch_size=4)
+    got = encode_official(olmoe, TEXTS, "rw", batch_size=4)
     for start in (0, 4):  # batches in input order
         _, rw, *_ = hand_batch(olmoe, TEXTS[start : start + 4])
         assert max_rel_error(got[start : start + 4], sample_std_standardize(rw)) <= STANDARDISED_TOL
@@ -155,8 +156,8 @@ def test_rw_is_standardised_within_each_batch_of_the_given_size(olmoe):
 
 def test_official_vectors_depend_on_the_batch_and_default_ones_do_not(olmoe):
     for kind in ("rw", "moee-concat", "moee-sum"):
-        by_two = olmoe.encode(TEXTS, kind, mode="official", batch_size=2)
-        by_four = olmoe.encode(TEXTS, kind, mode="official", batch_size=4)
+        by_two = encode_official(olmoe, TEXTS, kind, batch_size=2)
+        by_four = encode_official(olmoe, TEXTS, kind, batch_size=4)
         assert np.abs(by_two - by_four).max() > 0.1, kind
         default_two = olmoe.encode(TEXTS, kind, batch_size=2)
         assert max_rel_error(default_two, olmoe.encode(TEXTS, kind, batch_size=4)) <= STANDARDISED_TOL
@@ -165,9 +166,9 @@ def test_official_vectors_depend_on_the_batch_and_default_ones_do_not(olmoe):
 def test_default_batch_size_is_the_authors_256(olmoe):
     assert OFFICIAL_BATCH_SIZE == 256 and olmoe.batch_size == 16
     texts = [f"{text} ({i})" for i, text in enumerate(TEXTS * 3)]  # 24 texts: one batch of 256, two of 16
-    default = olmoe.encode(texts, "rw", mode="official")
-    np.testing.assert_array_equal(default, olmoe.encode(texts, "rw", mode="official", batch_size=256))
-    assert np.abs(default - olmoe.encode(texts, "rw", mode="official", batch_size=16)).max() > 0.1
+    default = encode_official(olmoe, texts, "rw")
+    np.testing.assert_array_equal(default, encode_official(olmoe, texts, "rw", batch_size=256))
+    assert np.abs(default - encode_official(olmoe, texts, "rw", batch_size=16)).max() > 0.1
 
 
 # --- moee-concat and moee-sum -----------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_default_batch_size_is_the_authors_256(olmoe):
 
 def test_moee_concat_standardises_the_whole_vector(olmoe):
     hs, rw, *_ = hand_batch(olmoe, TEXTS[:5])
-    got = olmoe.encode(TEXTS[:5], "moee-concat", mode="official")
+    got = encode_official(olmoe, TEXTS[:5], "moee-concat")
     assert max_rel_error(got, sample_std_standardize(np.hstack([hs, rw]))) <= STANDARDISED_TOL
 
 
@@ -183,17 +184,17 @@ def test_moee_concat_standardises_the_whole_vector(olmoe):
 def test_moee_sum_standardises_both_parts_then_weights_unit_vectors(olmoe, alpha):
     hs, rw, *_ = hand_batch(olmoe, TEXTS[:5])
     expected = np.hstack([unit_rows(sample_std_standardize(hs)), math.sqrt(alpha) * unit_rows(sample_std_standardize(rw))])
-    got = olmoe.encode(TEXTS[:5], "moee-sum", mode="official", alpha=alpha)
+    got = encode_official(olmoe, TEXTS[:5], "moee-sum", alpha=alpha)
     np.testing.assert_allclose(got, expected, rtol=0, atol=STANDARDISED_TOL)
     np.testing.assert_allclose(np.linalg.norm(got.astype(np.float64), axis=1), math.sqrt(1 + alpha), atol=1e-6)
     assert olmoe.last_report.alpha == alpha
-    unit = olmoe.encode(TEXTS[:5], "moee-sum", mode="official", alpha=alpha, normalize=True)
+    unit = encode_official(olmoe, TEXTS[:5], "moee-sum", alpha=alpha, normalize=True)
     np.testing.assert_allclose(np.linalg.norm(unit.astype(np.float64), axis=1), 1.0, atol=1e-6)
 
 
 def test_hs_alone_is_not_standardised(olmoe):
     hs, *_ = hand_batch(olmoe, TEXTS[:5])
-    got = olmoe.encode(TEXTS[:5], "hs", mode="official")
+    got = encode_official(olmoe, TEXTS[:5], "hs")
     assert max_rel_error(got, hs) <= FEATURE_TOL
     assert np.abs(got.mean(0)).max() > 0.1  # standardised columns would have mean 0
 
@@ -205,15 +206,15 @@ def test_a_batch_of_one_has_no_spread_and_gives_zeros(olmoe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the undefined std is handled, not warned about
         for kind in ("rw", "moee-concat", "moee-sum"):
-            single = olmoe.encode([TEXTS[0]], kind, mode="official")
+            single = encode_official(olmoe, [TEXTS[0]], kind)
             np.testing.assert_array_equal(single, np.zeros((1, olmoe.dimension(kind)), np.float32))
-            by_one = olmoe.encode(TEXTS[:3], kind, mode="official", batch_size=1)
+            by_one = encode_official(olmoe, TEXTS[:3], kind, batch_size=1)
             np.testing.assert_array_equal(by_one, np.zeros((3, olmoe.dimension(kind)), np.float32))
-        hs = olmoe.encode([TEXTS[0]], "hs", mode="official")
+        hs = encode_official(olmoe, [TEXTS[0]], "hs")
     hand, *_ = hand_batch(olmoe, [TEXTS[0]])
     assert max_rel_error(hs, hand) <= FEATURE_TOL
     # a normalised zero row stays zero rather than becoming NaN
-    np.testing.assert_array_equal(olmoe.encode([TEXTS[0]], "rw", mode="official", normalize=True), 0.0)
+    np.testing.assert_array_equal(encode_official(olmoe, [TEXTS[0]], "rw", normalize=True), 0.0)
 
 
 def test_nan_in_a_feature_becomes_zero_in_every_kind(olmoe, monkeypatch):
@@ -224,19 +225,19 @@ def test_nan_in_a_feature_becomes_zero_in_every_kind(olmoe, monkeypatch):
         hs[0, :3] = np.nan
         return hs, rw
 
-    clean = olmoe.encode(TEXTS[:4], "hs", mode="official")
+    clean = encode_official(olmoe, TEXTS[:4], "hs")
     monkeypatch.setitem(olmoe.__dict__, "run_batch", poisoned)
-    got = olmoe.encode(TEXTS[:4], "hs", mode="official")
+    got = encode_official(olmoe, TEXTS[:4], "hs")
     np.testing.assert_array_equal(got[0, :3], 0.0)
     np.testing.assert_array_equal(got[0, 3:], clean[0, 3:])
     np.testing.assert_array_equal(got[1:], clean[1:])
     for kind in ("moee-concat", "moee-sum"):
-        assert np.all(np.isfinite(olmoe.encode(TEXTS[:4], kind, mode="official"))), kind
+        assert np.all(np.isfinite(encode_official(olmoe, TEXTS[:4], kind))), kind
 
 
 def test_a_constant_feature_within_a_batch_gives_zero_not_nan(olmoe):
     # the same text twice: every feature is constant, the sample std is 0 and (x - mean) / (0 + 1e-8) is 0
-    twice = olmoe.encode([TEXTS[0], TEXTS[0]], "rw", mode="official")
+    twice = encode_official(olmoe, [TEXTS[0], TEXTS[0]], "rw")
     np.testing.assert_array_equal(twice, 0.0)
 
 
@@ -264,7 +265,7 @@ def test_options_of_the_default_mode_are_refused(olmoe, options):
         match="mode='official' reproduces the authors' code and takes only kind, prompt, alpha, batch_size, "
         "normalize and show_progress_bar; drop the other options",
     ):
-        olmoe.encode(TEXTS[:3], "moee-sum", mode="official", **options)
+        encode_official(olmoe, TEXTS[:3], "moee-sum", **options)
 
 
 @pytest.mark.parametrize(
@@ -274,14 +275,14 @@ def test_options_of_the_default_mode_are_refused(olmoe, options):
 )
 def test_only_a_fixed_non_negative_alpha_is_taken(olmoe, alpha):
     with pytest.raises(InputError, match="mode='official' takes a fixed numeric alpha >= 0, as the authors' code does"):
-        olmoe.encode(TEXTS[:3], "moee-sum", mode="official", alpha=alpha)
+        encode_official(olmoe, TEXTS[:3], "moee-sum", alpha=alpha)
 
 
 @pytest.mark.parametrize("prompt", ["promptEOLL", BUILTIN_PROMPTS["prompteol"], "Say {text}", "", 5])
 def test_only_the_authors_prompt_names_are_taken(olmoe, prompt):
     names = ", ".join(BUILTIN_PROMPTS)
     with pytest.raises(InputError, match=f"mode='official' takes one of the authors' prompt names \\({names}\\), got"):
-        olmoe.encode(TEXTS[:3], "hs", mode="official", prompt=prompt)
+        encode_official(olmoe, TEXTS[:3], "hs", prompt=prompt)
 
 
 @pytest.mark.parametrize(
@@ -295,19 +296,19 @@ def test_only_the_authors_prompt_names_are_taken(olmoe, prompt):
 )
 def test_bad_input_is_refused(olmoe, texts, kwargs, message):
     with pytest.raises(InputError, match=message):
-        olmoe.encode(texts, "rw", mode="official", **kwargs)
+        encode_official(olmoe, texts, "rw", **kwargs)
     with pytest.raises(InputError, match="kind='sum' is not valid; choose one of hs, rw, moee-concat, moee-sum"):
-        olmoe.encode(TEXTS[:2], "sum", mode="official")
+        encode_official(olmoe, TEXTS[:2], "sum")
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_empty_list_gives_an_empty_matrix(olmoe, kind):
-    vectors = olmoe.encode([], kind, mode="official")
+    vectors = encode_official(olmoe, [], kind)
     assert vectors.shape == (0, olmoe.dimension(kind)) and vectors.dtype == np.float32
 
 
 def test_progress_bar_on_request(olmoe, capfd):
-    olmoe.encode(TEXTS[:3], "rw", mode="official", batch_size=1, show_progress_bar=True)
+    encode_official(olmoe, TEXTS[:3], "rw", batch_size=1, show_progress_bar=True)
     assert "3/3" in capfd.readouterr().err
-    olmoe.encode(TEXTS[:3], "rw", mode="official", batch_size=1)
+    encode_official(olmoe, TEXTS[:3], "rw", batch_size=1)
     assert capfd.readouterr().err == ""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from embed_fixtures import TEXTS, build_embedder, build_real_vocab_olmoe, max_rel_error, single_thread  # noqa: F401
-from moee_ref.embedding.embedder import FeatureOptions, MoEEmbedder, prompt_opening
+from moee_ref.embedding.embedder import FeatureOptions, MoEEmbedder, shared_prefix_ids
 from moee_ref.decoder.batch import SharedPrefix
 from moee_ref.embedding.prompts import apply_prompt, resolve_prompt
 
@@ -33,7 +33,7 @@ def prompt_ids(embedder: MoEEmbedder, text: str) -> list[int]:
 
 def prompteol_prefix(embedder: MoEEmbedder) -> SharedPrefix:
     """The encoded opening of PromptEOL's prompts, as features() uses it."""
-    return embedder._encoded_prefix(prompt_opening(embedder.tokenizer, resolve_prompt("prompteol")))
+    return embedder.model.shared_prefix(shared_prefix_ids(embedder.tokenizer, resolve_prompt("prompteol")))
 
 
 def left_padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,14 +49,14 @@ def run(embedder, ids, mask, **kwargs):
 
 
 def record_prefixes(embedder: MoEEmbedder, monkeypatch) -> list:
-    """The prefix argument of every run_batch call the embedder makes."""
-    seen, real = [], embedder.run_batch
+    """The prefix argument of every batch the embedder runs through its model."""
+    seen, real = [], embedder.model.forward
 
-    def run_batch(*args, prefix=None, **kwargs):
+    def forward(*args, prefix=None, **kwargs):
         seen.append(prefix)
         return real(*args, prefix=prefix, **kwargs)
 
-    monkeypatch.setattr(embedder, "run_batch", run_batch)
+    monkeypatch.setattr(embedder.model, "forward", forward)
     return seen
 
 
@@ -164,7 +164,7 @@ def test_prefix_encoded_once_per_prompt(embedder, monkeypatch):
         calls.append(tuple(ids))
         return real(ids)
 
-    embedder._prefix = None
+    embedder.model._prefix = None
     monkeypatch.setattr(embedder.model, "encode_prefix", encode_prefix)
     embedder.features(TEXTS[:2], PROMPTEOL)
     embedder.features(TEXTS[2:5], PROMPTEOL, batch_size=1)
@@ -211,7 +211,7 @@ def test_shared_prefix_with_int8_and_float64_weights(tmp_path_factory, load, hs_
     plain = embedder.features(TEXTS, PROMPTEOL, batch_size=3)
     embedder.share_prefix = True
     shared = embedder.features(TEXTS, PROMPTEOL, batch_size=3)
-    assert embedder._prefix is not None
+    assert embedder.model._prefix is not None
     assert max_rel_error(shared.hs, plain.hs) <= hs_tol
     assert float(np.abs(shared.rw - plain.rw).max()) <= (PROBS_TOL if hs_tol == HS_TOL else 1e-12)
 

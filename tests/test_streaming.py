@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from embed_fixtures import max_rel_error, single_thread, tensor_reads  # noqa: F401  (fixtures used by name)
-from moee_ref.embedding.embedder import FeatureOptions, MoEEmbedder, prompt_opening
+from moee_ref.official import encode_official
+from moee_ref.embedding.embedder import FeatureOptions, MoEEmbedder, shared_prefix_ids
 from moee_ref.errors import InputError, MoEERefError
 from moee_ref.decoder.model import Block
 from moee_ref.embedding.prompts import apply_prompt, resolve_prompt
@@ -457,7 +458,7 @@ def test_streamed_refuses_mean_of_layers(streamed_olmoe):
 def test_streamed_refuses_official_mode(streamed_olmoe):
     message = "run_batch needs a resident model; the layer-streamed mode works on whole corpora (features())"
     with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
-        streamed_olmoe.encode(CORPUS, "moee-sum", mode="official")
+        encode_official(streamed_olmoe, CORPUS, "moee-sum")
     batch = streamed_olmoe.tokenizer.pad(streamed_olmoe.tokenizer.tokenize(CORPUS[:2])[0])
     with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
         streamed_olmoe.run_batch(batch.input_ids, batch.attention_mask, FeatureOptions(), [0])
@@ -507,7 +508,7 @@ def test_streamed_shared_opening_equals_resident(checkpoints, resident, family, 
     directory = checkpoints[family]
     tokenizer = Tokenizer.from_dir(directory)
     template = resolve_prompt("prompteol")
-    opening = prompt_opening(tokenizer, template)
+    opening = shared_prefix_ids(tokenizer, template)
     # The batches the embedder streams: the prompts without their opening, longest first.
     lengths = sorted((len(ids) - len(opening) for ids in tokenizer.tokenize([apply_prompt(template, t) for t in CORPUS])[0]), reverse=True)
     shapes = [(len(lengths[i : i + BATCH_SIZE]), lengths[i]) for i in range(0, len(lengths), BATCH_SIZE)]

@@ -144,3 +144,18 @@ def check_prefix(prefix, num_layers: int) -> int:
     if not isinstance(prefix, SharedPrefix) or len(prefix.keys) != num_layers:
         raise InputError(f"prefix must be a SharedPrefix of this model ({num_layers} layers); build it with encode_prefix")
     return prefix.length
+
+
+def check_batches(args: ModelArgs, batches, prefix_ids, continues, position_ids=None):
+    """The arguments of a model's `run`, checked: [(input_ids, attention_mask, keep_positions)], one
+    `continues` flag per batch (the rows hold only what follows `prefix_ids`), position ids per batch or None."""
+    continues = list(continues) if continues is not None else [False] * len(batches)
+    if len(continues) != len(batches) or (any(continues) and not prefix_ids):
+        raise InputError("continues needs one flag per batch, and prefix_ids for the batches it flags")
+    if position_ids is not None and len(position_ids) != len(batches):
+        raise InputError(f"position_ids needs one tensor per batch ({len(batches)}), got {len(position_ids)}")
+    checked = []
+    for (ids, mask, keep), shifted in zip(batches, continues):
+        ids, mask = check_inputs(args, ids, mask, len(prefix_ids) if shifted else 0)
+        checked.append((ids, mask, None if keep is None else check_keep(keep, *ids.shape)))
+    return checked, continues

@@ -15,14 +15,15 @@ its way; the resident model, `encode_prefix` and the layer-streamed mode
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ..progress import progress
 from .args import ModelArgs
-from .batch import BatchLayout, SharedPrefix, check_inputs, check_keep, check_prefix
+from .batch import BatchLayout, SharedPrefix, check_batches, check_inputs, check_keep, check_prefix
 from .layers import Attention, RMSNorm, SwiGLU, gather_positions, rotary_cos_sin
 from .moe import MoE, LayerRouting
 
@@ -220,6 +221,7 @@ class MoEDecoder(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if separate_head else None
         self.with_lm_head = with_lm_head
         self.source_dir = None  # set by the loader: where config, tokenizer and weights were found
+        self._prefix: SharedPrefix | None = None  # the last prefix `run` encoded, reused while its ids stay
 
     @property
     def dtype(self) -> torch.dtype:
@@ -274,3 +276,31 @@ class MoEDecoder(nn.Module):
         prefix = PrefixPass.start(self.args, ids, self.embed(input_ids).to(self.dtype))
         run_layers(enumerate(self.layers), [], prefix)
         return prefix.result()
+
+    # What every model answers (the layer-streamed one too): a list of batches in, their outputs out.
+    layer_states_available = True
+
+    def run(self, batches, *, position_ids=None, show_progress_bar: bool = False, prefix_ids=None, continues=None,
+            return_layer_states: bool = False) -> Iterator[DecoderOutput]:
+        """Decoder outputs for every (input_ids, attention_mask, keep_positions) batch, in order, one batch at a time.
+
+        prefix_ids: tokens every batch flagged in `continues` starts with; those batches hold only what follows
+        them. The prefix is encoded once (and kept while the same ids come again).
+        The layer-streamed model (loading/streamed.py) takes the same arguments.
+        """
+        batches, continues = check_batches(self.args, batches, prefix_ids, continues, position_ids)
+        prefix = self.shared_prefix(prefix_ids) if any(continues) else None
+
+        def outputs():
+            for i in progress(range(len(batches)), show_progress_bar, "embedding", "batch"):
+                ids, mask, keep = batches[i]
+                yield self(ids, mask, position_ids=None if position_ids is None else position_ids[i], keep_positions=keep,
+                           return_layer_states=return_layer_states, prefix=prefix if continues[i] else None)
+
+        return outputs()
+
+    def shared_prefix(self, ids) -> SharedPrefix:
+        """encode_prefix(ids), computed once while the same ids come again."""
+        if self._prefix is None or self._prefix.ids != tuple(ids):
+            self._prefix = self.encode_prefix(list(ids))
+        return self._prefix

@@ -12,8 +12,8 @@ Kinds (section 3 of the paper):
 
 In the default mode an embedding depends only on its text and the options:
 texts are sorted by length and batched to cut padding, and padding never
-reaches real tokens. mode="official" reproduces the authors' public code
-instead (see official.py).
+reaches real tokens. official.py's encode_official reproduces the authors'
+public code instead.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
-from ..errors import InputError
+from ..errors import InputError, UnknownOptionError
 from ..kernels import packing_available
-from ..decoder.batch import SharedPrefix
 from .prompts import apply_prompt, list_prompts, resolve_prompt
 from .standardize import Standardizer
 from ..stats import cosine_rows
@@ -41,8 +40,8 @@ RW_VALUES = ("probs", "logits")
 TRUNCATION = (None, "left", "right")
 AUTO_PROGRESS_MIN_TEXTS = 256  # below this a progress bar is noise
 MAX_AUTO_ALPHA_PAIRS = 20000
-# Two plain texts: the tokens both their prompts start with are the template's fixed opening. A text can
-# still merge into the opening's last token (a quote after PromptEOL's quote), so each batch is checked.
+# Two plain texts: the tokens both their prompts start with are the template's shared prefix. A text can
+# still merge into the prefix's last token (a quote after PromptEOL's quote), so each batch is checked.
 PREFIX_PROBES = ("a", "1")
 MIN_SHARED_PREFIX = 2  # a single shared token (a BOS) saves less than the prefix path adds
 
@@ -59,6 +58,23 @@ class FeatureOptions:
     max_length: int | None = None  # token budget per text; None: the model's max_position_embeddings
     truncation: str | None = None  # None: over-long texts are an error; "left"/"right": the side cut off
     allow_empty: bool = False  # embed empty or whitespace-only texts (prompt only) instead of refusing them
+
+    @classmethod
+    def from_keywords(cls, keywords: dict, caller: str, **named) -> "FeatureOptions":
+        """FeatureOptions from a method's keyword arguments, an unknown keyword refused by name."""
+        fields = cls.__dataclass_fields__
+        unknown = [key for key in keywords if key not in fields]
+        if unknown:
+            if "mode" in unknown:
+                raise UnknownOptionError(
+                    f"{caller}() takes no mode: the authors' computation is its own entry point, "
+                    "moee_ref.encode_official(embedder, texts, kind, ...)"
+                )
+            raise UnknownOptionError(
+                f"{caller}() got unknown option(s) {', '.join(map(repr, unknown))}; the feature options are "
+                f"{', '.join(fields)}"
+            )
+        return cls(**named, **keywords)
 
     def check(self) -> None:
         for name, value, valid in (
@@ -94,12 +110,11 @@ class EncodeReport:
 class MoEEmbedder:
     def __init__(self, model, tokenizer: Tokenizer, *, batch_size: int = 16, share_prefix: bool = True):
         """share_prefix: run the tokens that every prompt of a template starts with once, and reuse their keys and
-        values (exact under causal attention; see `SharedPrefix`). Only for last-token pooling."""
+        values (exact under causal attention; see decoder/batch.py `SharedPrefix`). Only for last-token pooling."""
         self.model = model
         self.tokenizer = tokenizer
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.share_prefix = share_prefix
-        self._prefix: tuple | None = None  # (model, SharedPrefix) last encoded: reused while model and prompt stay
         self.last_report = EncodeReport()
 
     @classmethod
@@ -150,7 +165,7 @@ class MoEEmbedder:
 
     def dimension(self, kind: str, rw_layers: Sequence[int] | None = None) -> int:
         """Width of the vectors encode() returns for kind."""
-        _check_kind(kind)
+        check_kind(kind)
         hs = self.args.hidden_size
         rw = len(self._rw_layer_positions(rw_layers)) * self.args.num_experts
         return {"hs": hs, "rw": rw}.get(kind, hs + rw)
@@ -171,7 +186,6 @@ class MoEEmbedder:
         normalize: bool = False,
         standardizer: Standardizer | Sequence[Standardizer] | None = None,
         show_progress_bar: bool | None = None,
-        mode: str = "default",
         **feature_options,
     ) -> np.ndarray:
         """Embed texts; returns float32 [len(texts), dim] in input order.
@@ -182,28 +196,11 @@ class MoEEmbedder:
         standardizer: fitted Standardizer(s) for the "hs" and/or "rw" component,
         applied before the components are combined.
         normalize: scale each output vector to unit length.
+        feature_options: the other fields of FeatureOptions (pooling, hs_layer, rw_values, rw_layers, allow_empty).
+        The authors' own computation is moee_ref.encode_official, not an option here.
         """
-        _check_kind(kind)
-        if mode == "official":
-            from ..official import encode_official
-
-            if (
-                standardizer is not None or feature_options or max_length is not None or truncation is not None
-                or alpha_pairs is not None
-            ):
-                raise InputError(
-                    "mode='official' reproduces the authors' code and takes only kind, prompt, alpha, batch_size, "
-                    "normalize and show_progress_bar; drop the other options"
-                )
-            if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha) or alpha < 0:
-                raise InputError(f"mode='official' takes a fixed numeric alpha >= 0, as the authors' code does; got {alpha!r}")
-            vectors = encode_official(self, texts, kind, prompt=prompt, alpha=float(alpha), batch_size=batch_size, show_progress_bar=show_progress_bar)
-            self.last_report = EncodeReport(num_texts=len(texts), alpha=float(alpha) if kind == "moee-sum" else None)
-            return _normalize_rows(vectors) if normalize else vectors
-        if mode != "default":
-            raise InputError(f"mode={mode!r} is not valid; choose 'default' or 'official'")
-
-        options = FeatureOptions(prompt=prompt, max_length=max_length, truncation=truncation, **feature_options)
+        check_kind(kind)
+        options = FeatureOptions.from_keywords(feature_options, "encode", prompt=prompt, max_length=max_length, truncation=truncation)
         feats = self.features(texts, options, batch_size=batch_size, show_progress_bar=show_progress_bar)
         report = EncodeReport(num_texts=len(feats.hs), num_truncated=feats.num_truncated)
         if feats.num_truncated:
@@ -215,7 +212,7 @@ class MoEEmbedder:
             report.alpha = alpha_value
         self.last_report = report
         vectors = combine(hs, rw, kind, alpha_value)
-        return _normalize_rows(vectors) if normalize else vectors
+        return normalize_rows(vectors) if normalize else vectors
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine similarity matrix [len(a), len(b)] of two sets of embeddings (a zero vector scores 0)."""
@@ -235,7 +232,7 @@ class MoEEmbedder:
         options = options or FeatureOptions()
         options.check()
         texts = _check_texts(texts, options.allow_empty)
-        batch_size = _positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        batch_size = positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
         rw_positions = self._rw_layer_positions(options.rw_layers)
         if not texts:
             d_rw = len(rw_positions) * self.args.num_experts
@@ -267,46 +264,38 @@ class MoEEmbedder:
         # Longest first: the first batch shows at once whether memory suffices, and similar lengths share a batch.
         order = sorted(nonempty, key=lambda i: -len(sequences[i]))
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        opening = prompt_opening(self.tokenizer, template) if self.share_prefix and options.pooling == "last" else None
+        prefix = shared_prefix_ids(self.tokenizer, template) if self.share_prefix and options.pooling == "last" else None
         batch_sequences, continues = [], []
         for rows in batches:
             seqs = [sequences[i] for i in rows]
-            # A text can merge with the prompt's opening into other tokens: such a batch runs whole.
-            shared = opening is not None and all(starts_with(seq, opening) for seq in seqs)
-            batch_sequences.append([seq[len(opening) :] for seq in seqs] if shared else seqs)
+            # A text can merge with the prompt's shared prefix into other tokens: such a batch runs whole.
+            shared = prefix is not None and all(starts_with(seq, prefix) for seq in seqs)
+            batch_sequences.append([seq[len(prefix) :] for seq in seqs] if shared else seqs)
             continues.append(shared)
-        if self.streamed:
-            self._features_streamed(batches, batch_sequences, opening, continues, options, rw_positions, hs, rw, show_progress_bar)
-        else:
-            prefix = self._encoded_prefix(opening) if any(continues) else None
-            for index in _progress(range(len(batches)), len(texts), show_progress_bar):
-                batch = self.tokenizer.pad(batch_sequences[index], padding_side="left")
-                shared = prefix if continues[index] else None
-                batch_hs, batch_rw = self.run_batch(batch.input_ids, batch.attention_mask, options, rw_positions, prefix=shared)
-                hs[batches[index]], rw[batches[index]] = batch_hs, batch_rw
-        return Features(hs, rw, num_truncated=len(too_long))
-
-    def _encoded_prefix(self, ids: tuple[int, ...]) -> SharedPrefix:
-        """The resident model's keys and values of `ids`, computed once while model and prompt stay the same."""
-        if self._prefix is None or self._prefix[0] is not self.model or self._prefix[1].ids != ids:
-            with torch.inference_mode():
-                self._prefix = (self.model, self.model.encode_prefix(list(ids)))
-        return self._prefix[1]
-
-    def _features_streamed(self, batches, batch_sequences, opening, continues, options, rw_positions, hs, rw, show_progress_bar):
-        """All batches through the streamed model at once: each layer is read once for the whole corpus."""
-        if options.hs_layer != "last":
+        if options.hs_layer == "mean" and not self.model.layer_states_available:
             raise InputError("hs_layer='mean' is not available in the layer-streamed mode; use hs_layer='last'")
         padded = [self.tokenizer.pad(seqs, padding_side="left") for seqs in batch_sequences]
-        work = [
-            (b.input_ids, b.attention_mask, read_positions(b.attention_mask, options))
-            for b in padded
-        ]
-        outputs = self.model.run(
-            work, show_progress_bar=_show(show_progress_bar, len(hs)), prefix_ids=None if opening is None else list(opening), continues=continues
+        pooled = self._run_batches(
+            [(batch.input_ids, batch.attention_mask) for batch in padded], options, rw_positions,
+            show_progress_bar=show_progress(show_progress_bar, len(texts)), prefix_ids=None if prefix is None else list(prefix),
+            continues=continues,
         )
-        for rows, batch, out in zip(batches, padded, outputs):
-            hs[rows], rw[rows] = pool(out, batch.attention_mask, options, rw_positions)
+        for rows, (batch_hs, batch_rw) in zip(batches, pooled):
+            hs[rows], rw[rows] = batch_hs, batch_rw
+        return Features(hs, rw, num_truncated=len(too_long))
+
+    def _run_batches(self, batches, options: FeatureOptions, rw_positions: list[int], *, position_ids=None,
+                     show_progress_bar: bool = False, prefix_ids=None, continues=None):
+        """(HS, RW) per padded (input_ids, attention_mask) batch: the one way batches reach the model, resident or
+        layer-streamed (which runs them all through each layer in turn)."""
+        work = [(ids, mask, read_positions(mask, options)) for ids, mask in batches]
+        with torch.inference_mode():
+            outputs = self.model.run(
+                work, position_ids=position_ids, show_progress_bar=show_progress_bar, prefix_ids=prefix_ids,
+                continues=continues, return_layer_states=options.hs_layer == "mean",
+            )
+            # outputs first: zip then runs the model's batches to their end, and its progress bar closes.
+            return [pool(out, mask, options, rw_positions) for out, (_, mask) in zip(outputs, batches)]
 
     def _truncate_inside_prompt(self, template: str, text: str, max_length: int, side: str, index: int) -> list[int]:
         """Token ids of the prompt around the longest cut of `text` that fits max_length.
@@ -336,17 +325,13 @@ class MoEEmbedder:
                 high = mid - 1
         return prompt_ids(low)
 
-    def run_batch(self, input_ids, attention_mask, options: FeatureOptions, rw_positions: list[int], position_ids=None, prefix=None):
-        """(HS [B, D], RW [B, L_used * E]) as float32 numpy for one padded batch (continuing `prefix` if given)."""
+    def run_batch(self, input_ids, attention_mask, options: FeatureOptions, rw_positions: list[int], position_ids=None):
+        """(HS [B, D], RW [B, L_used * E]) as float32 numpy for one padded batch."""
         if self.streamed:
+            # One batch at a time would read every layer of the checkpoint again for each batch.
             raise InputError("run_batch needs a resident model; the layer-streamed mode works on whole corpora (features())")
-        keep = read_positions(attention_mask, options)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids, attention_mask, position_ids=position_ids, keep_positions=keep,
-                return_layer_states=options.hs_layer == "mean", prefix=prefix,
-            )
-        return pool(out, attention_mask, options, rw_positions)
+        positions = None if position_ids is None else [position_ids]
+        return self._run_batches([(input_ids, attention_mask)], options, rw_positions, position_ids=positions)[0]
 
     def _rw_layer_positions(self, rw_layers: Sequence[int] | None) -> list[int]:
         """Indices into the routing stack for the requested decoder layers (all MoE layers by default)."""
@@ -375,7 +360,7 @@ class MoEEmbedder:
         """alpha for moee-sum from pairs: label-free without gold (section 3.3), else against the gold scores."""
         if len(texts_a) != len(texts_b):
             raise InputError(f"texts_a has {len(texts_a)} texts but texts_b has {len(texts_b)}; pairs need equal lengths")
-        options = FeatureOptions(**feature_options)
+        options = FeatureOptions.from_keywords(feature_options, "select_alpha")
         feats = self.features(list(texts_a) + list(texts_b), options, batch_size=batch_size)
         hs, rw = apply_standardizers(feats.hs, feats.rw, standardizer)
         n = len(texts_a)
@@ -408,7 +393,7 @@ class MoEEmbedder:
         """Per-feature statistics of one component ("hs" or "rw") over a corpus, to save and reuse."""
         if component not in ("hs", "rw"):
             raise InputError(f"component={component!r} is not valid; choose 'hs' or 'rw'")
-        feats = self.features(texts, FeatureOptions(**feature_options), batch_size=batch_size)
+        feats = self.features(texts, FeatureOptions.from_keywords(feature_options, "fit_standardizer"), batch_size=batch_size)
         return Standardizer.fit(feats.hs if component == "hs" else feats.rw, kind=component)
 
 
@@ -443,7 +428,7 @@ def pool(out, attention_mask: torch.Tensor, options: FeatureOptions, rw_position
 
 def combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float | None = None) -> np.ndarray:
     """The vectors of `kind` from the HS and RW components."""
-    _check_kind(kind)
+    check_kind(kind)
     if kind == "hs":
         return np.ascontiguousarray(hs, dtype=np.float32)
     if kind == "rw":
@@ -452,7 +437,7 @@ def combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float | None = Non
         return np.concatenate([hs, rw], axis=1).astype(np.float32)
     if alpha is None:
         raise InputError("moee-sum needs alpha")
-    return np.concatenate([_normalize_rows(hs), np.sqrt(alpha) * _normalize_rows(rw)], axis=1).astype(np.float32)
+    return np.concatenate([normalize_rows(hs), np.sqrt(alpha) * normalize_rows(rw)], axis=1).astype(np.float32)
 
 
 def apply_standardizers(hs, rw, standardizer):
@@ -499,7 +484,7 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
     if a.shape[1] != b.shape[1]:
         raise InputError(f"cannot compare embeddings of width {a.shape[1]} and {b.shape[1]}")
-    return (_normalize_rows(a) @ _normalize_rows(b).T).astype(np.float32)
+    return (normalize_rows(a) @ normalize_rows(b).T).astype(np.float32)
 
 
 def read_positions(attention_mask: torch.Tensor, options: FeatureOptions) -> torch.Tensor | None:
@@ -507,7 +492,7 @@ def read_positions(attention_mask: torch.Tensor, options: FeatureOptions) -> tor
     return last_real_position(attention_mask)[:, None] if options.pooling == "last" else None
 
 
-def prompt_opening(tokenizer: Tokenizer, template: str) -> tuple[int, ...] | None:
+def shared_prefix_ids(tokenizer: Tokenizer, template: str) -> tuple[int, ...] | None:
     """The tokens every prompt of `template` starts with, whatever the text (None: too few to share)."""
     probes = [tokenizer.tokenize([apply_prompt(template, probe)], allow_empty=True)[0][0] for probe in PREFIX_PROBES]
     ids = common_prefix(probes)
@@ -532,12 +517,12 @@ def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
     return length - 1 - attention_mask.flip(-1).argmax(-1)
 
 
-def _normalize_rows(x: np.ndarray) -> np.ndarray:
+def normalize_rows(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise InputError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
 
@@ -559,7 +544,7 @@ def _check_alpha(alpha) -> float:
     return float(alpha)
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
     return value
@@ -569,13 +554,5 @@ def _options_dict(options: FeatureOptions) -> dict:
     return {k: getattr(options, k) for k in FeatureOptions.__dataclass_fields__}
 
 
-def _show(show: bool | None, num_texts: int) -> bool:
+def show_progress(show: bool | None, num_texts: int) -> bool:
     return num_texts >= AUTO_PROGRESS_MIN_TEXTS if show is None else show
-
-
-def _progress(items, num_texts: int, show: bool | None, desc: str = "embedding", unit: str = "batch"):
-    if not _show(show, num_texts):
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit=unit)

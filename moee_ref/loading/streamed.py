@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..decoder.batch import check_inputs
+from ..decoder.batch import check_batches
 from ..decoder.layers import RMSNorm
 from ..decoder.model import Block, DecoderOutput, LayerPass, PrefixPass, run_layers
 from ..errors import InputError, MoEERefError
 from ..families import name_map_groups, read_config
 from ..families.names import leaves
+from ..progress import progress
 from ..kernels import quantize_block_, use_kernels
 from .checkpoint import ShardReader, check_packing, expected_shapes, fill_module, resolve_source, shard_files
 
@@ -237,24 +238,24 @@ class StreamedModel:
 
     # ------------------------------------------------------------------ forward
 
-    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], position_ids=None,
-            show_progress_bar: bool = False, prefix_ids: list[int] | None = None, continues: list[bool] | None = None
-            ) -> list[DecoderOutput]:
-        """Decoder outputs for every (input_ids, attention_mask, keep_positions) batch, like MoEDecoder.forward.
+    # Blocks' outputs between layers would have to be kept for every batch of the corpus.
+    layer_states_available = False
+
+    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], *, position_ids=None,
+            show_progress_bar: bool = False, prefix_ids: list[int] | None = None, continues: list[bool] | None = None,
+            return_layer_states: bool = False) -> list[DecoderOutput]:
+        """Decoder outputs for every (input_ids, attention_mask, keep_positions) batch, as MoEDecoder.run gives them;
+        all batches go through each layer before the next layer is read.
 
         prefix_ids: tokens run once, layer by layer beside the batches; the batches flagged in `continues`
         hold only what follows them (as MoEDecoder.forward with a SharedPrefix), the others whole sequences.
         """
+        if return_layer_states:
+            raise InputError("the layer-streamed mode does not keep every block's output; run without return_layer_states")
         self.stats = StreamStats(layer_bytes_max=max(self.layer_bytes))  # the stats describe the last run
         if not batches:
             return []
-        continues = continues or [False] * len(batches)
-        if len(continues) != len(batches) or (any(continues) and not prefix_ids):
-            raise InputError("continues needs one flag per batch, and prefix_ids for the batches it flags")
-        batches = [
-            (*check_inputs(self.args, ids, mask, len(prefix_ids) if shifted else 0), keep)
-            for (ids, mask, keep), shifted in zip(batches, continues)
-        ]
+        batches, continues = check_batches(self.args, batches, prefix_ids, continues, position_ids)
         activation_room = self.plan([tuple(ids.shape) for ids, _, _ in batches])
         shapes = [(ids.shape[0], ids.shape[1], self.args.hidden_size) for ids, _, _ in batches]
         store = ActivationStore(shapes, self.dtype, activation_room, self.spill_dir)
@@ -293,7 +294,7 @@ class StreamedModel:
         last = len(self.layer_groups) - 1
         with ThreadPoolExecutor(max_workers=1) as pool:
             upcoming = pool.submit(self.build_layer, 0)
-            for layer in _layer_progress(len(self.layer_groups), show_progress_bar):
+            for layer in progress(range(len(self.layer_groups)), show_progress_bar, "streaming layers", "layer"):
                 block = upcoming.result()
                 if self.prefetch and layer < last:
                     upcoming = pool.submit(self.build_layer, layer + 1)  # read ahead while this layer computes
@@ -333,11 +334,3 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def _layer_progress(num_layers: int, show: bool):
-    if not show:
-        return range(num_layers)
-    from tqdm.auto import tqdm
-
-    return tqdm(range(num_layers), desc="streaming layers", unit="layer")
