@@ -2,7 +2,7 @@
 
 OLMoE and Qwen1.5-MoE: OlmoeForCausalLM / Qwen2MoeForCausalLM saved with
 save_pretrained in several shards. DeepSeekMoE has no transformers class; as
-model-facts.md describes, a Qwen2-MoE model computes exactly the same
+families/deepseek.py describes, a Qwen2-MoE model computes exactly the same
 function when the dense layers are mlp_only_layers, q/k/v biases are zero,
 the shared expert is n_shared x moe_intermediate_size wide with a gate of
 all zeros (sigmoid(0) = 0.5) and a down projection doubled (exact in

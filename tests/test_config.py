@@ -54,7 +54,7 @@ def test_read_config_accepts_the_directory(tmp_path):
 def test_released_moe_layers_and_routing_dim(family, moe_layers, routing_dim, experts, top_k):
     args = parse(released(family))
     assert args.moe_layers == moe_layers
-    assert args.routing_dim == routing_dim  # 1024, 1440, 1728 in model-facts.md
+    assert args.routing_dim == routing_dim  # 1024, 1440, 1728 for the released checkpoints
     assert (args.num_experts, args.top_k) == (experts, top_k)
     assert args.dense_layers == tuple(i for i in range(args.num_layers) if i not in moe_layers)
 
@@ -72,7 +72,7 @@ def test_released_family_features():
     assert not any(a.norm_topk_prob or a.tie_word_embeddings for a in (olmoe, qwen, deepseek))
 
 
-# Published sizes (model-facts.md): total / active, in billions.
+# Published sizes (the model cards): total / active, in billions.
 PUBLISHED = {"olmoe": (6.9, 1.3), "qwen2_moe": (14.3, 2.7), "deepseek": (16.4, 2.8)}
 
 
@@ -311,7 +311,7 @@ def test_grouped_query_attention_and_explicit_head_dim():
 
 
 # ---------------------------------------------------------------------------
-# The MoE layer rules of model-facts.md
+# The MoE layer rules of the released configs
 
 
 def test_qwen_decoder_sparse_step_and_mlp_only_layers():
