@@ -239,7 +239,7 @@ def cmd_demo(ns) -> int:
 
 
 def add_memory(p) -> None:
-    """Options for models larger than memory (streaming.py, quant.py)."""
+    """Options for models larger than memory (loading/streamed.py, kernels/int8.py)."""
     p.add_argument("--memory-budget", default=None, metavar="SIZE", help="layer-streamed mode within this budget, e.g. 8GB: every layer is read once per run")
     p.add_argument("--int8", action="store_true", help="weight-only int8 attention and expert matrices (about a quarter of fp32 memory)")
     p.add_argument("--spill-dir", default=None, metavar="DIR", help="where the streamed mode spills activations over budget (default: the temp dir)")

@@ -1,4 +1,4 @@
-"""Weight-only int8 (quant.py) and loading without the LM head, on small random checkpoints.
+"""Weight-only int8 (kernels/int8.py) and loading without the LM head, on small random checkpoints.
 
 Exact claims are checked exactly: int8 layers compute F.linear with their
 dequantized weights, bit for bit, and int8 streaming equals int8 resident

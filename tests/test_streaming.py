@@ -1,4 +1,4 @@
-"""Layer-streamed corpus mode (streaming.py) on small random checkpoints of each family.
+"""Layer-streamed corpus mode (loading/streamed.py) on small random checkpoints of each family.
 
 Ground truth is the resident model (MoEEmbedder.from_pretrained without a
 memory budget). Tolerance: streamed features agree with the resident ones

@@ -132,9 +132,9 @@ class MoEEmbedder:
         """Load a checkpoint for embedding (without its LM head, which embeddings never use).
 
         memory_budget (e.g. "8GB"): layer-streamed corpus mode for models larger
-        than memory (streaming.py); each encode() call then reads every layer once.
-        int8: weight-only int8 for attention and expert matrices (quant.py).
-        packed: float32 matrices packed for oneDNN (matmul.py); by default on
+        than memory (loading/streamed.py); each encode() call then reads every layer once.
+        int8: weight-only int8 for attention and expert matrices (kernels/int8.py).
+        packed: float32 matrices packed for oneDNN (kernels/onednn.py); by default on
         wherever it applies (resident, float32, no int8, torch built with
         oneDNN). The streamed mode reads each layer once per corpus, for a few
         batches: packing it costs a pass over its weights that they do not win back.

@@ -253,9 +253,9 @@ def load_model(
 
     dtype: the compute dtype; weights stored in another dtype are converted
     layer by layer as they are read. int8: keep attention and expert matrices
-    as int8 with per-channel scales (quant.py). lm_head=False skips the output
+    as int8 with per-channel scales (kernels/int8.py). lm_head=False skips the output
     matrix, which embeddings never use. packed: float32 matrices in oneDNN's
-    blocked layout for faster CPU inference (matmul.py); the routed experts
+    blocked layout for faster CPU inference (kernels/onednn.py); the routed experts
     are then one packed matrix each instead of stacked tensors.
     """
     if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):

@@ -177,7 +177,7 @@ class StreamedModel:
     def weights_need(self) -> int:
         """Bytes the weights take at the worst moment: a resident layer while the next one is built.
 
-        Parameters are filled in place leaf by leaf (layout.build), so building
+        Parameters are filled in place leaf by leaf (checkpoint.py `build`), so building
         costs the layer itself plus one stored leaf; int8 first builds the
         layer in float, then quantizes it.
         """
