@@ -96,7 +96,7 @@ def cmd_embed(ns) -> int:
     write_embeddings(ns.output, vectors, fmt, texts if fmt == "jsonl" else None)
     report = embedder.last_report
     alpha = f", alpha {report.alpha:.4g}" if report.alpha is not None else ""
-    print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims{alpha}) -> {ns.output}", file=sys.stderr)
+    print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims{alpha}) in {report.dtype} -> {ns.output}", file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
@@ -111,7 +111,7 @@ def cmd_route(ns) -> int:
     from .embedding.prompts import apply_prompt, resolve_prompt
     from .tokenizer import Tokenizer
 
-    model = load_model(ns.model, dtype=getattr(torch, ns.dtype))
+    model = load_model(ns.model, dtype=ns.dtype or "auto", memory_limit=ns.memory_limit)
     tokenizer = Tokenizer.from_dir(model.source_dir)
     template = resolve_prompt(ns.prompt)
     prompted = [apply_prompt(template, t) for t in ns.texts]
@@ -201,6 +201,8 @@ def cmd_info(ns) -> int:
     from .loading.checkpoint import resolve_source
     from .families import read_config
     from .info import format_facts, model_facts
+    from .kernels.precision import resolve_dtype
+    from .loading.checkpoint import memory_fit
     from .tokenizer import Tokenizer
 
     given = Path(ns.model)
@@ -212,6 +214,10 @@ def cmd_info(ns) -> int:
         tokenizer = Tokenizer.from_dir(directory) if (directory / "tokenizer.json").is_file() else None
     facts = model_facts(args, tokenizer)
     facts["source"] = str(ns.model)
+    dtype, reason = resolve_dtype("auto")
+    facts["compute"] = {"auto_dtype": str(dtype).removeprefix("torch."), "reason": reason}
+    if not given.is_file() and any(directory.glob("*.safetensors")):  # sizes from the shards' headers, nothing read
+        facts["memory_fit"] = memory_fit(directory, ns.memory_limit)
     print(json.dumps(facts, indent=2) if ns.json else format_facts(facts))
     return 0
 
@@ -324,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("info", help="family, layers, experts, parameter counts, memory, tokenizer, RW dimension")
     p.add_argument("--model", required=True, metavar="SRC", help="checkpoint directory, hub id, or a config.json file")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE", help="memory to size the modes against, instead of what the system reports")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_info)
 

@@ -23,21 +23,35 @@ class UsageError(Exception):
 
 
 def load_embedder(ns):
-    import torch
+    """The embedder the options ask for. Where they name no mode (no --dtype, --int8 or --memory-budget), the
+    first mode that fits this process's memory: the auto dtype resident, then int8, then layer-streamed."""
+    import sys
 
     from .embedding.embedder import MoEEmbedder
     from .embedding.prompts import resolve_prompt
+    from .kernels.precision import resolve_dtype
+    from .loading.checkpoint import choose_mode
 
     if getattr(ns, "prompt", None) is not None and getattr(ns, "mode", "default") == "default":
         resolve_prompt(ns.prompt)  # an unknown prompt is reported before minutes of loading, not after
-    return MoEEmbedder.from_pretrained(
+    dtype, reason = resolve_dtype(ns.dtype or "auto")
+    int8, budget = getattr(ns, "int8", False), getattr(ns, "memory_budget", None)
+    if hasattr(ns, "memory_budget") and ns.dtype is None and not int8 and budget is None:
+        mode, note = choose_mode(ns.model, dtype, ns.memory_limit)
+        if note:
+            print(f"moee: {note}", file=sys.stderr)
+        int8, budget = mode.int8, mode.memory_budget
+    embedder = MoEEmbedder.from_pretrained(
         ns.model,
-        dtype=getattr(torch, ns.dtype),
-        int8=getattr(ns, "int8", False),
-        memory_budget=getattr(ns, "memory_budget", None),
+        dtype=dtype,
+        int8=int8,
+        memory_budget=budget,
         spill_dir=getattr(ns, "spill_dir", None),
         share_prefix=not getattr(ns, "no_shared_prefix", False),
+        memory_limit=ns.memory_limit,
     )
+    embedder.model.dtype_reason = reason
+    return embedder
 
 
 def int_at_least(minimum: int):
@@ -61,4 +75,9 @@ positive_int = int_at_least(1)
 
 def add_model(p) -> None:
     p.add_argument("--model", required=True, metavar="SRC", help="local checkpoint directory or hub id (owner/name)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"], help="compute dtype (default float32; bf16 is very slow on CPUs without bf16 units)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float64", "bfloat16"],
+                   help="compute dtype (default auto: bfloat16 where this machine computes it natively, else float32; "
+                        "float32 and float64 are the exact reference modes)")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="memory this process may use, e.g. 12GB, instead of what the system reports (a shared node); "
+                        "a mode that needs more is refused, or another chosen, before any weight is read")

@@ -78,6 +78,13 @@ def format_facts(facts: dict[str, Any]) -> str:
         f"memory              {human_bytes(facts['memory_fp32_bytes'])} at fp32, {human_bytes(facts['memory_bf16_bytes'])} at bf16",
         f"embedding dims      HS {facts['hs_dim']}, RW {facts['rw_dim']} ({len(moe)} MoE layers x {facts['experts']} experts)",
     ]
+    compute = facts.get("compute")
+    if compute:
+        lines.append(f"compute dtype       {compute['auto_dtype']} by default here ({compute['reason']})")
+    fit = facts.get("memory_fit")
+    if fit:
+        modes = ", ".join(f"{m['mode']} {human_bytes(m['need_bytes'])}{'' if m['fits'] else ' (does not fit)'}" for m in fit["modes"])
+        lines.append(f"memory needed       {modes}; this process may use {human_bytes(fit['available_bytes'])} ({fit['source']})")
     tok = facts.get("tokenizer")
     if tok:
         lines.append(

@@ -75,7 +75,9 @@ def encode_official(
     check_texts(texts)
     batch_size = positive_int("batch_size", OFFICIAL_BATCH_SIZE if batch_size is None else batch_size)
     vectors = _official_vectors(embedder, texts, kind, name, float(alpha), batch_size, show_progress_bar)
-    embedder.last_report = EncodeReport(num_texts=len(texts), alpha=float(alpha) if kind == "moee-sum" else None)
+    embedder.last_report = EncodeReport(num_texts=len(texts), alpha=float(alpha) if kind == "moee-sum" else None,
+                                        dtype=str(embedder.model.dtype).removeprefix("torch."),
+                                        dtype_reason=getattr(embedder.model, "dtype_reason", None))
     return normalize_rows(vectors) if normalize else vectors
 
 

@@ -68,13 +68,13 @@ def build_real_vocab_olmoe(tmp_path_factory, seed: int) -> MoEEmbedder:
     shutil.copyfile(OLMOE_TOKENIZER, directory / "tokenizer.json")
     config = {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>", "add_bos_token": False}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return MoEEmbedder.from_pretrained(directory)
+    return MoEEmbedder.from_pretrained(directory, dtype=torch.float32)
 
 
 def build_embedder(tmp_path_factory, family: str, seed: int = 0, **embedder_kwargs) -> MoEEmbedder:
     directory = tmp_path_factory.mktemp(f"ckpt-{family}") / "model"
     write_random_checkpoint(directory, SMALL_CONFIGS[family], seed=seed)
-    return MoEEmbedder.from_pretrained(directory, **embedder_kwargs)
+    return MoEEmbedder.from_pretrained(directory, **{"dtype": torch.float32, **embedder_kwargs})
 
 
 @pytest.fixture(scope="module")

@@ -268,7 +268,7 @@ def embedder(tmp_path_factory):
     torch.set_num_threads(1)
     directory = tmp_path_factory.mktemp("analysis") / "olmoe"
     write_random_checkpoint(directory, SMALL_CONFIGS["olmoe"], seed=5)
-    yield MoEEmbedder.from_pretrained(directory)
+    yield MoEEmbedder.from_pretrained(directory, dtype=torch.float32)
     torch.set_num_threads(threads)
 
 

@@ -29,6 +29,7 @@ import torch
 # One torch thread here as in the subprocesses (OMP_NUM_THREADS=1): the same sums in the same order.
 from embed_fixtures import single_thread  # noqa: F401  (an autouse fixture)
 from moee_ref.official import encode_official
+from moee_ref.kernels.precision import resolve_dtype
 from moee_ref import MoEEmbedder, Tokenizer, cli, load_model, read_config
 from moee_ref.embedding.prompts import BUILTIN_PROMPTS
 from moee_ref.stats import pearson, spearman
@@ -96,6 +97,10 @@ def show(result) -> str:
 def ok(result) -> subprocess.CompletedProcess:
     assert result.returncode == 0, show(result)
     return result
+
+
+# The compute dtype an embed without --dtype runs in on this machine (bfloat16 where it is native).
+AUTO = str(resolve_dtype("auto")[0]).removeprefix("torch.")
 
 
 def one_line_error(result, code: int, message: str, stdout_empty: bool = True) -> None:
@@ -540,7 +545,7 @@ def test_embed_npy_matches_the_api(runs, workdir, olmoe):
     d = workdir / "embed"
     result = ok(runs["embed npy"])
     assert result.stdout == ""
-    assert result.stderr.splitlines() == [f"embedded 5 texts as moee-sum (128 dims, alpha 1) -> {d / 'out.npy'}"]
+    assert result.stderr.splitlines() == [f"embedded 5 texts as moee-sum (128 dims, alpha 1) in {AUTO} -> {d / 'out.npy'}"]
     vectors = load_npy(d / "out.npy")
     assert vectors.dtype == np.float32 and vectors.shape == (5, 128)
     np.testing.assert_allclose(vectors, olmoe.encode(TEXTS, prompt="prompteol"), rtol=0, atol=1e-6)
@@ -552,7 +557,7 @@ def test_embed_npy_matches_the_api(runs, workdir, olmoe):
 def test_embed_jsonl_output(runs, workdir, olmoe):
     d = workdir / "embed"
     result = ok(runs["embed jsonl"])
-    assert result.stderr.splitlines() == [f"embedded 5 texts as hs (64 dims) -> {d / 'out.jsonl'}"]
+    assert result.stderr.splitlines() == [f"embedded 5 texts as hs (64 dims) in {AUTO} -> {d / 'out.jsonl'}"]
     records = [json.loads(line) for line in (d / "out.jsonl").read_text().splitlines()]
     assert [set(r) for r in records] == [{"index", "embedding", "text"}] * 5
     assert [r["index"] for r in records] == list(range(5))
@@ -565,7 +570,7 @@ def test_embed_stdin_with_progress_on_stderr(runs, workdir, olmoe):
     result = ok(runs["embed stdin"])
     assert result.stdout == ""
     assert re.search(r"embedding: 100%.* 5/5 ", result.stderr), result.stderr  # 300 texts: a progress bar
-    assert result.stderr.splitlines()[-1] == f"embedded 300 texts as moee-concat (128 dims) -> {d / 'stdin.npy'}"
+    assert result.stderr.splitlines()[-1] == f"embedded 300 texts as moee-concat (128 dims) in {AUTO} -> {d / 'stdin.npy'}"
     expected = olmoe.encode(MANY, kind="moee-concat", batch_size=64)
     np.testing.assert_allclose(load_npy(d / "stdin.npy"), expected, rtol=0, atol=1e-6)
 
@@ -585,7 +590,7 @@ def test_embed_failure_keeps_the_existing_output(runs, workdir):
 def test_embed_official_mode(runs, workdir, olmoe):
     d = workdir / "embed"
     result = ok(runs["embed official"])
-    assert result.stderr.splitlines() == [f"embedded 5 texts as moee-sum (128 dims, alpha 2) -> {d / 'official.npy'}"]
+    assert result.stderr.splitlines() == [f"embedded 5 texts as moee-sum (128 dims, alpha 2) in {AUTO} -> {d / 'official.npy'}"]
     official = load_npy(d / "official.npy")
     np.testing.assert_allclose(official, encode_official(olmoe, TEXTS, prompt="prompteol", alpha=2.0), rtol=0, atol=1e-6)
     assert np.abs(official - olmoe.encode(TEXTS, prompt="prompteol", alpha=2.0)).max() > 1e-2
@@ -598,7 +603,7 @@ def test_embed_jsonl_input_field_and_format_in_process(ckpts, tmp_path, olmoe, c
     code, stdout, stderr = in_process(
         capsys, "embed", "--model", ckpts["olmoe"], "--input", docs, "--field", "body", "--output", out, "--format", "npy", "--kind", "rw",
     )
-    assert (code, stdout, stderr.splitlines()) == (0, "", [f"embedded 5 texts as rw (64 dims) -> {out}"])
+    assert (code, stdout, stderr.splitlines()) == (0, "", [f"embedded 5 texts as rw (64 dims) in {AUTO} -> {out}"])
     np.testing.assert_allclose(load_npy(out), olmoe.encode(TEXTS, kind="rw"), rtol=0, atol=1e-6)
 
 
@@ -611,7 +616,7 @@ def test_embed_allow_empty_no_progress_and_normalize_in_process(ckpts, tmp_path,
         "--allow-empty", "--no-progress", "--normalize", "--kind", "rw", "--prompt", "prompteol", "--batch-size", "64",
     )
     assert (code, stdout) == (0, "")
-    assert stderr.splitlines() == [f"embedded 302 texts as rw (64 dims) -> {out}"]  # and no progress bar
+    assert stderr.splitlines() == [f"embedded 302 texts as rw (64 dims) in {AUTO} -> {out}"]  # and no progress bar
     vectors = load_npy(out)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
     expected = olmoe.encode(texts, kind="rw", prompt="prompteol", allow_empty=True, normalize=True, batch_size=64)
@@ -646,7 +651,7 @@ def route_jobs(runs, request, workdir):
     (fake / "__init__.py").write_text('raise ImportError("matplotlib is hidden for this test")\n')
     hidden = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}
     runs.add("route table", "route", "--model", ckpts["deepseek"], *ROUTE_TEXTS)
-    runs.add("route json", "route", "--model", ckpts["olmoe"], "--json", "--png", d / "heat.png", *ROUTE_TEXTS)
+    runs.add("route json", "route", "--model", ckpts["olmoe"], "--dtype", "float32", "--json", "--png", d / "heat.png", *ROUTE_TEXTS)
     runs.add("route no matplotlib", "route", "--model", ckpts["olmoe"], "--png", d / "never.png", ROUTE_TEXTS[1], env=hidden)
 
 
@@ -691,7 +696,7 @@ def test_route_json_weights_match_the_model(runs, ckpts, workdir):
 
 def test_route_all_tokens_and_top_in_process(ckpts, capsys):
     code, out, err = in_process(
-        capsys, "route", "--model", ckpts["qwen2_moe"], "--json", "--all-tokens", "--top", "2", "--prompt", "prompteol", ROUTE_TEXTS[1],
+        capsys, "route", "--model", ckpts["qwen2_moe"], "--dtype", "float32", "--json", "--all-tokens", "--top", "2", "--prompt", "prompteol", ROUTE_TEXTS[1],
     )
     assert (code, err) == (0, "")
     (entry,) = json.loads(out)["texts"]
@@ -919,7 +924,7 @@ def test_whole_prompts_switches_off_the_shared_opening(ckpts, tmp_path, monkeypa
     for flag in ([], ["--whole-prompts"]):
         out = tmp_path / f"vectors-{len(vectors)}.npy"
         code, _, err = in_process(capsys, "embed", "--model", ckpts["olmoe"], "--input", texts, "--output", out,
-                                  "--prompt", "prompteol", "--kind", "moee-concat", *flag)
+                                  "--prompt", "prompteol", "--kind", "moee-concat", "--dtype", "float32", *flag)
         assert code == 0, err
         vectors.append(np.load(out))
     assert seen == [True, False]

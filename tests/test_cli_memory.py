@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from moee_ref import MoEEmbedder
@@ -28,17 +29,17 @@ def moee(*argv) -> subprocess.CompletedProcess:
 
 def test_streamed_and_int8_embed_match_the_api(setup):
     root, checkpoint = setup
-    common = ["embed", "--model", checkpoint, "--input", root / "texts.txt", "--kind", "moee-sum", "--prompt", "prompteol", "--batch-size", "2"]
+    common = ["embed", "--model", checkpoint, "--input", root / "texts.txt", "--kind", "moee-sum", "--prompt", "prompteol", "--batch-size", "2", "--dtype", "float32"]
     streamed = moee(*common, "--output", root / "streamed.npy", "--memory-budget", "2GB", "--spill-dir", root)
     assert streamed.returncode == 0, streamed.stderr
-    resident = MoEEmbedder.from_pretrained(checkpoint).encode(TEXTS, "moee-sum", prompt="prompteol", batch_size=2)
+    resident = MoEEmbedder.from_pretrained(checkpoint, dtype=torch.float32).encode(TEXTS, "moee-sum", prompt="prompteol", batch_size=2)
     got = np.load(root / "streamed.npy", allow_pickle=False)
     assert np.abs(got - resident).max() <= 1e-5 * np.abs(resident).max()
     assert [p.name for p in root.iterdir() if p.name.startswith("moee-spill-")] == []  # nothing left behind
 
     quantized = moee(*common, "--output", root / "int8.npy", "--int8")
     assert quantized.returncode == 0, quantized.stderr
-    expected = MoEEmbedder.from_pretrained(checkpoint, int8=True).encode(TEXTS, "moee-sum", prompt="prompteol", batch_size=2)
+    expected = MoEEmbedder.from_pretrained(checkpoint, dtype=torch.float32, int8=True).encode(TEXTS, "moee-sum", prompt="prompteol", batch_size=2)
     assert np.abs(np.load(root / "int8.npy", allow_pickle=False) - expected).max() <= 1e-5 * np.abs(expected).max()
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import moee_ref
 from moee_ref.loading import checkpoint
 from moee_ref.loading.checkpoint import INDEX_FILE, name_map_groups
-from moee_ref.errors import CheckpointError, ConfigError, ModelNotFoundError, UnsafeCheckpointError
+from moee_ref.errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, UnsafeCheckpointError
 from moee_ref.families.names import leaves
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
@@ -160,8 +160,15 @@ def test_parameters_have_requested_dtype_and_no_grad(checkpoints, dtype):
 
 
 def test_unsupported_dtype(checkpoints):
-    with pytest.raises(CheckpointError, match=r"dtype torch.int32 is not supported"):
+    with pytest.raises(InputError, match=r"^dtype torch.int32 is not supported; use auto, torch.float32, torch.bfloat16, torch.float64 or torch.float16$"):
         moee_ref.load_model(checkpoints["olmoe"], dtype=torch.int32)
+    with pytest.raises(InputError, match=r"^unknown dtype 'bf16'; use one of auto, float32, float64, bfloat16, float16$"):
+        moee_ref.load_model(checkpoints["olmoe"], dtype="bf16")
+
+
+def test_int8_with_float64_is_refused(checkpoints):
+    with pytest.raises(CheckpointError, match=r"^int8=True does not combine with float64, the exact reference mode; use dtype float32 or bfloat16 with int8$"):
+        moee_ref.load_model(checkpoints["olmoe"], dtype=torch.float64, int8=True)
 
 
 def test_bfloat16_storage_loads_exactly_as_float32(bf16_checkpoint):

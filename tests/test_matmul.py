@@ -218,12 +218,12 @@ def test_packed_model_computes_what_the_plain_model_does(checkpoints, family):
 @needs_packing
 def test_embedder_packs_by_default_where_it_applies(checkpoints):
     directory = checkpoints["olmoe"]
-    assert MoEEmbedder.from_pretrained(directory).model.packed
-    assert not MoEEmbedder.from_pretrained(directory, packed=False).model.packed
-    assert not MoEEmbedder.from_pretrained(directory, int8=True).model.packed
+    assert MoEEmbedder.from_pretrained(directory, dtype=torch.float32).model.packed
+    assert not MoEEmbedder.from_pretrained(directory, dtype=torch.float32, packed=False).model.packed
+    assert not MoEEmbedder.from_pretrained(directory, dtype=torch.float32, int8=True).model.packed
     assert not MoEEmbedder.from_pretrained(directory, dtype=torch.float64).model.packed
     texts = ["A cat sleeps on the mat.", "Stocks fell sharply today.", "Rain."]
-    plain, fast = (MoEEmbedder.from_pretrained(directory, packed=p).encode(texts, "moee-concat") for p in (False, True))
+    plain, fast = (MoEEmbedder.from_pretrained(directory, dtype=torch.float32, packed=p).encode(texts, "moee-concat") for p in (False, True))
     assert float(np.abs(fast - plain).max() / np.abs(plain).max()) <= 1e-5
 
 
@@ -241,16 +241,16 @@ def test_packing_without_onednn_is_named(checkpoints, monkeypatch):
     monkeypatch.setattr(matmul, "_ONEDNN_PACK", None)
     with pytest.raises(CheckpointError, match=r"packed=True needs torch built with oneDNN \(torch.backends.mkldnn\); load with packed=False"):
         load_model(checkpoints["olmoe"], packed=True)
-    assert not MoEEmbedder.from_pretrained(checkpoints["olmoe"]).model.packed  # the default falls back to plain weights
+    assert not MoEEmbedder.from_pretrained(checkpoints["olmoe"], dtype=torch.float32).model.packed  # the default falls back to plain weights
 
 
 @needs_packing
 def test_streamed_mode_packs_each_layer_when_asked(checkpoints, tmp_path):
     directory = checkpoints["deepseek"]
     texts = ["A cat sleeps on the mat.", "Stocks fell sharply today."]
-    resident = MoEEmbedder.from_pretrained(directory, packed=False).encode(texts, "moee-concat")
-    assert not MoEEmbedder.from_pretrained(directory, memory_budget="2GB").model.packed  # not by default there
-    streamed = MoEEmbedder.from_pretrained(directory, memory_budget="2GB", spill_dir=str(tmp_path), packed=True)
+    resident = MoEEmbedder.from_pretrained(directory, dtype=torch.float32, packed=False).encode(texts, "moee-concat")
+    assert not MoEEmbedder.from_pretrained(directory, dtype=torch.float32, memory_budget="2GB").model.packed  # not by default there
+    streamed = MoEEmbedder.from_pretrained(directory, dtype=torch.float32, memory_budget="2GB", spill_dir=str(tmp_path), packed=True)
     assert streamed.model.packed and isinstance(streamed.model.build_layer(1).mlp.experts.gate_up, torch.nn.ParameterList)
     assert float(np.abs(streamed.encode(texts, "moee-concat") - resident).max() / np.abs(resident).max()) <= 1e-5
 

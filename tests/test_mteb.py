@@ -90,7 +90,7 @@ class OfflineSTS(LocalSTS):
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory):
     path = write_random_checkpoint(tmp_path_factory.mktemp("mteb") / "olmoe", SMALL_CONFIGS["olmoe"])
-    return MoEEmbedder.from_pretrained(path, batch_size=8)
+    return MoEEmbedder.from_pretrained(path, dtype=torch.float32, batch_size=8)
 
 
 def loader(texts, batch_size=4):

@@ -242,7 +242,7 @@ def test_int8_embeddings_close_to_float(checkpoints, float_models, int8_models):
 
 
 def test_from_pretrained_int8_has_no_head(checkpoints, int8_models):
-    embedder = MoEEmbedder.from_pretrained(checkpoints["qwen2_moe"], int8=True)
+    embedder = MoEEmbedder.from_pretrained(checkpoints["qwen2_moe"], dtype=torch.float32, int8=True)
     assert embedder.model.int8 is True and embedder.model.lm_head is None
     np.testing.assert_array_equal(
         embedder.encode(TEXTS, "moee-concat"),
@@ -292,7 +292,7 @@ def test_int8_streamed_equals_int8_resident(checkpoints, int8_models, family, tm
     shapes = [(len(lengths[i : i + 3]), lengths[i]) for i in range(0, len(lengths), 3)]
     smallest = probe.memory_plan(shapes)["smallest"]
     for budget, spills in ((smallest, True), ("8GB", False)):
-        streamed = MoEEmbedder.from_pretrained(directory, int8=True, memory_budget=budget, spill_dir=str(tmp_path))
+        streamed = MoEEmbedder.from_pretrained(directory, dtype=torch.float32, int8=True, memory_budget=budget, spill_dir=str(tmp_path))
         for kind in ("hs", "rw"):
             ours = streamed.encode(TEXTS, kind, batch_size=3)
             assert streamed.model.stats.spilled is spills

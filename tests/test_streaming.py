@@ -79,7 +79,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resident(checkpoints):
-    return {family: MoEEmbedder.from_pretrained(checkpoints[family]) for family in FAMILIES}
+    return {family: MoEEmbedder.from_pretrained(checkpoints[family], dtype=torch.float32) for family in FAMILIES}
 
 
 def batch_shapes(tokenizer: Tokenizer, texts, batch_size: int) -> list[tuple[int, int]]:
@@ -138,7 +138,7 @@ def test_streamed_equals_resident(checkpoints, resident, family, budget, tmp_pat
     assert len(shapes) == 7 and len({length for _, length in shapes}) > 1
     smallest = smallest_budget(directory)
     embedder = MoEEmbedder.from_pretrained(
-        directory, memory_budget=smallest if budget == "smallest" else LARGE_BUDGET, spill_dir=str(tmp_path)
+        directory, dtype=torch.float32, memory_budget=smallest if budget == "smallest" else LARGE_BUDGET, spill_dir=str(tmp_path)
     )
     assert embedder.streamed
     for kind in ("hs", "rw", "moee-sum"):
@@ -313,7 +313,7 @@ def test_bad_budgets(checkpoints, text, message):
     with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
         parse_bytes(text)
     with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
-        MoEEmbedder.from_pretrained(checkpoints["olmoe"], memory_budget=text)
+        MoEEmbedder.from_pretrained(checkpoints["olmoe"], dtype=torch.float32, memory_budget=text)
 
 
 def test_budget_too_small_names_the_smallest_that_works(checkpoints, tmp_path):

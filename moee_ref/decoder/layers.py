@@ -104,6 +104,7 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat((past[0].expand(batch, -1, -1, -1), k), dim=2)
             v = torch.cat((past[1].expand(batch, -1, -1, -1), v), dim=2)
+        # In bf16, torch's CPU and CUDA attention kernels accumulate the scores and their softmax in float32.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
         )

@@ -56,7 +56,10 @@ class Router(nn.Module):
         return LayerRouting(logits, probs, ids, weights)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        # In at least float32 whatever the compute dtype: the logits decide the top-k and are the RW embedding,
+        # and a bf16 product would round them to 3 digits (the matrix is tiny: E x D).
+        compute = torch.promote_types(x.dtype, torch.float32)
+        return F.linear(x.to(compute), self.weight.to(compute))
 
 
 class RoutedExperts(nn.Module):

@@ -28,6 +28,7 @@ import torch
 from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
 from ..errors import InputError, UnknownOptionError
 from ..kernels import packing_available
+from ..kernels.precision import resolve_dtype
 from .prompts import apply_prompt, list_prompts, resolve_prompt
 from .standardize import Standardizer
 from ..stats import cosine_rows
@@ -104,6 +105,8 @@ class EncodeReport:
     num_truncated: int = 0
     alpha: float | None = None
     alpha_choice: AlphaChoice | None = None
+    dtype: str | None = None  # the compute dtype that ran, and why it was chosen (kernels/precision.py)
+    dtype_reason: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -121,15 +124,22 @@ class MoEEmbedder:
     def from_pretrained(
         cls,
         source: str | os.PathLike,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = "auto",
         *,
         int8: bool = False,
         memory_budget: str | int | None = None,
         spill_dir: str | None = None,
         packed: bool | None = None,
+        memory_limit: str | int | None = None,
         **kwargs,
     ) -> "MoEEmbedder":
         """Load a checkpoint for embedding (without its LM head, which embeddings never use).
+
+        dtype: "auto" (the default) computes in bf16 where this machine does bf16 natively
+        and in float32 elsewhere (kernels/precision.py); float32 and float64 are the exact
+        reference modes. HS and RW come out float32 whatever the compute dtype.
+        memory_limit: the bytes this process may use, instead of what the system reports;
+        a mode that needs more is refused before any weight is read (loading/memory.py).
 
         memory_budget (e.g. "8GB"): layer-streamed corpus mode for models larger
         than memory (loading/streamed.py); each encode() call then reads every layer once.
@@ -139,16 +149,19 @@ class MoEEmbedder:
         oneDNN). The streamed mode reads each layer once per corpus, for a few
         batches: packing it costs a pass over its weights that they do not win back.
         """
+        dtype, reason = resolve_dtype(dtype)
         if packed is None:
             packed = memory_budget is None and dtype == torch.float32 and not int8 and packing_available()
         if memory_budget is not None:
             from ..loading.streamed import StreamedModel
 
-            model = StreamedModel(source, dtype, memory_budget=memory_budget, int8=int8, spill_dir=spill_dir, packed=packed)
+            model = StreamedModel(source, dtype, memory_budget=memory_budget, int8=int8, spill_dir=spill_dir, packed=packed,
+                                  memory_limit=memory_limit)
         else:
             from ..loading.checkpoint import load_model
 
-            model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed)
+            model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed, memory_limit=memory_limit)
+        model.dtype_reason = reason
         return cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
 
     @property
@@ -210,6 +223,8 @@ class MoEEmbedder:
         if kind == "moee-sum":
             alpha_value, report.alpha_choice = self._resolve_alpha(alpha, alpha_pairs, hs, rw, options, batch_size, standardizer)
             report.alpha = alpha_value
+        report.dtype = str(self.model.dtype).removeprefix("torch.")
+        report.dtype_reason = getattr(self.model, "dtype_reason", None)
         self.last_report = report
         vectors = combine(hs, rw, kind, alpha_value)
         return normalize_rows(vectors) if normalize else vectors

@@ -17,13 +17,23 @@ from ..decoder.moe import RoutedExperts
 from .onednn import linear
 
 
+# Rows quantized at a time: the float32 working copies then stay a few MiB, not a float32 copy of a layer's
+# stacked experts (loading/memory.py counts them).
+QUANTIZE_ROWS = 1024
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, float32 scales) with weight ~= values * scales[..., None], one scale per output row."""
-    w = weight.float()
-    scale = w.abs().amax(dim=-1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays exactly zero
-    values = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
-    return values, scale
+    rows = weight.reshape(-1, weight.shape[-1])
+    values = torch.empty(rows.shape, dtype=torch.int8)
+    scale = torch.empty(len(rows), dtype=torch.float32)
+    for start in range(0, len(rows), QUANTIZE_ROWS):
+        w = rows[start : start + QUANTIZE_ROWS].to(torch.float32, copy=True)  # worked on in place
+        s = w.abs().amax(dim=-1) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row stays exactly zero
+        values[start : start + len(w)] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+        scale[start : start + len(w)] = s
+    return values.reshape(weight.shape), scale.reshape(weight.shape[:-1])
 
 
 class Int8Linear(nn.Module):

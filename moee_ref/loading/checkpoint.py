@@ -33,6 +33,8 @@ from ..errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from ..families import name_map_groups, read_config
 from ..families.names import NameMap, Recipe, Stack, Tensor, leaves, shape_of
 from ..kernels import pack_weight, packing_available, quantize_block_, use_kernels
+from ..kernels.precision import resolve_dtype
+from .memory import Mode, format_bytes, memory_available, modes_that_fit, refusal, resident_need
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -243,11 +245,12 @@ def expected_shapes(groups: Iterable[NameMap]) -> dict[str, tuple[int, ...]]:
 
 def load_model(
     source: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     *,
     int8: bool = False,
     lm_head: bool = True,
     packed: bool = False,
+    memory_limit: str | int | None = None,
 ) -> MoEDecoder:
     """Load a supported MoE checkpoint (local directory or hub id) as an MoEDecoder in eval mode.
 
@@ -257,9 +260,13 @@ def load_model(
     matrix, which embeddings never use. packed: float32 matrices in oneDNN's
     blocked layout for faster CPU inference (kernels/onednn.py); the routed experts
     are then one packed matrix each instead of stacked tensors.
+    The default stays float32, the reference; dtype="auto" picks bf16 where it is native
+    (kernels/precision.py). Before any weight is read, the bytes this needs are compared with
+    what the process may use (loading/memory.py; memory_limit replaces that figure):
+    InsufficientMemoryError names the modes that fit.
     """
-    if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise CheckpointError(f"dtype {dtype} is not supported; use torch.float32 (CPU), float64, bfloat16 or float16")
+    dtype, dtype_reason = resolve_dtype(dtype)
+    check_int8(dtype, int8)
     check_packing(packed, dtype, int8)
     directory = resolve_source(source)
     args = read_config(directory)
@@ -268,6 +275,11 @@ def load_model(
     reader.check(expected_shapes(groups))
     if not lm_head:
         groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
+    available, source_of_figure = memory_available(memory_limit)
+    need = resident_need(groups, reader, dtype, int8, packed)
+    if need > available:
+        mode = Mode(dtype, int8, need=need)
+        raise refusal(str(source), mode, available, source_of_figure, modes_that_fit(groups, reader, dtype, available))
 
     with torch.device("meta"):
         model = use_kernels(MoEDecoder(args, with_lm_head=lm_head), dtype, packed)
@@ -282,7 +294,48 @@ def load_model(
         raise AssertionError(f"parameters left unloaded: {unset}")
     model.source_dir = directory
     model.int8, model.packed = int8, packed
+    model.dtype_reason = dtype_reason
     return model.eval().requires_grad_(False)
+
+
+def choose_mode(source: str | os.PathLike, dtype: torch.dtype, memory_limit: str | int | None = None) -> tuple[Mode, str | None]:
+    """The first way of loading `source` in `dtype` that fits this process's memory, from the headers alone:
+    resident, then resident int8, then layer-streamed (dtype, then int8); with a one-line note when it is
+    not the first. InsufficientMemoryError when nothing fits."""
+    directory = resolve_source(source)
+    args = read_config(directory)
+    reader = ShardReader(shard_files(directory))
+    groups = name_map_groups(args)
+    reader.check(expected_shapes(groups))
+    groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}  # embeddings need no head
+    available, figure = memory_available(memory_limit)
+    packed = dtype == torch.float32 and packing_available()
+    resident = Mode(dtype, need=resident_need(groups, reader, dtype, False, packed))
+    if resident.need <= available:
+        return resident, None
+    fitting = [mode for mode in modes_that_fit(groups, reader, dtype, available) if mode.dtype == dtype]
+    if not fitting:
+        raise refusal(str(source), resident, available, figure, [])
+    chosen = fitting[0]
+    note = (f"{resident.describe()} needs about {format_bytes(resident.need)}, more than the {format_bytes(available, up=False)} "
+            f"this process may use ({figure}); running {chosen.sized()} instead. "
+            "--dtype, --int8 or --memory-budget choose the mode yourself")
+    return chosen, note
+
+
+def memory_fit(source: str | os.PathLike, memory_limit: str | int | None = None) -> dict:
+    """For `moee info`: the bytes each resident mode of an embedding load needs, and what this process may use."""
+    directory = resolve_source(source)
+    reader = ShardReader(shard_files(directory))
+    groups = name_map_groups(read_config(directory))
+    reader.check(expected_shapes(groups))
+    groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
+    available, figure = memory_available(memory_limit)
+    modes = []
+    for dtype, int8 in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        mode = Mode(dtype, int8, need=resident_need(groups, reader, dtype, int8, dtype == torch.float32 and packing_available()))
+        modes.append({"mode": mode.describe(), "need_bytes": mode.need, "fits": mode.need <= available})
+    return {"available_bytes": available, "source": figure, "modes": modes}
 
 
 class ReadAhead:
@@ -352,6 +405,11 @@ def build(recipe: Recipe, read: Callable[[str], torch.Tensor], dtype: torch.dtyp
             build(part, read, dtype, out[start : start + rows])
             start += rows
     return out
+
+
+def check_int8(dtype: torch.dtype, int8: bool) -> None:
+    if int8 and dtype == torch.float64:
+        raise CheckpointError("int8=True does not combine with float64, the exact reference mode; use dtype float32 or bfloat16 with int8")
 
 
 def check_packing(packed: bool, dtype: torch.dtype, int8: bool) -> None:

@@ -17,9 +17,7 @@ activation store and reading the next layer ahead.
 from __future__ import annotations
 
 import errno
-import math
 import os
-import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +34,8 @@ from ..families import name_map_groups, read_config
 from ..families.names import leaves
 from ..progress import progress
 from ..kernels import quantize_block_, use_kernels
-from .checkpoint import ShardReader, check_packing, expected_shapes, fill_module, resolve_source, shard_files
+from .checkpoint import ShardReader, check_int8, check_packing, expected_shapes, fill_module, resolve_source, shard_files
+from .memory import InsufficientMemoryError, format_bytes, held_bytes, memory_available, parse_bytes, streamed_budget, streamed_weights_need
 
 WORKING_FACTOR = 12  # transient tensors of one batch in one block, in units of that batch's hidden states
 RUNTIME_OVERHEAD = 256 * 2**20  # allowance for what is not weights or activations (index tensors, routing outputs)
@@ -44,29 +43,6 @@ RUNTIME_OVERHEAD = 256 * 2**20  # allowance for what is not weights or activatio
 
 class SpillError(MoEERefError, OSError):
     """Spilling activations to disk failed (typically: the disk is full)."""
-
-
-def parse_bytes(text: str | int) -> int:
-    """'8GB', '512MiB', '2.5G', or a number of bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", str(text).lower())
-        if not match:
-            raise InputError(f"memory budget {text!r} is not a size; write it like 8GB, 512MB or 2.5G")
-        number, prefix, _ = match.groups()
-        # GB and GiB alike mean 2**30: budgets are about memory, which comes in binary units.
-        value = int(float(number) * (1024 ** ("kmgt".index(prefix) + 1) if prefix else 1))
-    if value <= 0:
-        raise InputError(f"memory budget must be positive, got {text!r}")
-    return value
-
-
-def _format_bytes(n: int) -> str:
-    # Rounded up: a size printed as a need (the smallest budget) must work when passed back as printed.
-    if n >= 2**28:
-        return f"{math.ceil(n / 2**30 * 100) / 100:.2f} GiB"
-    return f"{math.ceil(n / 2**20 * 10) / 10:.1f} MiB"
 
 
 @dataclass
@@ -103,7 +79,7 @@ class ActivationStore:
                 self.close()
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise SpillError(
-                        f"no room to spill {_format_bytes(self.total)} of activations in {spill_dir or tempfile.gettempdir()}: "
+                        f"no room to spill {format_bytes(self.total)} of activations in {spill_dir or tempfile.gettempdir()}: "
                         "free disk space, choose another --spill-dir, or raise the memory budget"
                     ) from exc
                 raise SpillError(f"cannot create the spill file in {spill_dir or tempfile.gettempdir()}: {exc}") from exc
@@ -143,7 +119,9 @@ class StreamedModel:
     """Runs whole corpora through a checkpoint one decoder layer at a time (see the module doc)."""
 
     def __init__(self, source, dtype: torch.dtype = torch.float32, *, memory_budget, int8: bool = False,
-                 spill_dir: str | None = None, prefetch: bool = True, packed: bool = False):
+                 spill_dir: str | None = None, prefetch: bool = True, packed: bool = False,
+                 memory_limit: str | int | None = None):
+        check_int8(dtype, int8)
         check_packing(packed, dtype, int8)
         self.source_dir = resolve_source(source)
         self.args = read_config(self.source_dir)
@@ -154,45 +132,20 @@ class StreamedModel:
         self.norm_group = {k: v for k, v in groups[-1].items() if k != "lm_head.weight"}
         self.dtype, self.int8, self.prefetch, self.packed = dtype, int8, prefetch, packed
         self.budget = parse_bytes(memory_budget)
-        self.spill_dir = spill_dir
+        self.spill_dir, self.memory_limit = spill_dir, memory_limit
         self.stats = StreamStats()
         self.element = torch.tensor([], dtype=dtype).element_size()
-        self.layer_bytes = [self._resident_bytes(group) for group in self.layer_groups]
+        self.layer_bytes = [held_bytes(group, dtype, int8) for group in self.layer_groups]
         self.stats.layer_bytes_max = max(self.layer_bytes)
 
     # ------------------------------------------------------------------ memory plan
-
-    def _resident_bytes(self, group) -> int:
-        """Bytes of one layer as held for compute (float, or int8 matrices with their scales)."""
-        total = 0
-        for name, recipe in group.items():
-            count = sum(int(np.prod(leaf.shape)) for leaf in leaves(recipe))
-            quantized = self.int8 and not name.endswith(("norm.weight", "router.weight", ".bias", "shared_gate.weight"))
-            total += count if quantized else count * self.element
-        return total
 
     def _source_bytes(self, group) -> int:
         return sum(int(np.prod(leaf.shape)) * self.reader.element_size(leaf.name) for recipe in group.values() for leaf in leaves(recipe))
 
     def weights_need(self) -> int:
-        """Bytes the weights take at the worst moment: a resident layer while the next one is built.
-
-        Parameters are filled in place leaf by leaf (checkpoint.py `build`), so building
-        costs the layer itself plus one stored leaf; int8 first builds the
-        layer in float, then quantizes it.
-        """
-        largest = max(range(len(self.layer_groups)), key=lambda i: self.layer_bytes[i])
-        group = self.layer_groups[largest]
-        building = self._resident_bytes_as_float(group) if self.int8 else self.layer_bytes[largest]
-        building += self._largest_leaf_bytes(group)
-        return (self.layer_bytes[largest] if self.prefetch else 0) + building
-
-    def _largest_leaf_bytes(self, group) -> int:
-        return max(int(np.prod(leaf.shape)) * (self.reader.element_size(leaf.name) + self.element)
-                   for recipe in group.values() for leaf in leaves(recipe))
-
-    def _resident_bytes_as_float(self, group) -> int:
-        return sum(int(np.prod(leaf.shape)) for recipe in group.values() for leaf in leaves(recipe)) * self.element
+        """Bytes the weights take at the worst moment: a resident layer while the next one is built (memory.py)."""
+        return streamed_weights_need(self.layer_groups, self.reader, self.dtype, self.int8, self.prefetch)
 
     def memory_plan(self, batch_shapes: list[tuple[int, int]]) -> dict[str, int]:
         """Bytes for weights, one batch's working memory, and the smallest budget that works for these batches."""
@@ -211,12 +164,25 @@ class StreamedModel:
         need = self.memory_plan(batch_shapes)
         if self.budget < need["smallest"]:
             raise InputError(
-                f"memory budget {_format_bytes(self.budget)} is too small for one layer of this model at this batch size: "
-                f"the smallest budget that works is {_format_bytes(need['smallest'])} "
-                f"(weights {_format_bytes(need['weights'])}, batch working memory {_format_bytes(need['working'])}); "
+                f"memory budget {format_bytes(self.budget)} is too small for one layer of this model at this batch size: "
+                f"the smallest budget that works is {format_bytes(need['smallest'])} "
+                f"(weights {format_bytes(need['weights'])}, batch working memory {format_bytes(need['working'])}); "
                 "raise --memory-budget, lower --batch-size, or add --int8"
             )
-        return self.budget - need["weights"] - need["working"] - RUNTIME_OVERHEAD
+        room = self.budget - need["weights"] - need["working"] - RUNTIME_OVERHEAD
+        # What this run will take: a budget is a ceiling, and the activations of a small corpus stay below it.
+        activations = sum(b * t for b, t in batch_shapes) * self.args.hidden_size * self.element
+        use = need["weights"] + need["working"] + RUNTIME_OVERHEAD + min(activations, room)
+        available, source = memory_available(self.memory_limit)
+        if use > available:
+            budget = streamed_budget(need["smallest"], available, step=2**20)
+            fix = (f"pass --memory-budget {format_bytes(budget, up=False)} or less (more of the activations go to disk)" if budget
+                   else "lower --batch-size, or add --int8")
+            raise InsufficientMemoryError(
+                f"this run in memory budget {format_bytes(self.budget)} would take about {format_bytes(use)}, more than the "
+                f"{format_bytes(available, up=False)} this process may use ({source}); nothing was read. {fix}"
+            )
+        return room
 
     # ------------------------------------------------------------------ layers
 
