@@ -127,12 +127,13 @@ def make_texts(tokenizer: Tokenizer, count: int, seed: int = 0) -> list[str]:
 
 
 def load_ours(directory: Path) -> MoEEmbedder:
-    """As a user gets it: no LM head, float32 matrices packed for oneDNN where torch has it."""
-    return MoEEmbedder.from_pretrained(directory)
+    """The float32 path (no LM head, matrices packed for oneDNN where torch has it); bench_precision.py times
+    the default dtype="auto" (bf16 where native) and int8 beside it and beside transformers in bf16."""
+    return MoEEmbedder.from_pretrained(directory, dtype=torch.float32)
 
 
-def load_hf(directory: Path, **impl):
-    """transformers' base model in fp32, eval mode; for DeepSeekMoE the exact Qwen2-MoE equivalent of verify.py."""
+def load_hf(directory: Path, dtype: torch.dtype = torch.float32, **impl):
+    """transformers' base model in dtype (fp32 here), eval mode; for DeepSeekMoE the exact Qwen2-MoE equivalent of verify.py."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -141,12 +142,12 @@ def load_hf(directory: Path, **impl):
     if HF_CLASSES[margs.family] is None:
         from moee_ref.verify import load_reference
 
-        model = load_reference(directory, margs).model  # its lm_head is built too, then dropped here
+        model = load_reference(directory, margs).model.to(dtype)  # its lm_head is built too, then dropped here
         if impl:
             use_impl(model, impl["attn_implementation"], impl["experts_implementation"])
         return model
     cls = getattr(transformers, HF_CLASSES[margs.family])
-    return cls.from_pretrained(directory, dtype=torch.float32, **impl).eval()
+    return cls.from_pretrained(directory, dtype=dtype, **impl).eval()
 
 
 def use_impl(model, attn: str, experts: str) -> None:

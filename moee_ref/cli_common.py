@@ -36,7 +36,7 @@ def load_embedder(ns):
         resolve_prompt(ns.prompt)  # an unknown prompt is reported before minutes of loading, not after
     dtype, reason = resolve_dtype(ns.dtype or "auto")
     int8, budget = getattr(ns, "int8", False), getattr(ns, "memory_budget", None)
-    if hasattr(ns, "memory_budget") and ns.dtype is None and not int8 and budget is None:
+    if ns.dtype is None and not int8 and budget is None:
         mode, note = choose_mode(ns.model, dtype, ns.memory_limit)
         if note:
             print(f"moee: {note}", file=sys.stderr)
