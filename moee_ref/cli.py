@@ -105,13 +105,14 @@ def cmd_embed(ns) -> int:
 def cmd_route(ns) -> int:
     import torch
 
+    from .kernels.precision import resolve_device
     from .loading.checkpoint import load_model
     from .embedding.embedder import last_real_position
     from .info import format_routing_table, routing_table
     from .embedding.prompts import apply_prompt, resolve_prompt
     from .tokenizer import Tokenizer
 
-    model = load_model(ns.model, dtype=ns.dtype or "auto", memory_limit=ns.memory_limit)
+    model = load_model(ns.model, dtype=ns.dtype or "auto", memory_limit=ns.memory_limit, device=resolve_device(ns.device))
     tokenizer = Tokenizer.from_dir(model.source_dir)
     template = resolve_prompt(ns.prompt)
     prompted = [apply_prompt(template, t) for t in ns.texts]
@@ -139,7 +140,7 @@ def cmd_route(ns) -> int:
     if ns.png:
         from .plot import routing_heatmap
 
-        probs = out.router_probs[0, :, int(last[0])].numpy()
+        probs = out.router_probs[0, :, int(last[0])].cpu().numpy()
         routing_heatmap(probs, list(out.moe_layers), ns.png, f"router probabilities at the last token of {ns.texts[0][:40]!r}")
         print(f"wrote {ns.png}", file=sys.stderr)
     return 0

@@ -29,14 +29,15 @@ def load_embedder(ns):
 
     from .embedding.embedder import MoEEmbedder
     from .embedding.prompts import resolve_prompt
-    from .kernels.precision import resolve_dtype
+    from .kernels.precision import resolve_device, resolve_dtype
     from .loading.checkpoint import choose_mode
 
     if getattr(ns, "prompt", None) is not None and getattr(ns, "mode", "default") == "default":
         resolve_prompt(ns.prompt)  # an unknown prompt is reported before minutes of loading, not after
-    dtype, reason = resolve_dtype(ns.dtype or "auto")
+    device = resolve_device(ns.device)
+    dtype, reason = resolve_dtype(ns.dtype or "auto", device)
     int8, budget = getattr(ns, "int8", False), getattr(ns, "memory_budget", None)
-    if ns.dtype is None and not int8 and budget is None:
+    if ns.dtype is None and not int8 and budget is None and device.type == "cpu":
         mode, note = choose_mode(ns.model, dtype, ns.memory_limit)
         if note:
             print(f"moee: {note}", file=sys.stderr)
@@ -49,6 +50,7 @@ def load_embedder(ns):
         spill_dir=getattr(ns, "spill_dir", None),
         share_prefix=not getattr(ns, "no_shared_prefix", False),
         memory_limit=ns.memory_limit,
+        device=device,
     )
     embedder.model.dtype_reason = reason
     return embedder
@@ -78,6 +80,8 @@ def add_model(p) -> None:
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "float64", "bfloat16"],
                    help="compute dtype (default auto: bfloat16 where this machine computes it natively, else float32; "
                         "float32 and float64 are the exact reference modes)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="auto (default: a CUDA device where torch has one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="memory this process may use, e.g. 12GB, instead of what the system reports (a shared node); "
                         "a mode that needs more is refused, or another chosen, before any weight is read")

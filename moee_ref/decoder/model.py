@@ -175,7 +175,7 @@ class PrefixPass:
 
     @classmethod
     def start(cls, args: ModelArgs, ids, x) -> "PrefixPass":
-        cos, sin = rotary_cos_sin(torch.arange(len(ids))[None], args.head_dim, args.rope_theta, x.dtype)
+        cos, sin = rotary_cos_sin(torch.arange(len(ids), device=x.device)[None], args.head_dim, args.rope_theta, x.dtype)
         return cls(tuple(int(i) for i in ids), x, cos, sin, args.num_layers)
 
     def past(self, block: Block, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,6 +227,10 @@ class MoEDecoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype  # the compute dtype (a packed model keeps its embedding table as stored)
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -266,13 +270,18 @@ class MoEDecoder(nn.Module):
         shift = 0 if prefix is None else check_prefix(prefix, len(self.layers))
         input_ids, attention_mask = check_inputs(self.args, input_ids, attention_mask, shift)
         if keep_positions is not None:
-            keep_positions = check_keep(keep_positions, *input_ids.shape)
+            keep_positions = check_keep(keep_positions, *input_ids.shape).to(self.device)
+        # Inputs come from the tokenizer on the host; every tensor after this is made on the model's device.
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if position_ids is not None:
+            position_ids = position_ids.to(self.device)
         return LayerPass.start(self.args, self.embed(input_ids).to(self.dtype), attention_mask, keep=keep_positions,
                                prefix_length=shift, position_ids=position_ids, keep_layer_states=return_layer_states)
 
     def encode_prefix(self, ids: list[int]) -> SharedPrefix:
         """Keys and values of every layer for the token ids `ids`, at positions 0..len(ids)-1."""
         input_ids, _ = check_inputs(self.args, torch.tensor([list(ids)]), None)
+        input_ids = input_ids.to(self.device)
         prefix = PrefixPass.start(self.args, ids, self.embed(input_ids).to(self.dtype))
         run_layers(enumerate(self.layers), [], prefix)
         return prefix.result()

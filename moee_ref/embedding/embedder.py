@@ -28,7 +28,7 @@ import torch
 from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
 from ..errors import InputError, UnknownOptionError
 from ..kernels import packing_available
-from ..kernels.precision import resolve_dtype
+from ..kernels.precision import resolve_device, resolve_dtype
 from .prompts import apply_prompt, list_prompts, resolve_prompt
 from .standardize import Standardizer
 from ..stats import cosine_rows
@@ -131,6 +131,7 @@ class MoEEmbedder:
         spill_dir: str | None = None,
         packed: bool | None = None,
         memory_limit: str | int | None = None,
+        device: str | torch.device = "auto",
         **kwargs,
     ) -> "MoEEmbedder":
         """Load a checkpoint for embedding (without its LM head, which embeddings never use).
@@ -140,6 +141,8 @@ class MoEEmbedder:
         reference modes. HS and RW come out float32 whatever the compute dtype.
         memory_limit: the bytes this process may use, instead of what the system reports;
         a mode that needs more is refused before any weight is read (loading/memory.py).
+        device: "auto" (the default: the first CUDA device where torch has one, else the CPU), "cpu",
+        "cuda" or "cuda:N". The layer-streamed mode runs on the CPU only.
 
         memory_budget (e.g. "8GB"): layer-streamed corpus mode for models larger
         than memory (loading/streamed.py); each encode() call then reads every layer once.
@@ -149,9 +152,13 @@ class MoEEmbedder:
         oneDNN). The streamed mode reads each layer once per corpus, for a few
         batches: packing it costs a pass over its weights that they do not win back.
         """
-        dtype, reason = resolve_dtype(dtype)
+        device = resolve_device(device)
+        dtype, reason = resolve_dtype(dtype, device)
         if packed is None:
-            packed = memory_budget is None and dtype == torch.float32 and not int8 and packing_available()
+            packed = memory_budget is None and dtype == torch.float32 and not int8 and packing_available() and device.type == "cpu"
+        if memory_budget is not None and device.type != "cpu":
+            raise InputError(f"the layer-streamed mode (memory_budget=) runs on the CPU; drop memory_budget to run resident on {device}, "
+                             "or pass device='cpu'")
         if memory_budget is not None:
             from ..loading.streamed import StreamedModel
 
@@ -160,7 +167,7 @@ class MoEEmbedder:
         else:
             from ..loading.checkpoint import load_model
 
-            model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed, memory_limit=memory_limit)
+            model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed, memory_limit=memory_limit, device=device)
         model.dtype_reason = reason
         return cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
 
@@ -434,11 +441,11 @@ def pool(out, attention_mask: torch.Tensor, options: FeatureOptions, rw_position
         if options.pooling == "last":
             hs, rw = hidden[:, 0], routing[:, :, 0]
         else:
-            mask = attention_mask.to(torch.float32)
+            mask = attention_mask.to(hidden.device, torch.float32)
             weights = mask / mask.sum(-1, keepdim=True)
             hs = torch.einsum("bt,btd->bd", weights, hidden)
             rw = torch.einsum("bt,blte->ble", weights, routing)
-        return hs.numpy().astype(np.float32), rw.reshape(len(rw), -1).numpy().astype(np.float32)
+        return hs.cpu().numpy().astype(np.float32), rw.reshape(len(rw), -1).cpu().numpy().astype(np.float32)
 
 
 def combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float | None = None) -> np.ndarray:

@@ -8,16 +8,12 @@ A model in int8 holds about a quarter of its float32 weight bytes.
 The matmul (`int8_linear`) reads the int8 bytes themselves where it can:
 with bf16 activations on the CPU and few rows (an expert's handful of tokens
 at batch 1), torch's weight-only int8 kernel streams a quarter of float32's
-bytes. Its time grows with every row, though, so above a row count measured
-once per process the weight is converted to the compute dtype and the
-matmul runs there, the scales applied to its output (one pass fewer than
-dequantizing the weight).
+bytes. Its time grows with every row, though, so above INT8_KERNEL_ROWS the
+weight is converted to the compute dtype and the matmul runs there, the
+scales applied to its output (one pass fewer than dequantizing the weight).
 """
 
 from __future__ import annotations
-
-import time
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -60,32 +56,16 @@ def int8_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias
     return out if bias is None else out + bias
 
 
-@lru_cache(maxsize=1)
+# Up to this many rows torch's int8 kernel beats converting the weight (timed on a 2048 x 1024 matrix with
+# bf16 rows, 2 threads: the crossover fell between 8 and 16 rows from run to run; bench/README.md). A fixed
+# number, not a timing made at start-up: which path a row takes changes its bf16 rounding, and the same text
+# must get the same vector in every process.
+INT8_KERNEL_ROWS = 8
+
+
 def int8_kernel_rows() -> int:
-    """The most rows for which the int8 kernel beats converting the weight, timed here on a 2048 x 1024 matrix
-    (0: no kernel, or slower at one row)."""
-    if _INT8_MM is None:
-        return 0
-    values = torch.randint(-127, 128, (2048, 1024), dtype=torch.int8)
-    scale = torch.rand(2048, dtype=torch.bfloat16)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    with torch.inference_mode():
-        rows = 0
-        for count in (1, 2, 4, 8, 16, 32, 64):
-            x = torch.randn(count, 1024, dtype=torch.bfloat16)
-            if best(lambda: _INT8_MM(x, values, scale)) >= best(lambda: F.linear(x, values.to(x.dtype)) * scale):
-                break
-            rows = count
-        return rows
+    """The most rows sent to torch's weight-only int8 kernel (0 where this torch has none)."""
+    return INT8_KERNEL_ROWS if _INT8_MM is not None else 0
 
 
 class Int8Linear(nn.Module):
@@ -101,7 +81,7 @@ class Int8Linear(nn.Module):
 
 
 class Int8RoutedExperts(RoutedExperts):
-    """Stacked experts in int8; only the experts a batch uses are dequantized, one at a time."""
+    """Stacked experts in int8, each expert's matrices run through int8_linear on its own tokens."""
 
     def __init__(self, experts: RoutedExperts):
         nn.Module.__init__(self)

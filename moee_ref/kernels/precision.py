@@ -6,7 +6,9 @@ as fast as float32. Where the CPU lacks them, oneDNN emulates bf16 and a
 matmul can be many times slower. So "auto" asks oneDNN whether it has a bf16
 path and then checks it by timing one small matmul each way: the decision is
 what this machine does, not what its model name suggests. It is made once
-per process.
+per process. CPUs fall far to either side of the threshold (emulated bf16 ran
+about 100x slower than float32 on one AVX2 machine; native bf16 1.7x to 4.7x
+faster), so the answer does not flip between runs of one machine.
 
 float32 and float64 stay the reference modes: parity with transformers and
 `moee verify` are stated in them.
@@ -32,6 +34,25 @@ BF16_MIN_SPEEDUP = 0.9
 
 class SlowDtypeWarning(UserWarning):
     """A dtype asked for explicitly that this machine computes slowly (bf16 without bf16 units)."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto"/None: the first CUDA device where torch has one, else the CPU; "cpu", "cuda" or "cuda:N" as asked."""
+    if device is None or device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {str(device)!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r} was asked for, but this torch sees no CUDA device "
+                             "(torch.cuda.is_available() is False); use device='cpu' (--device cpu) or a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu") -> tuple[torch.dtype, str]:

@@ -33,7 +33,7 @@ from ..errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from ..families import name_map_groups, read_config
 from ..families.names import NameMap, Recipe, Stack, Tensor, leaves, shape_of
 from ..kernels import pack_weight, packing_available, quantize_block_, use_kernels
-from ..kernels.precision import resolve_dtype
+from ..kernels.precision import resolve_device, resolve_dtype
 from .memory import Mode, format_bytes, memory_available, modes_that_fit, refusal, resident_need
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -251,6 +251,7 @@ def load_model(
     lm_head: bool = True,
     packed: bool = False,
     memory_limit: str | int | None = None,
+    device: str | torch.device = "cpu",
 ) -> MoEDecoder:
     """Load a supported MoE checkpoint (local directory or hub id) as an MoEDecoder in eval mode.
 
@@ -265,9 +266,12 @@ def load_model(
     what the process may use (loading/memory.py; memory_limit replaces that figure):
     InsufficientMemoryError names the modes that fit.
     """
-    dtype, dtype_reason = resolve_dtype(dtype)
+    device = resolve_device(device)
+    dtype, dtype_reason = resolve_dtype(dtype, device)
     check_int8(dtype, int8)
     check_packing(packed, dtype, int8)
+    if packed and device.type != "cpu":
+        raise CheckpointError("packed=True is oneDNN's CPU layout; load with packed=False on a CUDA device")
     directory = resolve_source(source)
     args = read_config(directory)
     reader = ShardReader(shard_files(directory))
@@ -275,7 +279,10 @@ def load_model(
     reader.check(expected_shapes(groups))
     if not lm_head:
         groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
-    available, source_of_figure = memory_available(memory_limit)
+    if device.type == "cuda" and memory_limit is None:  # the weights live on the device; the host holds a layer at a time
+        available, source_of_figure = torch.cuda.mem_get_info(device)[0], f"free memory of {device}"
+    else:
+        available, source_of_figure = memory_available(memory_limit)
     need = resident_need(groups, reader, dtype, int8, packed)
     if need > available:
         mode = Mode(dtype, int8, need=need)
@@ -289,6 +296,9 @@ def load_model(
             fill_module(model, group, ahead.read, dtype, packed)
         if int8 and 1 <= index <= args.num_layers:
             quantize_block_(model.layers[index - 1])  # before the next layer is read: never all of it in float
+        if device.type != "cpu":  # read to host, moved a layer at a time: one layer's host copy at most
+            for module in _filled_by(model, index, args.num_layers):
+                module.to(device)
     unset = [n for n, p in model.named_parameters() if p.is_meta]
     if unset:  # the name map forgot a parameter: a bug in moee-ref, not in the checkpoint
         raise AssertionError(f"parameters left unloaded: {unset}")
@@ -405,6 +415,15 @@ def build(recipe: Recipe, read: Callable[[str], torch.Tensor], dtype: torch.dtyp
             build(part, read, dtype, out[start : start + rows])
             start += rows
     return out
+
+
+def _filled_by(model: MoEDecoder, index: int, num_layers: int) -> list[nn.Module]:
+    """The modules name-map group `index` fills: the embedding, one decoder layer, or the final norm and head."""
+    if index == 0:
+        return [model.embed]
+    if index <= num_layers:
+        return [model.layers[index - 1]]
+    return [m for m in (model.norm, model.lm_head) if m is not None]
 
 
 def check_int8(dtype: torch.dtype, int8: bool) -> None:

@@ -1,0 +1,74 @@
+"""device=: the model on a CUDA device where one is present, a clear error where not (kernels/precision.py
+`resolve_device`). The CUDA cases skip without a GPU; the CPU cases always run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moee_ref import MoEEmbedder, load_model
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.errors import InputError
+from moee_ref.kernels.precision import resolve_device
+
+TEXTS = ["A man plays a guitar.", "The market fell sharply today.", "Cats sleep on warm windowsills."]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: the CUDA path is untested here")
+
+
+@pytest.fixture(scope="module", params=sorted(SMALL_CONFIGS))
+def model_dir(request, tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("device") / request.param, SMALL_CONFIGS[request.param], seed=6)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
+    ("meta", "device 'meta' is not supported; use auto, cpu, cuda or cuda:N"),
+])
+def test_bad_devices(device, message):
+    with pytest.raises(InputError, match=f"^{message}$"):
+        resolve_device(device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the no-CUDA error cannot happen")
+def test_cuda_without_cuda_is_a_clear_error(model_dir):
+    with pytest.raises(InputError, match=r"^device 'cuda' was asked for, but this torch sees no CUDA device \(torch.cuda.is_available\(\) "
+                                         r"is False\); use device='cpu' \(--device cpu\) or a CUDA build of torch$"):
+        MoEEmbedder.from_pretrained(model_dir, device="cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_explicit_cpu_equals_the_default(model_dir):
+    a = MoEEmbedder.from_pretrained(model_dir, dtype=torch.float32, device="cpu").encode(TEXTS, "moee-concat")
+    b = MoEEmbedder.from_pretrained(model_dir, dtype=torch.float32).encode(TEXTS, "moee-concat")
+    np.testing.assert_array_equal(a, b)
+
+
+@needs_cuda
+def test_cuda_float32_matches_cpu(model_dir):
+    cpu, gpu = load_model(model_dir, device="cpu"), load_model(model_dir, device="cuda")
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    ids = torch.tensor([[3, 17, 99, 250, 4, 8], [1, 1, 5, 6, 7, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    with torch.inference_mode():
+        a, b = cpu(ids, mask), gpu(ids, mask)
+    torch.testing.assert_close(b.hidden_states.cpu(), a.hidden_states, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.router_probs.cpu(), a.router_probs, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("int8", [False, True])
+def test_cuda_embeddings_are_close_to_cpu_float32(model_dir, int8):
+    ref = MoEEmbedder.from_pretrained(model_dir, dtype=torch.float32, device="cpu")
+    gpu = MoEEmbedder.from_pretrained(model_dir, device="cuda", int8=int8)
+    for kind in ("hs", "rw"):
+        a, b = ref.encode(TEXTS, kind), gpu.encode(TEXTS, kind)
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() >= (0.99 if int8 else 0.999), (kind, cos)
+
+
+def test_streamed_mode_is_cpu_only(model_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the streamed mode cannot be asked for one")
+    with pytest.raises(InputError, match=r"^the layer-streamed mode \(memory_budget=\) runs on the CPU"):
+        MoEEmbedder.from_pretrained(model_dir, device="cuda", memory_budget="1GB")
