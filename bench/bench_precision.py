@@ -18,7 +18,6 @@ after the other, each freed before the next is loaded.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import time
@@ -53,32 +52,35 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def measure(directory: Path, dtype: torch.dtype, int8: bool, texts: list[str], batch1: int, reps: int) -> dict:
-    start = time.perf_counter()
-    embedder = MoEEmbedder.from_pretrained(directory, dtype=dtype, int8=int8, batch_size=32)
-    load_s = time.perf_counter() - start
+def timed(run, texts: list[str], batch1: int, reps: int):
+    """(last batch-32 result, texts/s at batch 32, median ms per text at batch 1) of run(list of texts)."""
     for _ in range(2):  # warm-up: oneDNN builds a kernel per shape it meets, and float32 meets many
-        embedder.features(texts, OPTIONS)
-        embedder.features(texts[:1], OPTIONS, batch_size=1)
+        run(texts)
+        run(texts[:1])
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        feats = embedder.features(texts, OPTIONS)
+        result = run(texts)
         times.append(time.perf_counter() - start)
     one = []
     for text in texts[:batch1]:
         start = time.perf_counter()
-        embedder.features([text], OPTIONS, batch_size=1)
+        run([text])
         one.append(time.perf_counter() - start)
+    return result, len(texts) / statistics.median(times), 1000 * statistics.median(one)
+
+
+def measure(directory: Path, dtype: torch.dtype, int8: bool, texts: list[str], batch1: int, reps: int) -> dict:
+    start = time.perf_counter()
+    embedder = MoEEmbedder.from_pretrained(directory, dtype=dtype, int8=int8)
+    load_s = time.perf_counter() - start
+    feats, rate, b1_ms = timed(lambda t: embedder.features(t, OPTIONS, batch_size=len(t)), texts, batch1, reps)
     batch = embedder.tokenizer.encode_batch(texts)
     with torch.inference_mode():
         topk = embedder.model(batch.input_ids, batch.attention_mask).topk_ids.sort(-1).values
-    result = {"weight_bytes": model_bytes(embedder.model), "load_s": load_s,
-              "b32_texts_per_s": len(texts) / statistics.median(times), "b1_ms": 1000 * statistics.median(one),
+    result = {"weight_bytes": model_bytes(embedder.model), "load_s": load_s, "b32_texts_per_s": rate, "b1_ms": b1_ms,
               "hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": batch.attention_mask.bool()}
-    del embedder
-    gc.collect()
-    return result
+    return result  # the model is freed with this frame, before the next mode loads
 
 
 def measure_transformers(directory: Path, texts: list[str], batch1: int, reps: int) -> dict:
@@ -92,22 +94,8 @@ def measure_transformers(directory: Path, texts: list[str], batch1: int, reps: i
     start = time.perf_counter()
     model = load_hf(directory, torch.bfloat16, attn_implementation="sdpa")
     load_s = time.perf_counter() - start
-    for _ in range(2):
-        hf_features(model, tokenizer, texts)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        hs, rw = hf_features(model, tokenizer, texts)
-        times.append(time.perf_counter() - start)
-    one = []
-    for text in texts[:batch1]:
-        start = time.perf_counter()
-        hf_features(model, tokenizer, [text])
-        one.append(time.perf_counter() - start)
-    result = {"weight_bytes": model_bytes(model), "load_s": load_s, "b32_texts_per_s": len(texts) / statistics.median(times),
-              "b1_ms": 1000 * statistics.median(one), "hs": hs, "rw": rw}
-    del model
-    gc.collect()
+    (hs, rw), rate, b1_ms = timed(lambda t: hf_features(model, tokenizer, t), texts, batch1, reps)
+    result = {"weight_bytes": model_bytes(model), "load_s": load_s, "b32_texts_per_s": rate, "b1_ms": b1_ms, "hs": hs, "rw": rw}
     return result
 
 

@@ -35,16 +35,15 @@ def load_embedder(ns):
     if getattr(ns, "prompt", None) is not None and getattr(ns, "mode", "default") == "default":
         resolve_prompt(ns.prompt)  # an unknown prompt is reported before minutes of loading, not after
     device = resolve_device(ns.device)
-    dtype, reason = resolve_dtype(ns.dtype or "auto", device)
     int8, budget = getattr(ns, "int8", False), getattr(ns, "memory_budget", None)
     if ns.dtype is None and not int8 and budget is None and device.type == "cpu":
-        mode, note = choose_mode(ns.model, dtype, ns.memory_limit)
+        mode, note = choose_mode(ns.model, resolve_dtype("auto", device)[0], ns.memory_limit)
         if note:
             print(f"moee: {note}", file=sys.stderr)
         int8, budget = mode.int8, mode.memory_budget
-    embedder = MoEEmbedder.from_pretrained(
+    return MoEEmbedder.from_pretrained(
         ns.model,
-        dtype=dtype,
+        dtype=ns.dtype or "auto",  # resolved there again (the probe runs once), so the report keeps its reason
         int8=int8,
         memory_budget=budget,
         spill_dir=getattr(ns, "spill_dir", None),
@@ -52,8 +51,6 @@ def load_embedder(ns):
         memory_limit=ns.memory_limit,
         device=device,
     )
-    embedder.model.dtype_reason = reason
-    return embedder
 
 
 def int_at_least(minimum: int):

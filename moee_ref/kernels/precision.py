@@ -26,7 +26,6 @@ from ..errors import InputError
 from .onednn import linear
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHOICES = ("auto", "float32", "bfloat16", "float64")  # what the command line offers
 # bf16 must be at least this much faster than float32 in the probe to be chosen: near 1.0 the halved bytes still win
 # at batch 1, well under it the CPU is emulating bf16.
 BF16_MIN_SPEEDUP = 0.9

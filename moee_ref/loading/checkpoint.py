@@ -272,17 +272,8 @@ def load_model(
     check_packing(packed, dtype, int8)
     if packed and device.type != "cpu":
         raise CheckpointError("packed=True is oneDNN's CPU layout; load with packed=False on a CUDA device")
-    directory = resolve_source(source)
-    args = read_config(directory)
-    reader = ShardReader(shard_files(directory))
-    groups = name_map_groups(args)
-    reader.check(expected_shapes(groups))
-    if not lm_head:
-        groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
-    if device.type == "cuda" and memory_limit is None:  # the weights live on the device; the host holds a layer at a time
-        available, source_of_figure = torch.cuda.mem_get_info(device)[0], f"free memory of {device}"
-    else:
-        available, source_of_figure = memory_available(memory_limit)
+    directory, args, reader, groups = checked_checkpoint(source, lm_head)
+    available, source_of_figure = memory_available(memory_limit, device)
     need = resident_need(groups, reader, dtype, int8, packed)
     if need > available:
         mode = Mode(dtype, int8, need=need)
@@ -308,16 +299,24 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
-def choose_mode(source: str | os.PathLike, dtype: torch.dtype, memory_limit: str | int | None = None) -> tuple[Mode, str | None]:
-    """The first way of loading `source` in `dtype` that fits this process's memory, from the headers alone:
-    resident, then resident int8, then layer-streamed (dtype, then int8); with a one-line note when it is
-    not the first. InsufficientMemoryError when nothing fits."""
+def checked_checkpoint(source: str | os.PathLike, lm_head: bool = True):
+    """(directory, ModelArgs, ShardReader, name map groups) of a checkpoint whose every expected tensor was found
+    by name and shape in the shard headers; no weight is read. lm_head=False drops the head from the groups."""
     directory = resolve_source(source)
     args = read_config(directory)
     reader = ShardReader(shard_files(directory))
     groups = name_map_groups(args)
     reader.check(expected_shapes(groups))
-    groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}  # embeddings need no head
+    if not lm_head:
+        groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
+    return directory, args, reader, groups
+
+
+def choose_mode(source: str | os.PathLike, dtype: torch.dtype, memory_limit: str | int | None = None) -> tuple[Mode, str | None]:
+    """The first way of loading `source` in `dtype` that fits this process's memory, from the headers alone:
+    resident, then resident int8, then layer-streamed (dtype, then int8); with a one-line note when it is
+    not the first. InsufficientMemoryError when nothing fits."""
+    _, _, reader, groups = checked_checkpoint(source, lm_head=False)  # embeddings need no head
     available, figure = memory_available(memory_limit)
     packed = dtype == torch.float32 and packing_available()
     resident = Mode(dtype, need=resident_need(groups, reader, dtype, False, packed))
@@ -335,11 +334,7 @@ def choose_mode(source: str | os.PathLike, dtype: torch.dtype, memory_limit: str
 
 def memory_fit(source: str | os.PathLike, memory_limit: str | int | None = None) -> dict:
     """For `moee info`: the bytes each resident mode of an embedding load needs, and what this process may use."""
-    directory = resolve_source(source)
-    reader = ShardReader(shard_files(directory))
-    groups = name_map_groups(read_config(directory))
-    reader.check(expected_shapes(groups))
-    groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
+    _, _, reader, groups = checked_checkpoint(source, lm_head=False)
     available, figure = memory_available(memory_limit)
     modes = []
     for dtype, int8 in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):

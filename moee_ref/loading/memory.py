@@ -66,10 +66,13 @@ def format_bytes(n: int, up: bool = True) -> str:
 # ---------------------------------------------------------------------- what the process may use
 
 
-def memory_available(limit: str | int | None = None) -> tuple[int, str]:
-    """(bytes this process may still take, where that figure comes from)."""
+def memory_available(limit: str | int | None = None, device: torch.device | None = None) -> tuple[int, str]:
+    """(bytes this process may still take, where that figure comes from). On a CUDA device, its free memory:
+    the weights live there, and the host holds one layer at a time."""
     if limit is not None:
         return parse_bytes(limit, "memory limit"), "the memory limit given"
+    if device is not None and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free memory of {device}"
     found = []
     meminfo = _meminfo()
     if "MemAvailable" in meminfo:
@@ -232,20 +235,21 @@ class Mode:
         return what
 
     def api(self) -> str:
-        parts = [f"dtype=torch.{str(self.dtype).removeprefix('torch.')}"]
-        if self.int8:
-            parts.append("int8=True")
-        if self.memory_budget is not None:
-            parts.append(f"memory_budget={_budget_text(self.memory_budget)!r}")
-        return ", ".join(parts)
+        return ", ".join(keyword for keyword, _ in self._spellings())
 
     def cli(self) -> str:
-        parts = [f"--dtype {str(self.dtype).removeprefix('torch.')}"]
+        return " ".join(flag for _, flag in self._spellings())
+
+    def _spellings(self) -> list[tuple[str, str]]:
+        """(API keyword, command-line flag) for each option this mode sets."""
+        name = str(self.dtype).removeprefix("torch.")
+        options = [(f"dtype=torch.{name}", f"--dtype {name}")]
         if self.int8:
-            parts.append("--int8")
+            options.append(("int8=True", "--int8"))
         if self.memory_budget is not None:
-            parts.append(f"--memory-budget {_budget_text(self.memory_budget)}")
-        return " ".join(parts)
+            budget = _budget_text(self.memory_budget)
+            options.append((f"memory_budget={budget!r}", f"--memory-budget {budget}"))
+        return options
 
 
 def _budget_text(n: int) -> str:

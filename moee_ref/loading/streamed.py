@@ -30,11 +30,10 @@ from ..decoder.batch import check_batches
 from ..decoder.layers import RMSNorm
 from ..decoder.model import Block, DecoderOutput, LayerPass, PrefixPass, run_layers
 from ..errors import InputError, MoEERefError
-from ..families import name_map_groups, read_config
 from ..families.names import leaves
 from ..progress import progress
 from ..kernels import quantize_block_, use_kernels
-from .checkpoint import ShardReader, check_int8, check_packing, expected_shapes, fill_module, resolve_source, shard_files
+from .checkpoint import check_int8, check_packing, checked_checkpoint, fill_module
 from .memory import InsufficientMemoryError, format_bytes, held_bytes, memory_available, parse_bytes, streamed_budget, streamed_weights_need
 
 WORKING_FACTOR = 12  # transient tensors of one batch in one block, in units of that batch's hidden states
@@ -123,11 +122,7 @@ class StreamedModel:
                  memory_limit: str | int | None = None):
         check_int8(dtype, int8)
         check_packing(packed, dtype, int8)
-        self.source_dir = resolve_source(source)
-        self.args = read_config(self.source_dir)
-        self.reader = ShardReader(shard_files(self.source_dir))
-        groups = name_map_groups(self.args)
-        self.reader.check(expected_shapes(groups))
+        self.source_dir, self.args, self.reader, groups = checked_checkpoint(source)
         self.embed_group, self.layer_groups = groups[0], groups[1:-1]
         self.norm_group = {k: v for k, v in groups[-1].items() if k != "lm_head.weight"}
         self.dtype, self.int8, self.prefetch, self.packed = dtype, int8, prefetch, packed
