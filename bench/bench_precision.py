@@ -4,7 +4,8 @@ For each mode, as `MoEEmbedder.from_pretrained` gives it (float32 packed for
 oneDNN, bf16 weights as stored, int8 with bf16 compute where bf16 is native):
 weight bytes, load time, texts/s at batch 32, ms per text at batch 1, and,
 against float32, the cosine of HS and RW rows and the share of top-k expert
-sets (token x MoE layer) that change. Beside them, transformers in bf16 with
+sets (token x MoE layer) that change, and batch invariance: the smallest cosine of
+a text's HS or RW alone against its row in the batch of all texts. Beside them, transformers in bf16 with
 sdpa attention, what a user would otherwise pick (needs the test extra).
 
     python bench/bench_precision.py                          # OLMoE dimensions, 2 layers
@@ -75,11 +76,15 @@ def measure(directory: Path, dtype: torch.dtype, int8: bool, texts: list[str], b
     embedder = MoEEmbedder.from_pretrained(directory, dtype=dtype, int8=int8)
     load_s = time.perf_counter() - start
     feats, rate, b1_ms = timed(lambda t: embedder.features(t, OPTIONS, batch_size=len(t)), texts, batch1, reps)
+    # Batch invariance: each of the first texts alone against its row of the batch of all.
+    alone = [embedder.features([t], OPTIONS) for t in texts[:batch1]]
+    invariance = min(float(cosines(np.concatenate([a.hs for a in alone]), feats.hs[:batch1]).min()),
+                     float(cosines(np.concatenate([a.rw for a in alone]), feats.rw[:batch1]).min()))
     batch = embedder.tokenizer.encode_batch(texts)
     with torch.inference_mode():
         topk = embedder.model(batch.input_ids, batch.attention_mask).topk_ids.sort(-1).values
     result = {"weight_bytes": model_bytes(embedder.model), "load_s": load_s, "b32_texts_per_s": rate, "b1_ms": b1_ms,
-              "hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": batch.attention_mask.bool()}
+              "alone_vs_batched_cos_min": invariance, "hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": batch.attention_mask.bool()}
     return result  # the model is freed with this frame, before the next mode loads
 
 
@@ -130,13 +135,14 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; auto dtype here: {str(auto)[6:]} ({reason}); "
           f"int8 kernel for up to {int8_kernel_rows()} rows")
     print(f"{'mode':<18} {'weights GiB':>11} {'load s':>7} {'b32 texts/s':>11} {'b1 ms':>7} {'b1 vs f32':>9} "
-          f"{'cos HS min':>10} {'cos RW min':>10} {'top-k sets changed':>18}")
+          f"{'cos HS min':>10} {'cos RW min':>10} {'top-k sets changed':>18} {'alone vs batched cos':>20}")
     summary = {"family": args.family, "layers": args.layers, "texts": len(texts), "auto": str(auto), "auto_reason": reason, "modes": {}}
     for name, r in results.items():
         cos_hs, cos_rw = cosines(ref["hs"], r["hs"]), cosines(ref["rw"], r["rw"])
         changed = float((ref["topk"] != r["topk"]).any(-1)[real].float().mean()) if "topk" in r else float("nan")
         print(f"{name:<18} {r['weight_bytes'] / 2**30:>11.2f} {r['load_s']:>7.1f} {r['b32_texts_per_s']:>11.1f} {r['b1_ms']:>7.1f} "
-              f"{r['b1_ms'] / ref['b1_ms']:>9.2f} {cos_hs.min():>10.5f} {cos_rw.min():>10.5f} {100 * changed:>17.2f}%")
+              f"{r['b1_ms'] / ref['b1_ms']:>9.2f} {cos_hs.min():>10.5f} {cos_rw.min():>10.5f} {100 * changed:>17.2f}% "
+              f"{r.get('alone_vs_batched_cos_min', float('nan')):>20.6f}")
         summary["modes"][name] = {k: v for k, v in r.items() if k not in ("hs", "rw", "topk", "mask")} | {
             "cos_hs_min": float(cos_hs.min()), "cos_rw_min": float(cos_rw.min()), "topk_sets_changed": changed}
     if args.json:
