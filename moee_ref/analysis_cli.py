@@ -134,9 +134,9 @@ def cmd_prompts(ns) -> int:
     if ns.pairs == "-":
         raise UsageError("--pairs takes a file here, not - (standard input)")
     if ns.png:
-        from .plot import pyplot
+        from .plot import check_picture_path
 
-        pyplot()  # fail before the work when matplotlib is missing
+        check_picture_path(ns.png)  # fail before the work when matplotlib is missing or the file cannot be written
     pairs = read_pairs_optional_scores(ns.pairs, ns.format)
     embedder = load_embedder(ns)
     result = prompt_robustness(

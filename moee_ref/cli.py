@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 1 an expected error (missing file, bad model, bad
 input), printed as one line without a traceback (--verbose adds it);
-2 a usage error, one line; 3 `moee verify` found a mismatch beyond tolerance.
+2 a usage error, one line; 3 `moee verify` found a mismatch beyond tolerance;
+130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, each after the temporary files are removed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from .cli_common import EXIT_ERROR, EXIT_MISMATCH, EXIT_USAGE, Parser, UsageError, add_model, load_embedder, positive_int
+from .cli_common import (
+    EXIT_ERROR, EXIT_MISMATCH, EXIT_USAGE, Parser, Stopped, UsageError, add_model, load_embedder, positive_int,
+    stop_signals_unwind,
+)
 from .errors import MoEERefError
 
 def feature_options(ns):
@@ -112,6 +116,10 @@ def cmd_route(ns) -> int:
     from .embedding.prompts import apply_prompt, resolve_prompt
     from .tokenizer import Tokenizer
 
+    if ns.png:
+        from .plot import check_picture_path
+
+        check_picture_path(ns.png)  # before the model is loaded
     model = load_model(ns.model, dtype=ns.dtype or "auto", memory_limit=ns.memory_limit, device=resolve_device(ns.device))
     tokenizer = Tokenizer.from_dir(model.source_dir)
     template = resolve_prompt(ns.prompt)
@@ -354,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     command = " ".join(filter(None, [ns.command, getattr(ns, "suite", None)]))
     try:
-        return ns.run(ns)
+        with stop_signals_unwind():
+            return ns.run(ns)
     except UsageError as exc:
         print(f"moee {command}: error: {exc} (see moee {command} --help)", file=sys.stderr)
         return EXIT_USAGE
@@ -366,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"moee {command}: interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        print(f"moee {command}: stopped by {exc}; nothing was left half-written", file=sys.stderr)
+        return 128 + exc.signum  # the shell's code for a process ended by that signal
 
 
 if __name__ == "__main__":

@@ -7,8 +7,42 @@ UsageError class, also when cli.py runs as __main__ (python -m moee_ref.cli).
 from __future__ import annotations
 
 import argparse
+import signal
+from contextlib import contextmanager
 
 EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 1, 2, 3
+# What `timeout`, systemd, docker and Kubernetes send (SIGTERM), and a closed terminal (SIGHUP).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(BaseException):
+    """A stop signal arrived. Raised in the main thread like KeyboardInterrupt for Ctrl-C, so that every
+    `finally` runs: the temporary output and the spill directory are removed before the process ends."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals_unwind():
+    """SIGTERM and SIGHUP raise Stopped instead of killing the process outright; a second one during the
+    cleanup is ignored, so the cleanup finishes. A signal the caller ignores (nohup) stays ignored."""
+
+    def stop(signum, frame):
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class Parser(argparse.ArgumentParser):

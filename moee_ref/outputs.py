@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,13 +18,19 @@ OUTPUT_FORMATS = ("npy", "jsonl")
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success rename it to `path`, on any failure delete it."""
+    """Yield a temporary path beside `path`; on success rename it to `path`, on any failure delete it.
+
+    A file that was already there keeps its permission bits (a private 0600 output stays private);
+    a new one gets the mode open() would give it. A symlink is followed: the file it points to is
+    replaced and the link stays (check_output_path).
+    """
     final = check_output_path(path)
+    mode = stat.S_IMODE(final.stat().st_mode) if final.exists() else default_file_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, default_file_mode())  # mkstemp makes it private (0600); the output gets a normal file's mode
+        os.chmod(tmp, mode)  # mkstemp makes it private (0600)
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):
@@ -31,13 +38,46 @@ def atomic_path(path: str | os.PathLike):
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
-    """The output path, if a file can be written there; checked before the work, not only after it."""
-    final = Path(path)
+    """The file to write for `path`, checked before the work, not only after it: the directory exists
+    and takes a new file, and what is there (if anything) is a regular file that may be replaced.
+
+    A symlink is followed, as a shell's `>` would: its target is what gets replaced.
+    Device nodes, FIFOs and sockets are refused, since renaming a finished file onto one
+    would replace the node itself (as root, `--output /dev/null` would replace the system's).
+    """
+    given = Path(path)
+    final = Path(os.path.realpath(given)) if given.is_symlink() else given
     if final.is_dir():
-        raise InputError(f"{final} is a directory; give a file name for the output")
-    if not final.parent.exists():
-        raise InputError(f"{final.parent}: no such directory for the output")
+        raise InputError(f"{given} is a directory; give a file name for the output")
+    if final.exists() and not final.is_file():
+        kind = _node_kind(final.stat().st_mode)
+        raise InputError(
+            f"{given} is {kind}, not a regular file; outputs are written to a new file and renamed into place, "
+            f"which would replace the {kind.split()[-1]} itself: give a regular file's path"
+        )
+    parent = final.parent
+    if not parent.exists():
+        raise InputError(f"{parent}: no such directory for the output")
+    if not parent.is_dir():
+        raise InputError(f"{parent} is a file, not a directory; the output {given} cannot be written inside it")
+    try:  # the only sure test (permissions, read-only mounts, quotas, root): make a file there
+        fd, probe = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write the output {given}: no new file can be made in {parent} ({exc.strerror}); "
+            "choose a directory you can write to"
+        ) from exc
     return final
+
+
+def _node_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def default_file_mode() -> int:

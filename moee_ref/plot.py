@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MoEERefError
-from .outputs import default_file_mode
+from .outputs import atomic_path, check_output_path
 
 
 class MissingPlotExtra(MoEERefError):
@@ -27,19 +26,19 @@ def pyplot():
     return plt
 
 
+def check_picture_path(path: str | os.PathLike) -> None:
+    """Before the work: matplotlib is there and the picture can be written (its directory is made if missing)."""
+    pyplot()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(path)
+
+
 def save_figure(fig, path: str | os.PathLike) -> None:
-    """Write to a temporary file beside path and rename, so no half-written picture is left under the name."""
+    """Write the picture atomically (outputs.atomic_path): no half-written file is left under the name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, default_file_mode())  # not mkstemp's private 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def routing_heatmap(probs: np.ndarray, layers: list[int], path, title: str) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.lib.npyio import NpzFile  # the type np.load returns for an .npz archive
 
 from ..errors import InputError
+from ..outputs import atomic_path
 
 FORMAT_VERSION = 1
 DEFAULT_EPS = 1e-8
@@ -97,7 +98,7 @@ class Standardizer:
         The file is written at exactly ``path``; no ".npz" suffix is added.
         """
         try:
-            with open(path, "wb") as handle:
+            with atomic_path(path) as tmp, open(tmp, "wb") as handle:
                 np.savez(
                     handle,
                     format_version=np.int64(FORMAT_VERSION),

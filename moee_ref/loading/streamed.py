@@ -5,7 +5,8 @@ read, so each weight is read from the safetensors shards once per corpus,
 not once per batch. Only one layer (two while the next one is read ahead)
 is ever resident, converted to the compute dtype or to int8. The hidden
 states of all batches between layers stay in memory up to the budget and are
-spilled to a temporary file beyond it.
+spilled to a temporary file beyond it, whose name is removed as soon as it is
+mapped: however the process ends, no spill file is left on disk.
 
 The arithmetic is the resident model's own: the same Block modules, built
 layer by layer from the same name map and driven through the decoder's own
@@ -71,9 +72,10 @@ class ActivationStore:
                 raise SpillError(f"cannot create a spill directory in {spill_dir or tempfile.gettempdir()}: {exc}") from exc
             self.path = os.path.join(self.directory, "activations.bin")
             try:
-                with open(self.path, "wb") as handle:
+                with open(self.path, "w+b") as handle:
                     # Reserve the whole file now: a full disk fails here, before any compute.
                     os.posix_fallocate(handle.fileno(), 0, self.total)
+                    self.memmap = np.memmap(handle, dtype=np.uint8, mode="r+", shape=(self.total,))
             except OSError as exc:
                 self.close()
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -82,7 +84,9 @@ class ActivationStore:
                         "free disk space, choose another --spill-dir, or raise the memory budget"
                     ) from exc
                 raise SpillError(f"cannot create the spill file in {spill_dir or tempfile.gettempdir()}: {exc}") from exc
-            self.memmap = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(self.total,))
+            # The mapping holds the space; the name goes now, so that no way of ending the process
+            # (SIGKILL and the kernel's OOM killer included) leaves many GB behind in the spill directory.
+            self.close_names()
 
     def put(self, index: int, tensor: torch.Tensor) -> None:
         if not self.spilled:
@@ -106,12 +110,16 @@ class ActivationStore:
         raw = np.array(self.memmap[start : start + int(np.prod(self.shapes[index])) * self.element])
         return torch.from_numpy(raw).view(self.dtype).reshape(self.shapes[index])
 
-    def close(self) -> None:
-        if getattr(self, "memmap", None) is not None:
-            del self.memmap
+    def close_names(self) -> None:
+        """Remove the spill file's name and its directory (an open mapping keeps the data until closed)."""
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
+
+    def close(self) -> None:
+        if getattr(self, "memmap", None) is not None:
+            del self.memmap
+        self.close_names()
 
 
 class StreamedModel:

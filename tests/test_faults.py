@@ -1,0 +1,189 @@
+"""Bad input and faults: stop signals, unwritable or special outputs, non-finite numbers, configs and
+indexes out of range, and the messages each gives. Each test names the fault it provokes; the
+expected outcome is one clear error (or a clean stop) and nothing half-written left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moee_ref import cli
+from moee_ref.cli_common import stop_signals_unwind
+from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
+from moee_ref.loading.checkpoint import INDEX_FILE
+from moee_ref.loading.streamed import StreamedModel
+from moee_ref.outputs import write_embeddings
+from moee_ref.tokenizer import Tokenizer
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TEXTS = [f"text number {i} about {['cats', 'rain', 'markets', 'music'][i % 4]}" for i in range(40)]
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("faults") / "olmoe", SMALL_CONFIGS["olmoe"], seed=5)
+
+
+@pytest.fixture
+def texts_file(tmp_path) -> Path:
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(TEXTS) + "\n")
+    return path
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def smallest_budget(directory: Path) -> int:
+    """The budget that keeps one batch in memory and spills all the others."""
+    tokenizer = Tokenizer.from_dir(directory)
+    lengths = [len(tokenizer.encode_batch([t]).input_ids[0]) for t in TEXTS]
+    shapes = [(len(lengths[i:i + BATCH]), max(lengths[i:i + BATCH])) for i in range(0, len(lengths), BATCH)]
+    probe = StreamedModel(directory, memory_budget=2**40)
+    return probe.memory_plan(shapes)["smallest"]
+
+
+# ---------------------------------------------------------------------------
+# 1. Stop signals: SIGTERM and SIGHUP clean up as Ctrl-C does
+
+
+# Runs `moee embed` in a fresh process and sends it `signal` at a chosen moment: while the activations are
+# spilled (the first write to the spill file), or half-way through writing the output file.
+SIGNAL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    import numpy as np
+    from moee_ref import cli
+    from moee_ref.loading import streamed
+
+    where, sig = sys.argv[1], getattr(signal, sys.argv[2])
+
+    def hit(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        time.sleep(60)  # the handler raises during the sleep
+        raise AssertionError("the signal never arrived")
+
+    if where == "spill":
+        streamed.ActivationStore.put = hit
+    else:
+        real_save = np.save
+        def half_then_hit(handle, array, allow_pickle):
+            handle.write(b"\\x93NUMPY half an array")
+            handle.flush()
+            hit()
+        np.save = half_then_hit
+    sys.exit(cli.main(sys.argv[3:]))
+""")
+
+
+@pytest.mark.parametrize("where, signame", [
+    ("spill", "SIGTERM"), ("spill", "SIGHUP"), ("output", "SIGTERM"), ("output", "SIGHUP"), ("spill", "SIGKILL"),
+])
+def test_stop_signal_leaves_no_partial_output_and_no_spill_file(checkpoint, tmp_path, texts_file, where, signame):
+    out_dir, spill_dir = tmp_path / "out", tmp_path / "spill"
+    out_dir.mkdir(), spill_dir.mkdir()
+    output = out_dir / "vectors.npy"
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_SCRIPT, where, signame, "embed", "--model", checkpoint, "--input", texts_file,
+         "--output", output, "--kind", "hs", "--dtype", "float32", "--batch-size", str(BATCH), "--no-progress",
+         "--memory-budget", str(smallest_budget(checkpoint)), "--spill-dir", spill_dir],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    signum = getattr(signal, signame)
+    assert os.listdir(spill_dir) == []  # even after SIGKILL: the spill file's name went when it was mapped
+    if signum == signal.SIGKILL:  # nothing runs after it; only the spill file's early unlinking holds
+        assert proc.returncode == -signal.SIGKILL
+        return
+    assert proc.returncode == 128 + signum, proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"moee embed: stopped by {signame}; nothing was left half-written"
+    assert os.listdir(out_dir) == []  # neither the output nor its temporary file
+
+
+def test_an_ignored_stop_signal_stays_ignored():
+    """Under nohup SIGHUP is ignored; the command line must not start reacting to it."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals_unwind():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+# ---------------------------------------------------------------------------
+# 6. and 7. Outputs: checked before the work; existing files keep their mode; special files are refused
+
+
+def test_output_inside_a_file_is_refused_before_loading(capsys, tmp_path, texts_file):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory")
+    # The model does not exist: an error about the output proves it came first.
+    code, err = run_cli(capsys, "embed", "--model", tmp_path / "no-model", "--input", texts_file, "--output", blocker / "v.npy")
+    assert code == 1
+    assert err.strip() == f"moee embed: error: {blocker} is a file, not a directory; the output {blocker / 'v.npy'} cannot be written inside it"
+
+
+def test_output_in_an_unwritable_directory_is_refused_before_loading(capsys, tmp_path, texts_file):
+    # sysfs refuses new files to everyone, root included (a chmod'ed directory does not stop root).
+    code, err = run_cli(capsys, "embed", "--model", tmp_path / "no-model", "--input", texts_file, "--output", "/sys/v.npy")
+    assert code == 1
+    assert err.strip() == (
+        "moee embed: error: cannot write the output /sys/v.npy: no new file can be made in /sys (Permission denied); "
+        "choose a directory you can write to"
+    )
+
+
+def test_existing_output_keeps_its_mode(tmp_path):
+    for mode in (0o600, 0o640, 0o444):
+        path = tmp_path / f"private-{mode:o}.npy"
+        path.write_bytes(b"old")
+        path.chmod(mode)
+        write_embeddings(path, np.ones((2, 3)), "npy")
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+        np.testing.assert_array_equal(np.load(path), np.ones((2, 3), dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_special_file_output_is_refused_and_left_alone(capsys, tmp_path, texts_file, kind):
+    if kind == "fifo":
+        node = tmp_path / "pipe"
+        os.mkfifo(node)
+        described, noun = "a FIFO", "FIFO"
+    else:
+        node = Path("/dev/null")
+        described, noun = "a character device", "device"
+    code, err = run_cli(capsys, "embed", "--model", tmp_path / "no-model", "--input", texts_file, "--output", node, "--format", "npy")
+    assert code == 1
+    assert err.strip() == (
+        f"moee embed: error: {node} is {described}, not a regular file; outputs are written to a new file and renamed "
+        f"into place, which would replace the {noun} itself: give a regular file's path"
+    )
+    assert (stat.S_ISFIFO if kind == "fifo" else stat.S_ISCHR)(node.stat().st_mode)
+
+
+def test_symlink_output_replaces_its_target_and_keeps_the_link(tmp_path):
+    target_dir = tmp_path / "elsewhere"
+    target_dir.mkdir()
+    target, link = target_dir / "real.npy", tmp_path / "link.npy"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    link.symlink_to(target)
+    write_embeddings(link, np.full((1, 4), 2.0), "npy")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    np.testing.assert_array_equal(np.load(target), np.full((1, 4), 2.0, dtype=np.float32))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(os.listdir(target_dir)) == ["real.npy"]
