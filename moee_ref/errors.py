@@ -32,3 +32,7 @@ class InputError(MoEERefError, ValueError):
 
 class UnknownOptionError(InputError, TypeError):
     """A keyword argument the method does not take (a TypeError too, as Python's own would be)."""
+
+
+class NumericalError(MoEERefError, ArithmeticError):
+    """The model's outputs hold NaN or infinite values (damaged weights, a bad config, or overflow)."""

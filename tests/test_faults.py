@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -18,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moee_ref import cli
+from moee_ref import MoEEmbedder, cli
+from moee_ref.errors import NumericalError
 from moee_ref.cli_common import stop_signals_unwind
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.loading.checkpoint import INDEX_FILE
@@ -187,3 +190,92 @@ def test_symlink_output_replaces_its_target_and_keeps_the_link(tmp_path):
     np.testing.assert_array_equal(np.load(target), np.full((1, 4), 2.0, dtype=np.float32))
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert sorted(os.listdir(target_dir)) == ["real.npy"]
+
+
+# ---------------------------------------------------------------------------
+# 2. Non-finite outputs are an error naming the layer, never zeros or NaN in a file
+
+
+def copy_checkpoint(directory: Path, tmp_path: Path) -> Path:
+    target = tmp_path / directory.name
+    shutil.copytree(directory, target)
+    return target
+
+
+def rewrite_tensors(directory: Path, change) -> None:
+    """change(name, tensor) -> tensor or None (unchanged), applied to every tensor of every shard."""
+    files = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+    for file in files:
+        tensors = load_file(str(directory / file))
+        changed = {name: change(name, tensor) for name, tensor in tensors.items()}
+        save_file({n: (t if changed[n] is None else changed[n]) for n, t in tensors.items()}, str(directory / file),
+                  metadata={"format": "pt"})
+
+
+def poisoned(checkpoint: Path, tmp_path: Path, pattern: str, value: float) -> Path:
+    directory = copy_checkpoint(checkpoint, tmp_path)
+    rewrite_tensors(directory, lambda name, t: torch.full_like(t, value) if pattern in name else None)
+    return directory
+
+
+NAN_IN_LAYER_2 = "the text at index 0: they first appear at the router of decoder layer 2 (the 2 MoE layer router(s) before it are finite)"
+INF_AFTER_LAST_ROUTER = ("the routers are finite: they appear after the router of decoder layer 3 "
+                         "(its experts, a later layer or the final norm)")
+
+
+@pytest.mark.parametrize("kind", ["hs", "rw", "moee-sum", "moee-concat"])
+def test_nan_weights_are_an_error_naming_the_layer(checkpoint, tmp_path, kind):
+    directory = poisoned(checkpoint, tmp_path, "layers.2.self_attn.o_proj", float("nan"))
+    embedder = MoEEmbedder.from_pretrained(directory, dtype=torch.float32)
+    with pytest.raises(NumericalError) as info:
+        embedder.encode(TEXTS[:3], kind, normalize=True)
+    assert str(info.value) == (
+        f"non-finite values (NaN or infinity) in the model's outputs for {NAN_IN_LAYER_2}. "
+        "The cause is the checkpoint: damaged weights, a wrong config.json (rms_norm_eps, rope_theta)"
+    )
+
+
+def test_inf_weights_after_the_last_router_are_found_in_bf16_and_streamed(checkpoint, tmp_path):
+    directory = poisoned(checkpoint, tmp_path, "layers.3.mlp.experts", float("inf"))
+    resident = MoEEmbedder.from_pretrained(directory, dtype=torch.bfloat16)
+    with pytest.raises(NumericalError, match=f"for the text at index 0: {re.escape(INF_AFTER_LAST_ROUTER)}. The cause is the checkpoint: "
+                       r"damaged weights, a wrong config.json \(rms_norm_eps, rope_theta\) or, in a 16-bit dtype, an overflow "
+                       r"\(try dtype float32\)$"):
+        resident.encode(TEXTS[:2], "hs")
+    streamed = MoEEmbedder(StreamedModel(directory, torch.float32, memory_budget=2**30), Tokenizer.from_dir(directory))
+    with pytest.raises(NumericalError, match=f"for the text at index 0: {re.escape(INF_AFTER_LAST_ROUTER)}. "):
+        streamed.encode(TEXTS[:2], "hs")
+
+
+def test_nan_names_the_first_bad_text_in_input_order(checkpoint, tmp_path):
+    """Only one text is poisoned, through a token only it contains: the embedding row of that token is NaN."""
+    directory = copy_checkpoint(checkpoint, tmp_path)
+    tokenizer = Tokenizer.from_dir(directory)
+    clean = tokenizer.encode("text number", add_special_tokens=False)
+    odd = [i for i in tokenizer.encode("zebra xylophone", add_special_tokens=False) if i not in clean]
+
+    def poison_rows(name, tensor):
+        if name == "model.embed_tokens.weight":
+            tensor = tensor.clone()
+            tensor[odd] = float("nan")
+            return tensor
+        return None
+
+    rewrite_tensors(directory, poison_rows)
+    embedder = MoEEmbedder.from_pretrained(directory, dtype=torch.float32)
+    texts = ["text number one", "text number two", "zebra xylophone", "text number"]
+    with pytest.raises(NumericalError, match=r"for the text at index 2: they first appear at the router of decoder layer 0 \(the first MoE layer\)"):
+        embedder.encode(texts, "rw")
+    assert embedder.encode(texts[:2] + texts[3:], "rw").shape[0] == 3  # the others embed
+
+
+def test_cli_nan_exits_1_and_writes_nothing(capsys, checkpoint, tmp_path, texts_file):
+    directory = poisoned(checkpoint, tmp_path, "layers.2.self_attn.o_proj", float("nan"))
+    output = tmp_path / "out" / "v.npy"
+    output.parent.mkdir()
+    code, err = run_cli(capsys, "embed", "--model", directory, "--input", texts_file, "--output", output, "--kind", "hs",
+                        "--dtype", "float32", "--no-progress")
+    assert code == 1
+    assert err.splitlines()[-1].startswith("moee embed: error: non-finite values (NaN or infinity) in the model's outputs for the text at index ")
+    assert "they first appear at the router of decoder layer 2 " in err
+    assert os.listdir(output.parent) == []

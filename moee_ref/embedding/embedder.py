@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
-from ..errors import InputError, UnknownOptionError
+from ..errors import InputError, NumericalError, UnknownOptionError
 from ..kernels import packing_available
 from ..kernels.precision import resolve_device, resolve_dtype
 from .prompts import apply_prompt, list_prompts, resolve_prompt
@@ -300,23 +300,25 @@ class MoEEmbedder:
         pooled = self._run_batches(
             [(batch.input_ids, batch.attention_mask) for batch in padded], options, rw_positions,
             show_progress_bar=show_progress(show_progress_bar, len(texts)), prefix_ids=None if prefix is None else list(prefix),
-            continues=continues,
+            continues=continues, texts_of=batches,
         )
         for rows, (batch_hs, batch_rw) in zip(batches, pooled):
             hs[rows], rw[rows] = batch_hs, batch_rw
         return Features(hs, rw, num_truncated=len(too_long))
 
     def _run_batches(self, batches, options: FeatureOptions, rw_positions: list[int], *, position_ids=None,
-                     show_progress_bar: bool = False, prefix_ids=None, continues=None):
+                     show_progress_bar: bool = False, prefix_ids=None, continues=None, texts_of=None):
         """(HS, RW) per padded (input_ids, attention_mask) batch: the one way batches reach the model, resident or
-        layer-streamed (which runs them all through each layer in turn)."""
+        layer-streamed (which runs them all through each layer in turn). texts_of: each batch's text indices,
+        for the error that non-finite outputs raise."""
         work = [(ids, mask, read_positions(mask, options)) for ids, mask in batches]
         with torch.inference_mode():
             outputs = self.model.run(
                 work, position_ids=position_ids, show_progress_bar=show_progress_bar, prefix_ids=prefix_ids,
                 continues=continues, return_layer_states=options.hs_layer == "mean",
             )
-            # outputs first: zip then runs the model's batches to their end, and its progress bar closes.
+            outputs = list(outputs)  # first: the model's batches run to their end, and its progress bar closes
+            check_finite(outputs, texts_of, self.model.dtype)
             return [pool(out, mask, options, rw_positions) for out, (_, mask) in zip(outputs, batches)]
 
     def _truncate_inside_prompt(self, template: str, text: str, max_length: int, side: str, index: int) -> list[int]:
@@ -446,6 +448,37 @@ def pool(out, attention_mask: torch.Tensor, options: FeatureOptions, rw_position
             hs = torch.einsum("bt,btd->bd", weights, hidden)
             rw = torch.einsum("bt,blte->ble", weights, routing)
         return hs.cpu().numpy().astype(np.float32), rw.reshape(len(rw), -1).cpu().numpy().astype(np.float32)
+
+
+def check_finite(outputs, texts_of: list[list[int]] | None, dtype: torch.dtype) -> None:
+    """NumericalError when decoder outputs hold NaN or infinity, naming the first such text in input order and
+    the first MoE layer whose router sees it. Checked on the outputs read (a few positions per text), never by
+    scanning weights: a NaN row would otherwise become a zero vector once normalised, and pass as a result."""
+    found = []  # (text index, batch, row)
+    for number, out in enumerate(outputs):
+        if bool(torch.isfinite(out.hidden_states).all()) and bool(torch.isfinite(out.router_logits).all()):
+            continue
+        rows = (~torch.isfinite(out.hidden_states).flatten(1).all(-1) | ~torch.isfinite(out.router_logits).flatten(1).all(-1))
+        for row in rows.nonzero().flatten().tolist():
+            found.append((row if texts_of is None else texts_of[number][row], number, row))
+    if not found:
+        return
+    text, number, row = min(found)
+    out = outputs[number]
+    which = f"the text at index {text}" if texts_of is not None else f"row {row} of the batch"
+    bad_routers = (~torch.isfinite(out.router_logits[row]).flatten(1).all(-1)).nonzero().flatten().tolist()
+    moe_layers = out.moe_layers
+    if bad_routers:
+        first = bad_routers[0]
+        where = f"they first appear at the router of decoder layer {moe_layers[first]}" + (
+            f" (the {first} MoE layer router(s) before it are finite)" if first else " (the first MoE layer)")
+    else:
+        where = f"the routers are finite: they appear after the router of decoder layer {moe_layers[-1]} (its experts, a later layer or the final norm)"
+    overflow = " or, in a 16-bit dtype, an overflow (try dtype float32)" if dtype in (torch.bfloat16, torch.float16) else ""
+    raise NumericalError(
+        f"non-finite values (NaN or infinity) in the model's outputs for {which}: {where}. "
+        f"The cause is the checkpoint: damaged weights, a wrong config.json (rms_norm_eps, rope_theta){overflow}"
+    )
 
 
 def combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float | None = None) -> np.ndarray:
