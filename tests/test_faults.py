@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moee_ref import MoEEmbedder, cli
-from moee_ref.errors import NumericalError
+from moee_ref import MoEEmbedder, cli, load_model
+from moee_ref.errors import CheckpointError, ConfigError, NumericalError, InputError
 from moee_ref.cli_common import stop_signals_unwind
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.loading.checkpoint import INDEX_FILE
@@ -279,3 +279,63 @@ def test_cli_nan_exits_1_and_writes_nothing(capsys, checkpoint, tmp_path, texts_
     assert err.splitlines()[-1].startswith("moee embed: error: non-finite values (NaN or infinity) in the model's outputs for the text at index ")
     assert "they first appear at the router of decoder layer 2 " in err
     assert os.listdir(output.parent) == []
+
+
+# ---------------------------------------------------------------------------
+# 3. and 4. Config numbers: floats finite and in range, counts sane and matched to the shards
+
+
+def with_config(checkpoint: Path, tmp_path: Path, **changes) -> Path:
+    directory = copy_checkpoint(checkpoint, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))  # NaN and Infinity as Python's json writes them
+    return directory
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("rope_theta", float("nan"), "must be a finite number, got nan"),
+    ("rope_theta", float("inf"), "must be a finite number, got inf"),
+    ("rms_norm_eps", float("inf"), "must be a finite number, got inf"),
+    ("rms_norm_eps", -1, "must lie strictly between 0 and 1, got -1.0"),
+    ("rms_norm_eps", 0, "must lie strictly between 0 and 1, got 0.0"),
+    ("rms_norm_eps", 2.5, "must lie strictly between 0 and 1, got 2.5"),
+    ("clip_qkv", float("nan"), "must be a finite number, got nan"),
+])
+def test_config_floats_are_range_checked(checkpoint, tmp_path, field, value, problem):
+    directory = with_config(checkpoint, tmp_path, **{field: value})
+    with pytest.raises(ConfigError) as info:
+        load_model(directory)
+    assert str(info.value) == f"{directory / 'config.json'}: field '{field}' {problem}"
+
+
+@pytest.mark.parametrize("field, value, limit", [("num_hidden_layers", 100_000_000, 1024), ("num_experts", 10_000_000, 65536)])
+def test_huge_config_counts_are_refused_at_once(checkpoint, tmp_path, monkeypatch, field, value, limit):
+    monkeypatch.setattr("moee_ref.loading.checkpoint.name_map_groups", no_name_map)
+    directory = with_config(checkpoint, tmp_path, **{field: value})
+    with pytest.raises(ConfigError) as info:
+        load_model(directory)
+    assert str(info.value) == (f"{directory / 'config.json'}: field '{field}' is {value}, beyond any real model "
+                               f"(at most {limit}); check that config.json is not damaged")
+
+
+def no_name_map(args):
+    raise AssertionError("the name map was built before the config's sizes were checked against the shards")
+
+
+def test_more_layers_than_the_shards_hold_is_refused_before_the_name_map(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr("moee_ref.loading.checkpoint.name_map_groups", no_name_map)
+    directory = with_config(checkpoint, tmp_path, num_hidden_layers=1000)
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert str(info.value) == ("config.json says num_hidden_layers=1000, but the shards hold layers 0 to 3 (4 layer(s)); "
+                               "check that config.json belongs to these weights")
+
+
+def test_more_experts_than_the_shards_hold_is_refused_before_the_name_map(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr("moee_ref.loading.checkpoint.name_map_groups", no_name_map)
+    directory = with_config(checkpoint, tmp_path, num_experts=60000)
+    with pytest.raises(CheckpointError, match=r"^config.json describes a model of [\d,]+ parameters \(4 layers, 60000 experts "
+                       r"of size 32, hidden size 64\), but the shards hold only [\d,]+ bytes of tensors; check that "
+                       r"config.json belongs to these weights$"):
+        load_model(directory)

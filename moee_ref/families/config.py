@@ -6,9 +6,18 @@ or inconsistent field gives the same kind of message.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..errors import ConfigError
+
+# Ceilings far above any released MoE model, checked before anything proportional to a count is built:
+# a config.json saying 10^8 layers must fail at once, not after a name map of that size exhausts memory.
+COUNT_LIMITS = {
+    "num_hidden_layers": 1024, "num_experts": 65536, "n_routed_experts": 65536, "num_experts_per_tok": 65536,
+    "num_attention_heads": 4096, "num_key_value_heads": 4096, "n_shared_experts": 65536,
+}
+SIZE_LIMIT = 2**31 - 1  # any other width or count: what an int32 index reaches
 
 
 class ConfigReader:
@@ -37,12 +46,24 @@ class ConfigReader:
             raise self.error(field, f"must be {_kind_names(kinds)}, got {value!r}")
         if not isinstance(value, kinds):
             raise self.error(field, f"must be {_kind_names(kinds)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON as Python reads it allows NaN and Infinity
+            raise self.error(field, f"must be a finite number, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > COUNT_LIMITS.get(field, SIZE_LIMIT):
+            raise self.error(field, f"is {value}, beyond any real model (at most {COUNT_LIMITS.get(field, SIZE_LIMIT)}); "
+                                    "check that config.json is not damaged")
         return value
 
     def positive(self, field: str, default: Any = ...) -> int:
         value = self.get(field, int, default)
         if value < 1:
             raise self.error(field, f"must be a positive integer, got {value}")
+        return value
+
+    def between(self, field: str, low: float, high: float, default: Any = ...) -> float:
+        """A number strictly between low and high."""
+        value = self.get(field, float, default)
+        if value is not None and not low < value < high:
+            raise self.error(field, f"must lie strictly between {low:g} and {high:g}, got {value!r}")
         return value
 
     def rope_theta(self) -> float:
@@ -65,7 +86,7 @@ class ConfigReader:
             if scaling is not None:
                 raise self.error("rope_scaling", f"is {scaling!r}; only plain RoPE (rope_scaling null) is supported")
             theta = self.get("rope_theta", float)
-        if theta <= 0:
+        if theta <= 0:  # NaN and Infinity are refused by get()
             raise self.error("rope_theta", f"must be positive, got {theta}")
         return theta
 
@@ -94,7 +115,7 @@ class ConfigReader:
             num_layers=self.positive("num_hidden_layers"),
             max_position_embeddings=self.positive("max_position_embeddings"),
             rope_theta=self.rope_theta(),
-            rms_norm_eps=self.get("rms_norm_eps", float),
+            rms_norm_eps=self.between("rms_norm_eps", 0, 1),  # a variance floor: tiny and positive
             norm_topk_prob=self.get("norm_topk_prob", bool, False),
             tie_word_embeddings=self.get("tie_word_embeddings", bool, False),
             **self.attention_shape(),

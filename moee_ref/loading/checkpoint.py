@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import struct
 import sys
 import threading
@@ -46,6 +47,7 @@ STORED_DTYPES = {
 STORED_SIZES = {code: torch.empty(0, dtype=dtype).element_size() for code, dtype in STORED_DTYPES.items()}
 # Buffers some LLaMA-style checkpoints carry that are not weights: recomputed, so ignored when present.
 RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # the decoder layer a tensor name belongs to
 # What a hub download fetches: enough to build the model and its tokenizer, nothing executable.
 HUB_PATTERNS = [
     "config.json",
@@ -305,11 +307,32 @@ def checked_checkpoint(source: str | os.PathLike, lm_head: bool = True):
     directory = resolve_source(source)
     args = read_config(directory)
     reader = ShardReader(shard_files(directory))
+    check_sizes(args, reader)  # before the name map, which grows with layers x experts
     groups = name_map_groups(args)
     reader.check(expected_shapes(groups))
     if not lm_head:
         groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
     return directory, args, reader, groups
+
+
+def check_sizes(args, reader: ShardReader) -> None:
+    """Counts in config.json against what the shard headers hold, from arithmetic alone: a config that describes
+    a far larger model than the weights (10^8 layers, 10^7 experts) is refused before anything of its size is built."""
+    stored_layers = {int(m.group(1)) for name in reader.shapes for m in [LAYER_INDEX.search(name)] if m}
+    if args.num_layers > len(stored_layers):
+        held = f"layers {min(stored_layers)} to {max(stored_layers)}" if stored_layers else "no decoder layers"
+        raise CheckpointError(
+            f"config.json says num_hidden_layers={args.num_layers}, but the shards hold {held} "
+            f"({len(stored_layers)} layer(s)); check that config.json belongs to these weights"
+        )
+    parameters = args.parameter_counts()[0]
+    stored = sum(end - start for _, start, end in reader.spans.values())
+    if parameters > stored:  # every parameter takes at least one byte
+        raise CheckpointError(
+            f"config.json describes a model of {parameters:,} parameters ({args.num_layers} layers, {args.num_experts} experts "
+            f"of size {args.expert_size}, hidden size {args.hidden_size}), but the shards hold only {stored:,} bytes of "
+            "tensors; check that config.json belongs to these weights"
+        )
 
 
 def choose_mode(source: str | os.PathLike, dtype: torch.dtype, memory_limit: str | int | None = None) -> tuple[Mode, str | None]:
