@@ -32,17 +32,30 @@ class Pairs:
 def _read_text(path: str) -> tuple[str, str]:
     """(content, display name); '-' reads standard input."""
     if path == "-":
-        # As read_text does for files: no byte-order mark, universal newlines.
-        content = sys.stdin.read().removeprefix("\ufeff")
+        if sys.stdin is None or sys.stdin.closed:  # started with standard input closed (`<&-`)
+            raise InputError("-: standard input is closed; pipe the texts in, or give a file name instead of -")
+        # Bytes decoded as UTF-8 whatever the locale says, as files are; no byte-order mark, universal newlines.
+        stream = getattr(sys.stdin, "buffer", None)
+        content = _decoded(stream.read(), "<stdin>") if stream is not None else sys.stdin.read().removeprefix("\ufeff")
         return content.replace("\r\n", "\n").replace("\r", "\n"), "<stdin>"
     file = Path(path)
-    if not file.is_file():
+    if file.is_dir():
+        raise InputError(f"{path} is a directory; give the file that holds the input")
+    if not file.exists():
         raise InputError(f"{path}: no such file")
     try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from exc
+    return _decoded(data, path).replace("\r\n", "\n").replace("\r", "\n"), path
+
+
+def _decoded(data: bytes, name: str) -> str:
+    try:
         # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first line.
-        return file.read_text(encoding="utf-8-sig"), path
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise InputError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def _lines(content: str) -> list[str]:

@@ -76,7 +76,7 @@ class MoEEEncoder:
                 "separately, so choose alpha beforehand (MoEEmbedder.select_alpha) instead of 'auto'"
             )
         feature_options.setdefault("allow_empty", True)  # MTEB data holds some empty texts
-        options = FeatureOptions.from_keywords(feature_options, "MoEEEncoder", prompt=prompt)
+        options = FeatureOptions.from_keywords(feature_options, type(self), prompt=prompt)
         options.check()
         self.template = resolve_prompt(prompt)  # fails early on an unknown prompt name
         self.embedder = embedder

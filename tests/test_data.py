@@ -204,7 +204,7 @@ def test_byte_order_mark_is_not_part_of_the_header(tmp_path):
 def test_missing_file_and_directory(tmp_path):
     with fails(f"{tmp_path / 'nope.tsv'}: no such file"):
         read_pairs(str(tmp_path / "nope.tsv"))
-    with fails(f"{tmp_path}: no such file"):
+    with fails(f"{tmp_path} is a directory; give the file that holds the input"):
         read_texts(str(tmp_path))
 
 

@@ -585,12 +585,13 @@ def test_mode_and_unknown_options_are_refused(olmoe):
     with pytest.raises(InputError, match=r"^encode\(\) takes no mode: the authors' computation is its own entry point, "
                        r"moee_ref\.encode_official\(embedder, texts, kind, \.\.\.\)$"):
         olmoe.encode(TEXTS[:2], "hs", mode="official")
-    fields = "prompt, pooling, hs_layer, rw_values, rw_layers, max_length, truncation, allow_empty"
-    with pytest.raises(InputError, match=rf"^encode\(\) got unknown option\(s\) 'poolling'; the feature options are {fields}$"):
+    takes = ("texts, kind, prompt, alpha, alpha_pairs, batch_size, max_length, truncation, normalize, standardizer, "
+             "show_progress_bar, pooling, hs_layer, rw_values, rw_layers, allow_empty")
+    with pytest.raises(InputError, match=rf"^encode\(\) got unknown option\(s\) 'poolling' \(did you mean 'pooling'\?\); it takes {takes}$"):
         olmoe.encode(TEXTS[:2], "hs", poolling="mean")
     with pytest.raises(InputError, match=r"^select_alpha\(\) got unknown option\(s\) 'stride', 'x'; "):
         olmoe.select_alpha(TEXTS[:3], TEXTS[3:6], stride=2, x=1)
-    with pytest.raises(InputError, match=r"^fit_standardizer\(\) got unknown option\(s\) 'normalise'; "):
+    with pytest.raises(InputError, match=r"^fit_standardizer\(\) got unknown option\(s\) 'normalise'; it takes texts, component, "):
         olmoe.fit_standardizer(TEXTS[:3], normalise=True)
 
 

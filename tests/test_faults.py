@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moee_ref import MoEEmbedder, cli, load_model
-from moee_ref.errors import CheckpointError, ConfigError, NumericalError, InputError
+from moee_ref.errors import CheckpointError, ConfigError, InputError, NumericalError, UnknownOptionError
 from moee_ref.cli_common import stop_signals_unwind
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.loading.checkpoint import INDEX_FILE
@@ -339,3 +339,98 @@ def test_more_experts_than_the_shards_hold_is_refused_before_the_name_map(checkp
                        r"of size 32, hidden size 64\), but the shards hold only [\d,]+ bytes of tensors; check that "
                        r"config.json belongs to these weights$"):
         load_model(directory)
+
+
+# ---------------------------------------------------------------------------
+# 5. Bad input that used to end in a traceback
+
+
+def test_unknown_from_pretrained_option_is_refused_before_loading(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr("moee_ref.loading.checkpoint.load_model", no_loading)
+    with pytest.raises(UnknownOptionError) as info:
+        MoEEmbedder.from_pretrained(tmp_path, dtpye="float32")
+    assert str(info.value) == (
+        "from_pretrained() got unknown option(s) 'dtpye' (did you mean 'dtype'?); it takes source, dtype, int8, "
+        "memory_budget, spill_dir, packed, memory_limit, device, batch_size, share_prefix"
+    )
+
+
+def test_normalise_misspelt_to_encode_is_named_with_the_fix(checkpoint):
+    embedder = MoEEmbedder.from_pretrained(checkpoint, dtype=torch.float32)
+    with pytest.raises(UnknownOptionError, match=r"^encode\(\) got unknown option\(s\) 'normalise' \(did you mean 'normalize'\?\); "):
+        embedder.encode(TEXTS[:1], "hs", normalise=True)
+    assert isinstance(UnknownOptionError("x"), TypeError)  # as Python's own error for a bad keyword is
+
+
+def test_index_whose_weight_map_is_a_list(checkpoint, tmp_path):
+    directory = copy_checkpoint(checkpoint, tmp_path)
+    index = directory / INDEX_FILE
+    index.write_text(json.dumps({"metadata": {}, "weight_map": ["model-00001.safetensors"]}))
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert str(info.value) == f"{index}: 'weight_map' must map tensor names to shard file names, got list; re-download it"
+
+
+def moee_process(*args, stdin=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moee_ref.cli", *map(str, args)], stdin=stdin, capture_output=True,
+                          env=env or ENV, timeout=300)
+
+
+def test_stdin_closed(tmp_path):
+    # `<&-` in a shell: the process starts without a file descriptor 0, and Python's sys.stdin is None.
+    proc = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -m moee_ref.cli embed --model {tmp_path} --input - --output {tmp_path}/v.npy <&-'],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        1, "moee embed: error: -: standard input is closed; pipe the texts in, or give a file name instead of -\n")
+
+
+def test_invalid_utf8_on_stdin_under_a_strict_locale(tmp_path):
+    strict = {**ENV, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8:strict"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moee_ref.cli", "embed", "--model", tmp_path, "--input", "-", "--output", tmp_path / "v.npy"],
+        input=b"good line\n\xff\xfe bad bytes\n", capture_output=True, env=strict, timeout=300,
+    )
+    assert (proc.returncode, proc.stderr.decode()) == (
+        1, "moee embed: error: <stdin>: not UTF-8 text (invalid start byte at byte 10)\n")
+
+
+# ---------------------------------------------------------------------------
+# 10. An index may not send the loader outside the checkpoint
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../elsewhere.safetensors", "sub/../../x.safetensors", ""])
+def test_index_entries_outside_the_checkpoint_are_refused(checkpoint, tmp_path, shard):
+    directory = copy_checkpoint(checkpoint, tmp_path)
+    index = directory / INDEX_FILE
+    content = json.loads(index.read_text())
+    first = next(iter(content["weight_map"]))
+    content["weight_map"][first] = shard
+    index.write_text(json.dumps(content))
+    # A real shard where "../elsewhere" points: the refusal is about the name, not a missing file.
+    shutil.copy(sorted(directory.glob("*.safetensors"))[0], tmp_path / "elsewhere.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert str(info.value) == (
+        f"{index}: shard name(s) {shard!r} point outside the checkpoint directory; shards must be files inside it. "
+        "Refused: re-download the checkpoint from a source you trust"
+    )
+
+
+def test_index_entries_in_a_subdirectory_are_allowed(checkpoint, tmp_path):
+    directory = copy_checkpoint(checkpoint, tmp_path)
+    index = directory / INDEX_FILE
+    content = json.loads(index.read_text())
+    (directory / "weights").mkdir()
+    for name in sorted(set(content["weight_map"].values())):
+        (directory / name).rename(directory / "weights" / name)
+    content["weight_map"] = {k: f"weights/{v}" for k, v in content["weight_map"].items()}
+    index.write_text(json.dumps(content))
+    reference = load_model(checkpoint)
+    moved = load_model(directory)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), moved.state_dict().items()):
+        assert torch.equal(a, b), name

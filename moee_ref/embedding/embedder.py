@@ -18,6 +18,8 @@ public code instead.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -61,20 +63,16 @@ class FeatureOptions:
     allow_empty: bool = False  # embed empty or whitespace-only texts (prompt only) instead of refusing them
 
     @classmethod
-    def from_keywords(cls, keywords: dict, caller: str, **named) -> "FeatureOptions":
-        """FeatureOptions from a method's keyword arguments, an unknown keyword refused by name."""
+    def from_keywords(cls, keywords: dict, caller, **named) -> "FeatureOptions":
+        """FeatureOptions from the keyword arguments of `caller` (a function), an unknown keyword refused by name."""
         fields = cls.__dataclass_fields__
         unknown = [key for key in keywords if key not in fields]
-        if unknown:
-            if "mode" in unknown:
-                raise UnknownOptionError(
-                    f"{caller}() takes no mode: the authors' computation is its own entry point, "
-                    "moee_ref.encode_official(embedder, texts, kind, ...)"
-                )
+        if "mode" in unknown:
             raise UnknownOptionError(
-                f"{caller}() got unknown option(s) {', '.join(map(repr, unknown))}; the feature options are "
-                f"{', '.join(fields)}"
+                f"{caller.__name__}() takes no mode: the authors' computation is its own entry point, "
+                "moee_ref.encode_official(embedder, texts, kind, ...)"
             )
+        refuse_unknown(caller.__name__, unknown, [*keyword_names(caller), *(f for f in fields if f not in named)])
         return cls(**named, **keywords)
 
     def check(self) -> None:
@@ -152,6 +150,9 @@ class MoEEmbedder:
         oneDNN). The streamed mode reads each layer once per corpus, for a few
         batches: packing it costs a pass over its weights that they do not win back.
         """
+        # Before minutes of loading, not after: the rest goes to MoEEmbedder(...).
+        takes = keyword_names(cls.from_pretrained) + keyword_names(cls.__init__)[2:]
+        refuse_unknown("from_pretrained", [k for k in kwargs if k not in takes], takes)
         device = resolve_device(device)
         dtype, reason = resolve_dtype(dtype, device)
         if packed is None:
@@ -220,7 +221,7 @@ class MoEEmbedder:
         The authors' own computation is moee_ref.encode_official, not an option here.
         """
         check_kind(kind)
-        options = FeatureOptions.from_keywords(feature_options, "encode", prompt=prompt, max_length=max_length, truncation=truncation)
+        options = FeatureOptions.from_keywords(feature_options, self.encode, prompt=prompt, max_length=max_length, truncation=truncation)
         feats = self.features(texts, options, batch_size=batch_size, show_progress_bar=show_progress_bar)
         report = EncodeReport(num_texts=len(feats.hs), num_truncated=feats.num_truncated)
         if feats.num_truncated:
@@ -384,7 +385,7 @@ class MoEEmbedder:
         """alpha for moee-sum from pairs: label-free without gold (section 3.3), else against the gold scores."""
         if len(texts_a) != len(texts_b):
             raise InputError(f"texts_a has {len(texts_a)} texts but texts_b has {len(texts_b)}; pairs need equal lengths")
-        options = FeatureOptions.from_keywords(feature_options, "select_alpha")
+        options = FeatureOptions.from_keywords(feature_options, self.select_alpha)
         feats = self.features(list(texts_a) + list(texts_b), options, batch_size=batch_size)
         hs, rw = apply_standardizers(feats.hs, feats.rw, standardizer)
         n = len(texts_a)
@@ -417,7 +418,7 @@ class MoEEmbedder:
         """Per-feature statistics of one component ("hs" or "rw") over a corpus, to save and reuse."""
         if component not in ("hs", "rw"):
             raise InputError(f"component={component!r} is not valid; choose 'hs' or 'rw'")
-        feats = self.features(texts, FeatureOptions.from_keywords(feature_options, "fit_standardizer"), batch_size=batch_size)
+        feats = self.features(texts, FeatureOptions.from_keywords(feature_options, self.fit_standardizer), batch_size=batch_size)
         return Standardizer.fit(feats.hs if component == "hs" else feats.rw, kind=component)
 
 
@@ -597,6 +598,21 @@ def _check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 0:
         raise InputError(f"alpha must be a finite number >= 0, 'auto' or an AlphaChoice; got {alpha!r}")
     return float(alpha)
+
+
+def keyword_names(function) -> list[str]:
+    """The named parameters of a function or method (not self, not *args or **kwargs)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds and p.name != "self"]
+
+
+def refuse_unknown(caller: str, unknown, known: list[str]) -> None:
+    """UnknownOptionError naming each unknown keyword (with the closest known one) and everything `caller` takes."""
+    unknown = list(unknown)
+    if not unknown:
+        return
+    named = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, n=1)) else repr(u) for u in unknown]
+    raise UnknownOptionError(f"{caller}() got unknown option(s) {', '.join(named)}; it takes {', '.join(known)}")
 
 
 def positive_int(name: str, value) -> int:
