@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .data import Pairs
+from .errors import InputError
 from .embedding.embedder import FeatureOptions, MoEEmbedder, apply_standardizers, choose_alpha, combine
 from .stats import cosine_rows, pearson, spearman
 
@@ -44,6 +45,9 @@ def evaluate_sts(
 ) -> dict:
     """Spearman and Pearson of every embedding kind against gold; moee-sum with fixed, auto and (with dev pairs) supervised alpha."""
     options = options or FeatureOptions()
+    check_gold(pairs.scores, "pairs")  # before the embedding, not as nan in the table after it
+    if dev_pairs is not None:
+        check_gold(dev_pairs.scores, "dev pairs")
     (hs_a, rw_a), (hs_b, rw_b), truncated = pair_features(embedder, pairs, options, batch_size, standardizer, show_progress_bar)
     gold = np.asarray(pairs.scores, dtype=np.float64)
     sim_hs, sim_rw = cosine_rows(hs_a, hs_b), cosine_rows(rw_a, rw_b)
@@ -60,6 +64,15 @@ def evaluate_sts(
         supervised = choose_alpha(cosine_rows(dh_a, dh_b), cosine_rows(dr_a, dr_b), dev_pairs.scores)
         rows.append(row("moee-sum", sim_hs + supervised.alpha * sim_rw, supervised.alpha, "supervised"))
     return {"pairs": len(pairs), "truncated": truncated, "rows": [asdict(r) for r in rows]}
+
+
+def check_gold(scores, what: str) -> None:
+    """Correlations with constant gold scores are undefined: refuse them with the reason, not a table of nan."""
+    if scores is None or len(scores) < 2:
+        raise InputError(f"{what}: {0 if scores is None else len(scores)} scored pair(s); a correlation needs at least 2")
+    if np.ptp(np.asarray(scores, dtype=np.float64)) == 0:
+        raise InputError(f"{what}: all {len(scores)} gold scores are {scores[0]:g}; correlations with a constant are "
+                         "undefined, so check the score column")
 
 
 def format_sts_table(result: dict) -> str:

@@ -434,3 +434,75 @@ def test_index_entries_in_a_subdirectory_are_allowed(checkpoint, tmp_path):
     moved = load_model(directory)
     for (name, a), (_, b) in zip(reference.state_dict().items(), moved.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------
+# 8. Messages that said the wrong thing
+
+
+def test_unreadable_shard_is_not_called_missing_or_corrupt(checkpoint, tmp_path, monkeypatch):
+    from moee_ref.loading import checkpoint as loader
+
+    directory = copy_checkpoint(checkpoint, tmp_path)
+    victim = sorted(directory.glob("*.safetensors"))[1]
+    real_open = open
+
+    def guarded_open(file, *args, **kwargs):  # what a file without read permission gives a user who is not root
+        if Path(file) == victim:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "open", guarded_open, raising=False)
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert str(info.value) == f"{victim}: cannot open it (Permission denied); check the file's permissions"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permission bits")
+def test_unreadable_shard_by_its_mode(checkpoint, tmp_path):
+    directory = copy_checkpoint(checkpoint, tmp_path)
+    victim = sorted(directory.glob("*.safetensors"))[1]
+    victim.chmod(0)
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert str(info.value) == f"{victim}: cannot open it (Permission denied); check the file's permissions"
+
+
+def test_budget_just_below_the_smallest_is_not_printed_equal(checkpoint):
+    smallest = smallest_budget(checkpoint)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    embedder = MoEEmbedder(StreamedModel(checkpoint, memory_budget=smallest - 1), tokenizer)
+    with pytest.raises(InputError) as info:
+        embedder.encode(TEXTS, "hs", batch_size=BATCH)
+    given, needed = re.match(r"memory budget (\S+ \S+) is too small .* the smallest budget that works is (\S+ \S+) ",
+                             str(info.value)).groups()
+    assert given != needed
+
+
+def write_pairs(path: Path, scores) -> Path:
+    path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{s}\n" for (a, b), s in zip(
+        [("A cat sleeps.", "A cat naps."), ("Rain falls.", "Markets rise."), ("He runs.", "He jogs.")], scores)))
+    return path
+
+
+def test_constant_gold_scores_are_refused_with_the_reason(capsys, checkpoint, tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.tsv", [3, 3, 3])
+    code, err = run_cli(capsys, "eval", "sts", "--model", checkpoint, "--pairs", pairs)
+    assert (code, err) == (1, f"moee eval sts: error: pairs: all 3 gold scores are 3; correlations with a constant are "
+                              "undefined, so check the score column\n")
+
+
+# ---------------------------------------------------------------------------
+# 9. A weight must be stored as a float
+
+
+def test_integer_weight_is_refused(checkpoint, tmp_path):
+    directory = copy_checkpoint(checkpoint, tmp_path)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    rewrite_tensors(directory, lambda n, t: t.to(torch.int16) if n == name else None)
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert str(info.value) == (
+        f"1 weights not stored as floats (F32, BF16, F16, F64): {name} (I16): a weight converted from integers would be "
+        "nonsense; the checkpoint is damaged or not a released one"
+    )

@@ -44,6 +44,7 @@ STORED_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+WEIGHT_DTYPES = ("F32", "BF16", "F16", "F64")  # what a weight of a released checkpoint may be stored as
 STORED_SIZES = {code: torch.empty(0, dtype=dtype).element_size() for code, dtype in STORED_DTYPES.items()}
 # Buffers some LLaMA-style checkpoints carry that are not weights: recomputed, so ignored when present.
 RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
@@ -136,6 +137,7 @@ class ShardReader:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.spans: dict[str, tuple[str, int, int]] = {}  # stored dtype, first byte and end in the file
         for file in files:
+            _check_readable(file)  # unreadable (permissions) is told apart from corrupt
             with _open(file):  # safetensors checks the header against the file (offsets, sizes) or raises
                 pass
             for name, (code, shape, start, end) in _read_header(file).items():
@@ -161,6 +163,8 @@ class ShardReader:
             for n, s in expected.items()
             if n in self.shapes and self.shapes[n] != tuple(s)
         )
+        # A weight is a float tensor: an integer one would be converted silently into nonsense.
+        not_float = sorted(f"{n} ({self.spans[n][0]})" for n in expected if n in self.spans and self.spans[n][0] not in WEIGHT_DTYPES)
         problems = [
             _listing("missing tensors", missing),
             _listing("unexpected tensors", unexpected),
@@ -171,6 +175,12 @@ class ShardReader:
             raise CheckpointError(
                 f"checkpoint does not match its config.json: {'; '.join(problems)}. "
                 "Check that config.json belongs to these weights"
+            )
+        if not_float:
+            label = f"weights not stored as floats ({', '.join(WEIGHT_DTYPES)})"
+            raise CheckpointError(
+                f"{_listing(label, not_float)}: a weight converted from integers would be nonsense; "
+                "the checkpoint is damaged or not a released one"
             )
 
     def reading(self) -> "_OpenShards":
@@ -228,7 +238,18 @@ def _open_data(file: Path):
     try:
         return open(file, "rb", buffering=0)
     except OSError as exc:
-        raise CheckpointError(f"{file}: cannot open ({exc}); check the file's permissions, or re-download it") from exc
+        raise _unreadable(file, exc) from exc
+
+
+def _check_readable(file: Path) -> None:
+    try:
+        open(file, "rb").close()
+    except OSError as exc:
+        raise _unreadable(file, exc) from exc
+
+
+def _unreadable(file: Path, exc: OSError) -> CheckpointError:
+    return CheckpointError(f"{file}: cannot open it ({exc.strerror}); check the file's permissions")
 
 
 def _read_bytes(handle, file: Path, name: str, start: int, end: int) -> torch.Tensor:

@@ -167,7 +167,7 @@ class StreamedModel:
         need = self.memory_plan(batch_shapes)
         if self.budget < need["smallest"]:
             raise InputError(
-                f"memory budget {format_bytes(self.budget)} is too small for one layer of this model at this batch size: "
+                f"memory budget {format_bytes(self.budget, up=False)} is too small for one layer of this model at this batch size: "
                 f"the smallest budget that works is {format_bytes(need['smallest'])} "
                 f"(weights {format_bytes(need['weights'])}, batch working memory {format_bytes(need['working'])}); "
                 "raise --memory-budget, lower --batch-size, or add --int8"
