@@ -488,7 +488,7 @@ def write_pairs(path: Path, scores) -> Path:
 def test_constant_gold_scores_are_refused_with_the_reason(capsys, checkpoint, tmp_path):
     pairs = write_pairs(tmp_path / "pairs.tsv", [3, 3, 3])
     code, err = run_cli(capsys, "eval", "sts", "--model", checkpoint, "--pairs", pairs)
-    assert (code, err) == (1, f"moee eval sts: error: pairs: all 3 gold scores are 3; correlations with a constant are "
+    assert (code, err) == (1, "moee eval sts: error: pairs: all 3 gold scores are 3; correlations with a constant are "
                               "undefined, so check the score column\n")
 
 

@@ -475,3 +475,11 @@ def test_synthetic_vocab_too_small(tmp_path):
 def test_synthetic_bos_options_need_a_bos(tmp_path):
     with pytest.raises(InputError, match=r"need a BOS token; pass bos=True"):
         build_byte_level_tokenizer(SYNTHETIC_VOCAB, tmp_path / "nobos", add_bos_token=True)
+
+
+def test_bos_true_means_deepseeks_bos(tmp_path):
+    from moee_ref.demo.tokenizers import build_byte_level_tokenizer
+
+    directory = build_byte_level_tokenizer(512, tmp_path / "tok", bos=True, add_bos_token=True)
+    tokenizer = Tokenizer.from_dir(directory)
+    assert tokenizer.bos_id == tokenizer.token_to_id(DEEPSEEK_BOS) is not None

@@ -27,6 +27,7 @@ from typing import Union
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ..errors import InputError
+from ..families.deepseek import BOS as DEEPSEEK_BOS
 
 __all__ = ["build_byte_level_tokenizer", "build_family_tokenizer"]
 
