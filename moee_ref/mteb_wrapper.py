@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import socket
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,6 +34,19 @@ from .errors import InputError, MoEERefError
 from .embedding.prompts import PLACEHOLDER, list_prompts, resolve_prompt
 
 MISSING_MTEB = "moee eval mteb needs the optional mteb package: pip install 'moee-ref[mteb]'"
+# The datasets the paper's tables name (Tables 8 to 12 and Table 3's Summarization column), by task type: all
+# English STS and Summarization tasks, and small ones of the other types. The paper speaks of 20 datasets
+# and names these 19. `--tasks paper`; `--task-types` keeps some of the types.
+PAPER_TASKS = {
+    "Classification": ["TweetSentimentExtractionClassification", "EmotionClassification", "ToxicConversationsClassification"],
+    "Clustering": ["TwentyNewsgroupsClustering", "MedrxivClusteringS2S"],
+    "PairClassification": ["TwitterURLCorpus", "TwitterSemEval2015"],
+    "Reranking": ["AskUbuntuDupQuestions", "SciDocsRR", "StackOverflowDupQuestions"],
+    "STS": ["STS12", "STS13", "STS14", "STS15", "STS16", "BIOSSES", "SICK-R", "STSBenchmark"],
+    "Summarization": ["SummEval"],
+}
+IDENTITY_SAMPLES, IDENTITY_SPAN = 16, 4096  # spans of each shard's data in a local checkpoint's digest
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before loading task data from the local cache only
 REFERENCE = "https://github.com/tianyi-lab/MoE-Embedding"
 
 
@@ -67,7 +83,7 @@ class MoEEEncoder:
         **feature_options,
     ):
         """standardizer: fitted Standardizer(s) applied to every text mteb asks for, as encode() applies them.
-        show_progress_bar: fixed for every call (None: what mteb asks, else a bar for 256 texts or more)."""
+        show_progress_bar: fixed for every call (None: what mteb asks for, and no bar when it asks nothing)."""
         if kind not in KINDS:
             raise InputError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
@@ -93,6 +109,13 @@ class MoEEEncoder:
 
     def encode(self, inputs, *, task_metadata=None, hf_split=None, hf_subset=None, prompt_type=None, **kwargs) -> np.ndarray:
         """float32 [N, dim] for the texts of all batches of `inputs`, in order."""
+        precision = kwargs.get("precision")
+        if precision not in (None, "float32"):
+            # mteb files such results as that precision: computing float32 under that name would be a wrong result.
+            raise InputError(
+                f"precision={precision!r}: the MoEE encoder returns float32 vectors only; drop precision from "
+                "encode_kwargs (int8 weights are MoEEmbedder.from_pretrained(..., int8=True), filed as such)"
+            )
         texts: list[str] = []
         for batch in inputs:
             if "text" not in batch:
@@ -111,7 +134,7 @@ class MoEEEncoder:
             alpha=self.alpha,
             batch_size=self.batch_size or kwargs.get("batch_size"),
             standardizer=self.standardizer,
-            show_progress_bar=kwargs.get("show_progress_bar") if self.show_progress_bar is None else self.show_progress_bar,
+            show_progress_bar=bool(kwargs.get("show_progress_bar")) if self.show_progress_bar is None else self.show_progress_bar,
             **self.feature_options,
         )
         return vectors
@@ -139,12 +162,14 @@ class MoEEEncoder:
         args = self.embedder.args
         model = self.embedder.model
         total, active = args.parameter_counts()
-        source = getattr(model, "source_dir", None)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        checkpoint, revision = checkpoint_identity(model.source_dir)
+        weight_bytes = (sum(p.numel() * p.element_size() for p in model.parameters()) if not self.embedder.streamed
+                        else max(model.layer_bytes))  # streamed: one layer is resident at a time
         return ModelMeta(
             loader=None,  # built in Python from an MoEEmbedder, not loaded by name
-            name=f"moee-ref/{args.family}-{self.kind}",
-            revision=Path(source).name if source else "local",  # a hub snapshot's folder is its commit
+            # mteb files results under name / revision / experiment: the checkpoint itself, not its folder's name.
+            name=f"moee-ref/{checkpoint}-{self.kind}",
+            revision=revision,
             release_date=None,
             languages=None,
             n_parameters=total,
@@ -171,11 +196,57 @@ class MoEEEncoder:
         settings: dict[str, Any] = {"prompt": prompt}
         if self.kind == "moee-sum":
             settings["alpha"] = self.alpha
+        # How the vectors were computed: each of these changes them, beyond float32 rounding.
+        model = self.embedder.model
+        settings["dtype"] = str(model.dtype).removeprefix("torch.")
+        if getattr(model, "int8", False):
+            settings["int8"] = True
+        if self.embedder.streamed:
+            settings["streamed"] = True
+        if not self.embedder.share_prefix:
+            settings["whole_prompts"] = True
+        if self.standardizer is not None:
+            settings["standardizer"] = standardizer_digest(self.standardizer)
         defaults = FeatureOptions(allow_empty=True)
         for key, value in self.feature_options.items():
             if value != getattr(defaults, key):
                 settings[key] = list(value) if key == "rw_layers" else value
         return settings
+
+
+def checkpoint_identity(directory) -> tuple[str, str]:
+    """(name, revision) that identify a checkpoint: for a hub snapshot (.../models--owner--name/snapshots/COMMIT)
+    owner__name and its commit; for a local directory its folder name and a digest of config.json, the index,
+    every shard's header (names, dtypes, shapes, offsets) and IDENTITY_SAMPLES spans of its data, so that two
+    checkpoints in folders of the same name (another seed, a fine-tune) are told apart in milliseconds, without
+    reading all the weights."""
+    directory = Path(directory)
+    repo = directory.parent.parent.name
+    if directory.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.removeprefix("models--").replace("--", "__"), directory.name
+    from .loading.checkpoint import INDEX_FILE, shard_files
+
+    digest = hashlib.sha256()
+    for file in [directory / "config.json", directory / INDEX_FILE]:
+        if file.is_file():
+            digest.update(file.read_bytes())
+    for shard in shard_files(directory):
+        with open(shard, "rb") as handle:
+            head = handle.read(8)
+            digest.update(shard.name.encode() + head + handle.read(int.from_bytes(head, "little")))
+            start, size = handle.tell(), os.fstat(handle.fileno()).st_size
+            for i in range(IDENTITY_SAMPLES):
+                handle.seek(start + (size - start) * i // IDENTITY_SAMPLES)
+                digest.update(handle.read(IDENTITY_SPAN))
+    return directory.name, "sha256-" + digest.hexdigest()[:16]
+
+
+def standardizer_digest(standardizer) -> str:
+    parts = standardizer if isinstance(standardizer, (list, tuple)) else [standardizer]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(str(part.kind).encode() + np.ascontiguousarray(part.mean).tobytes() + np.ascontiguousarray(part.std).tobytes())
+    return digest.hexdigest()[:12]
 
 
 def run_mteb(
@@ -211,15 +282,16 @@ def run_mteb(
         for part in to_load:
             _load(part)
         try:
-            outcome = mteb.evaluate(
-                encoder,
-                task,
-                cache=cache,
-                overwrite_strategy="always",
-                encode_kwargs={"batch_size": encoder.batch_size or embedder.batch_size},
-                co2_tracker=False,
-                show_progress_bar=False,
-            )
+            with _datasets_progress(bool(show_progress_bar)):  # its map/filter bars, one per split and subset
+                outcome = mteb.evaluate(
+                    encoder,
+                    task,
+                    cache=cache,
+                    overwrite_strategy="always",
+                    encode_kwargs={"batch_size": encoder.batch_size or embedder.batch_size},
+                    co2_tracker=False,
+                    show_progress_bar=False,
+                )
         finally:
             for part in to_load:
                 part.unload_data()
@@ -234,6 +306,25 @@ def run_mteb(
     return results
 
 
+def task_names_of(names: Iterable[str], task_types: Iterable[str] | None = None) -> list[str]:
+    """Task names with "paper" expanded to PAPER_TASKS, kept to `task_types` when given (STS, Clustering, ...)."""
+    expanded = []
+    for name in names:
+        expanded += [n for group in PAPER_TASKS.values() for n in group] if name == "paper" else [name]
+    if task_types is None:
+        return list(dict.fromkeys(expanded))
+    types = list(task_types)
+    mteb = require_mteb()
+    known = sorted({task.metadata.type for task in mteb.get_tasks()})
+    unknown = [t for t in types if t not in known]
+    if unknown:
+        raise InputError(f"unknown MTEB task type(s) {', '.join(map(repr, unknown))}; the paper's are {', '.join(PAPER_TASKS)}")
+    kept = [n for n in dict.fromkeys(expanded) if _tasks(mteb, [n], None)[0].metadata.type in types]
+    if not kept:
+        raise InputError(f"none of the tasks {', '.join(expanded)} is of type {', '.join(types)}")
+    return kept
+
+
 def _tasks(mteb, task_names, languages) -> list:
     if isinstance(task_names, str):
         task_names = [task_names]
@@ -243,7 +334,8 @@ def _tasks(mteb, task_names, languages) -> list:
             tasks.append(item)
             continue
         try:
-            tasks.append(mteb.get_task(item, languages=languages, exclusive_language_filter=True))
+            # The exclusive filter keeps the subsets wholly in `languages`; without languages it would keep none.
+            tasks.append(mteb.get_task(item, languages=languages, exclusive_language_filter=languages is not None))
         except KeyError as exc:
             raise InputError(f"unknown MTEB task {item!r} ({exc.args[0] if exc.args else exc})") from None
         except ValueError as exc:
@@ -252,16 +344,67 @@ def _tasks(mteb, task_names, languages) -> list:
 
 
 def _load(task) -> None:
+    """Load a task's data; with the hub unreachable, from the local cache only, failing at once when it is not there
+    (the datasets library would otherwise retry for half a minute per task)."""
     name = task.metadata.name
+    path = task.metadata.dataset.get("path", "?")
+    endpoint = _unreachable_hub()
     try:
-        task.load_data()
+        with _offline() if endpoint else nullcontext():
+            task.load_data()
     except Exception as exc:  # network, hub and file errors come in many types
+        why = (f"the hub ({endpoint}) cannot be reached and the local cache does not hold it" if endpoint
+               else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         raise TaskDataError(
-            f"MTEB task {name!r}: its data could not be loaded ({type(exc).__name__}: {exc}). MTEB datasets "
-            f"are downloaded from the Hugging Face hub ({task.metadata.dataset.get('path', '?')}), so this needs "
-            "network, or a local cache that already holds them (HF_HOME / HF_DATASETS_CACHE; set "
-            "HF_DATASETS_OFFLINE=1 to use it without network)"
+            f"MTEB task {name!r}: its data ({path} on the Hugging Face hub) cannot be loaded: {why}. "
+            "Download it where there is network (it lands in the HF cache: HF_HOME / HF_DATASETS_CACHE) and copy "
+            "that cache here; with HF_HUB_OFFLINE=1 set, the cache alone is used"
         ) from exc
+
+
+def _unreachable_hub() -> str | None:
+    """The hub's address when it does not answer a TCP connection within HUB_PROBE_SECONDS, else None
+    (also None in offline mode, where the libraries already use the cache alone)."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return constants.ENDPOINT
+    return None
+
+
+@contextmanager
+def _datasets_progress(show: bool):
+    """The datasets library's progress bars on or off for a block (restored afterwards)."""
+    from datasets.utils import logging as datasets_logging
+
+    was = datasets_logging.is_progress_bar_enabled()
+    (datasets_logging.enable_progress_bar if show else datasets_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (datasets_logging.enable_progress_bar if was else datasets_logging.disable_progress_bar)()
+
+
+@contextmanager
+def _offline():
+    """Offline mode of huggingface_hub and datasets for one load (both read these flags at call time)."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _unit_rows(x) -> torch.Tensor:

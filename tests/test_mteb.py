@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -21,11 +23,14 @@ from moee_ref.embedding.embedder import MoEEmbedder  # noqa: E402
 from moee_ref.errors import InputError, MoEERefError  # noqa: E402
 from moee_ref.mteb_wrapper import (  # noqa: E402
     MISSING_MTEB,
+    PAPER_TASKS,
     MissingExtraError,
     MoEEEncoder,
     TaskDataError,
+    checkpoint_identity,
     require_mteb,
     run_mteb,
+    task_names_of,
 )
 from moee_ref.stats import spearman  # noqa: E402
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint  # noqa: E402
@@ -189,13 +194,13 @@ def test_model_meta(embedder):
     encoder = MoEEEncoder(embedder, "moee-sum", prompt="PromptEOL", alpha=0.25, rw_layers=[1, 2])
     meta = encoder.mteb_model_meta
     assert isinstance(meta, mteb.models.model_meta.ModelMeta) and isinstance(encoder, mteb.models.EncoderProtocol)
-    assert meta.name == "moee-ref/olmoe-moee-sum" and meta.revision == "olmoe"
+    assert meta.name == "moee-ref/olmoe-moee-sum" and re.fullmatch(r"sha256-[0-9a-f]{16}", meta.revision)
     assert meta.similarity_fn_name.value == "cosine" and meta.use_instructions
     assert meta.embed_dim == embedder.args.hidden_size + 2 * embedder.args.num_experts
     assert meta.n_parameters == embedder.args.parameter_counts()[0]
-    assert meta.experiment_kwargs == {"prompt": "prompteol", "alpha": 0.25, "rw_layers": [1, 2]}
+    assert meta.experiment_kwargs == {"prompt": "prompteol", "alpha": 0.25, "dtype": "float32", "rw_layers": [1, 2]}
     plain = MoEEEncoder(embedder, "hs").mteb_model_meta
-    assert plain.experiment_kwargs == {"prompt": "none"} and not plain.use_instructions
+    assert plain.experiment_kwargs == {"prompt": "none", "dtype": "float32"} and not plain.use_instructions
 
 
 def test_moee_sum_cosine_is_the_weighted_sum(embedder):
@@ -224,7 +229,7 @@ def test_bad_options_are_input_errors(embedder):
 
 
 def test_unavailable_data_is_a_clear_error(embedder):
-    with pytest.raises(TaskDataError, match="MoEERefOfflineSTS.*network.*local cache") as info:
+    with pytest.raises(TaskDataError, match=r"^MTEB task .MoEERefOfflineSTS.: its data \(local/moee-ref-tests on the Hugging Face hub\) cannot be loaded: .*HF cache") as info:
         run_mteb(embedder, [OfflineSTS()])
     assert isinstance(info.value, MoEERefError) and isinstance(info.value.__cause__, ConnectionError)
 
@@ -241,3 +246,102 @@ def test_missing_mteb_is_reported(embedder, monkeypatch):
 def test_importing_the_wrapper_does_not_import_mteb():
     code = "import sys, moee_ref.mteb_wrapper; assert 'mteb' not in sys.modules, 'mteb was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- tasks by name, offline data, cache identity ------------------------------------------------
+
+
+def test_tasks_resolve_by_name_with_and_without_languages():
+    from moee_ref.mteb_wrapper import _tasks
+
+    (sts12,) = _tasks(mteb, ["STS12"], None)
+    assert sts12.metadata.name == "STS12" and sts12.hf_subsets == ["default"]
+    (sts17,) = _tasks(mteb, ["STS17"], ["eng"])
+    assert sts17.hf_subsets == ["en-en"]  # only the subset wholly in English
+
+
+def test_the_papers_task_set_and_task_types():
+    names = task_names_of(["paper"])
+    assert len(names) == 19 and names == [n for group in PAPER_TASKS.values() for n in group]
+    assert task_names_of(["paper"], ["STS", "Summarization"]) == PAPER_TASKS["STS"] + ["SummEval"]
+    assert task_names_of(["STS12", "paper"], ["Clustering"]) == PAPER_TASKS["Clustering"]
+    with pytest.raises(InputError, match=r"^unknown MTEB task type\(s\) 'Sts'; the paper's are Classification, "):
+        task_names_of(["paper"], ["Sts"])
+
+
+def test_a_named_task_without_data_fails_at_once_when_the_hub_cannot_be_reached(embedder, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(TaskDataError) as info:
+        run_mteb(embedder, ["STS12"])
+    assert str(info.value) == (
+        "MTEB task 'STS12': its data (mteb/sts12-sts on the Hugging Face hub) cannot be loaded: the hub "
+        "(http://127.0.0.1:9) cannot be reached and the local cache does not hold it. Download it where there is "
+        "network (it lands in the HF cache: HF_HOME / HF_DATASETS_CACHE) and copy that cache here; with "
+        "HF_HUB_OFFLINE=1 set, the cache alone is used"
+    )
+    assert constants.HF_HUB_OFFLINE is False  # offline only for that load
+
+
+def test_mtebs_cache_keeps_each_checkpoint_and_int8_apart(embedder, tmp_path):
+    """Two checkpoints in folders of the same name, and the first as int8: with mteb's default cache policy
+    (only-missing) each must get its own score, not the first one's."""
+    other = write_random_checkpoint(tmp_path / "elsewhere" / "olmoe", SMALL_CONFIGS["olmoe"], seed=99)
+    models = {
+        "first": embedder,
+        "other": MoEEmbedder.from_pretrained(other, dtype=torch.float32, batch_size=8),
+        "int8": MoEEmbedder.from_pretrained(embedder.model.source_dir, dtype=torch.bfloat16, int8=True, batch_size=8),
+    }
+
+    def score(model, cache):
+        encoder = MoEEEncoder(model, "moee-sum", prompt="prompteol", alpha=1.0)
+        outcome = mteb.evaluate(encoder, LocalSTS(), cache=cache, co2_tracker=False, show_progress_bar=False)
+        return outcome.task_results[0].get_score()
+
+    own = {name: score(model, None) for name, model in models.items()}
+    assert len(set(own.values())) == 3
+    shared = mteb.ResultCache(tmp_path / "cache")
+    assert {name: score(model, shared) for name, model in models.items()} == own
+
+
+def test_checkpoint_identity_of_a_hub_snapshot_and_of_local_folders(embedder, tmp_path):
+    snapshot = tmp_path / "hub" / "models--allenai--OLMoE-1B-7B-0924" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert checkpoint_identity(snapshot) == ("allenai__OLMoE-1B-7B-0924", "0123abcd")
+    source = embedder.model.source_dir
+    copy = tmp_path / "copy" / source.name
+    shutil.copytree(source, copy)
+    assert checkpoint_identity(copy) == checkpoint_identity(source)  # the same weights, wherever they are
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    assert checkpoint_identity(copy)[1] != checkpoint_identity(source)[1]
+
+
+def test_a_precision_the_encoder_does_not_compute_is_refused(embedder):
+    encoder = MoEEEncoder(embedder, "hs")
+    with pytest.raises(InputError, match=r"^precision='int8': the MoEE encoder returns float32 vectors only"):
+        encoder.encode(loader(["a text"]), precision="int8")
+    assert encoder.encode(loader(["a text"]), precision="float32").shape == (1, embedder.args.hidden_size)
+
+
+def test_no_progress_bar_unless_asked(embedder, capfd):
+    run_mteb(embedder, [mteb.mocks.MockClusteringTask()], kind="hs", show_progress_bar=False)
+    run_mteb(embedder, [LocalSTS()], kind="hs")
+    err = capfd.readouterr().err
+    assert "%|" not in err and "it/s" not in err, err[-500:]
+
+
+def test_cli_runs_a_named_task_to_the_data_message_at_once(embedder):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moee_ref.cli", "eval", "mteb", "--model", str(embedder.model.source_dir),
+         "--tasks", "paper", "--task-types", "STS", "--dtype", "float32", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(
+        "moee eval mteb: error: MTEB task 'STS12': its data (mteb/sts12-sts on the Hugging Face hub) cannot be loaded: "
+        "the hub (http://127.0.0.1:9) cannot be reached and the local cache does not hold it.")
