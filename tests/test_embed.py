@@ -458,7 +458,6 @@ def test_allow_empty_embeds_the_prompt_around_an_empty_text(olmoe):
         (["fine", 5], "text at index 1 is int, not str"),
         ([None, "fine"], "text at index 0 is NoneType, not str"),
         (["fine", b"bytes"], "text at index 1 is bytes, not str"),
-        ("a bare string", "got a single str; pass \\[text\\] instead"),
         ({"a": 1}, "texts must be a list or tuple of strings, got dict"),
     ],
 )
@@ -586,7 +585,7 @@ def test_mode_and_unknown_options_are_refused(olmoe):
                        r"moee_ref\.encode_official\(embedder, texts, kind, \.\.\.\)$"):
         olmoe.encode(TEXTS[:2], "hs", mode="official")
     takes = ("texts, kind, prompt, alpha, alpha_pairs, batch_size, max_length, truncation, normalize, standardizer, "
-             "show_progress_bar, pooling, hs_layer, rw_values, rw_layers, allow_empty")
+             "show_progress_bar, normalize_embeddings, pooling, hs_layer, rw_values, rw_layers, allow_empty")
     with pytest.raises(InputError, match=rf"^encode\(\) got unknown option\(s\) 'poolling' \(did you mean 'pooling'\?\); it takes {takes}$"):
         olmoe.encode(TEXTS[:2], "hs", poolling="mean")
     with pytest.raises(InputError, match=r"^select_alpha\(\) got unknown option\(s\) 'stride', 'x'; "):
@@ -630,3 +629,20 @@ def test_real_olmoe_tokenizer_end_to_end(real_vocab_olmoe):
     hand = run_alone(embedder, reference_ids).hidden_states[0, -1].numpy()
     got = embedder.encode(texts, "hs", prompt="none")[2]
     assert max_rel_error(got, hand) <= BATCH_TOL
+
+
+def test_sentence_transformers_conventions(olmoe):
+    """One str gives one vector; a numpy array of str works as a list; normalize_embeddings is normalize."""
+    texts = TEXTS[:3]
+    batch = olmoe.encode(texts, "moee-sum", batch_size=1)
+    one = olmoe.encode(texts[1], "moee-sum")
+    assert one.shape == (olmoe.dimension("moee-sum"),)
+    assert max_rel_error(one, batch[1]) <= BATCH_TOL
+    np.testing.assert_array_equal(olmoe.encode(np.array(texts), "moee-sum", batch_size=1), batch)
+    unit = olmoe.encode(texts, "hs", normalize_embeddings=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(unit, olmoe.encode(texts, "hs", normalize=True))
+    assert olmoe.get_sentence_embedding_dimension("rw") == olmoe.dimension("rw")
+    assert olmoe.max_seq_length == olmoe.args.max_position_embeddings
+    with pytest.raises(InputError, match="text at index 1 is int, not str"):
+        olmoe.encode(np.array(["a", 1], dtype=object), "hs")

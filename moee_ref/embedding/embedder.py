@@ -207,20 +207,27 @@ class MoEEmbedder:
         normalize: bool = False,
         standardizer: Standardizer | Sequence[Standardizer] | None = None,
         show_progress_bar: bool | None = None,
+        normalize_embeddings: bool = False,
         **feature_options,
     ) -> np.ndarray:
-        """Embed texts; returns float32 [len(texts), dim] in input order.
+        """Embed texts; returns float32 [len(texts), dim] in input order (one text as a str: its [dim] vector).
 
+        texts: a list or tuple of str, a 1-D numpy array of str, or a single str (as sentence-transformers takes them).
         alpha (moee-sum only): a number >= 0; "auto" for the label-free choice
         of section 3.3 over the unlabeled pairs `alpha_pairs` (or, without
         them, over pairs among `texts`); or an AlphaChoice from select_alpha().
         standardizer: fitted Standardizer(s) for the "hs" and/or "rw" component,
         applied before the components are combined.
-        normalize: scale each output vector to unit length.
+        normalize / normalize_embeddings (sentence-transformers' spelling): scale each output vector to unit length.
         feature_options: the other fields of FeatureOptions (pooling, hs_layer, rw_values, rw_layers, allow_empty).
         The authors' own computation is moee_ref.encode_official, not an option here.
         """
         check_kind(kind)
+        single = isinstance(texts, str)
+        if single:
+            texts = [texts]
+        elif isinstance(texts, np.ndarray) and texts.ndim == 1 and texts.dtype.kind in "UO":
+            texts = texts.tolist()  # each item is still checked to be a str
         options = FeatureOptions.from_keywords(feature_options, self.encode, prompt=prompt, max_length=max_length, truncation=truncation)
         feats = self.features(texts, options, batch_size=batch_size, show_progress_bar=show_progress_bar)
         report = EncodeReport(num_texts=len(feats.hs), num_truncated=feats.num_truncated)
@@ -235,7 +242,17 @@ class MoEEmbedder:
         report.dtype_reason = getattr(self.model, "dtype_reason", None)
         self.last_report = report
         vectors = combine(hs, rw, kind, alpha_value)
-        return normalize_rows(vectors) if normalize else vectors
+        vectors = normalize_rows(vectors) if normalize or normalize_embeddings else vectors
+        return vectors[0] if single else vectors
+
+    def get_sentence_embedding_dimension(self, kind: str = "moee-sum") -> int:
+        """Width of encode()'s vectors for `kind` (sentence-transformers' name for dimension())."""
+        return self.dimension(kind)
+
+    @property
+    def max_seq_length(self) -> int:
+        """The longest input in tokens, prompt included: the model's max_position_embeddings."""
+        return self.args.max_position_embeddings
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine similarity matrix [len(a), len(b)] of two sets of embeddings (a zero vector scores 0)."""
