@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .analysis import DEFAULT_SAMPLE_PAIRS, DEFAULT_THRESHOLD, ERROR_GROUP_TITLES, ERROR_GROUPS
-from .cli_common import Parser, UsageError, int_at_least, load_embedder, positive_int
+from .cli_common import Parser, UsageError, comma_list, int_at_least, load_embedder, positive_int
 
 # --------------------------------------------------------------------------- argument types
 
@@ -26,7 +26,7 @@ from .cli_common import Parser, UsageError, int_at_least, load_embedder, positiv
 def _parse_prompt_names(text: str) -> list[str]:
     from .embedding.prompts import BUILTIN_PROMPTS, list_prompts
 
-    names = [part.strip() for part in text.split(",") if part.strip()]
+    names = comma_list(text)
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated prompt names like none,prompteol; got {text!r}")
     resolved = []

@@ -15,8 +15,8 @@ import traceback
 from pathlib import Path
 
 from .cli_common import (
-    EXIT_ERROR, EXIT_MISMATCH, EXIT_USAGE, Parser, Stopped, UsageError, add_model, load_embedder, positive_int,
-    stop_signals_unwind,
+    EXIT_ERROR, EXIT_MISMATCH, EXIT_USAGE, Parser, Stopped, UsageError, add_model, comma_list, load_embedder,
+    positive_int, stop_signals_unwind,
 )
 from .errors import MoEERefError
 
@@ -179,15 +179,13 @@ def cmd_eval_mteb(ns) -> int:
     if ns.alpha == "auto":
         raise UsageError("moee eval mteb takes a fixed --alpha")
     require_mteb()
-    tasks = task_names_of([t.strip() for t in ns.tasks.split(",") if t.strip()],
-                          None if ns.task_types is None else [t.strip() for t in ns.task_types.split(",") if t.strip()])
-    languages = None if ns.languages is None else [code.strip() for code in ns.languages.split(",") if code.strip()]
+    tasks = task_names_of(ns.tasks, ns.task_types)
     embedder = load_embedder(ns)
     # MTEB data holds empty texts: the wrapper embeds them (allow_empty), as the API's MoEEEncoder does.
     opts = {k: v for k, v in vars(feature_options(ns)).items() if k not in ("prompt", "allow_empty")}
     results = run_mteb(
         embedder, tasks, kind=ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size, output_dir=ns.output_dir,
-        languages=languages, standardizer=load_standardizers(ns.standardizer), show_progress_bar=progress_wanted(ns),
+        languages=ns.languages, standardizer=load_standardizers(ns.standardizer), show_progress_bar=progress_wanted(ns),
         **opts,
     )
     if ns.json:
@@ -328,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(run=cmd_eval_sts)
     q = evals.add_parser("mteb", help="run MTEB tasks with an encoder wrapper (needs the mteb extra and the task data)")
     add_model(q)
-    q.add_argument("--tasks", required=True, help="comma-separated MTEB task names, e.g. STS12,SICK-R; 'paper' for the paper's set")
-    q.add_argument("--task-types", default=None, metavar="TYPES", help="keep the tasks of these types, e.g. STS,Clustering")
-    q.add_argument("--languages", default=None, metavar="CODES", help="keep the subsets wholly in these languages, e.g. eng")
+    q.add_argument("--tasks", required=True, type=comma_list, help="comma-separated MTEB task names, e.g. STS12,SICK-R; 'paper' for the paper's set")
+    q.add_argument("--task-types", default=None, type=comma_list, metavar="TYPES", help="keep the tasks of these types, e.g. STS,Clustering")
+    q.add_argument("--languages", default=None, type=comma_list, metavar="CODES", help="keep the subsets wholly in these languages, e.g. eng")
     q.add_argument("--kind", choices=KINDS, default="moee-sum", help="embedding kind (default %(default)s)")
     q.add_argument("--output-dir", default=None, help="where mteb writes its result files")
     q.add_argument("--json", action="store_true", help="print JSON")

@@ -45,6 +45,11 @@ def stop_signals_unwind():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
+def comma_list(text: str) -> list[str]:
+    """An option's comma-separated values, blanks dropped ("STS12, SICK-R," -> ["STS12", "SICK-R"])."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (exit 2) naming the command and pointing at --help."""
 

@@ -35,9 +35,8 @@ def _read_text(path: str) -> tuple[str, str]:
         if sys.stdin is None or sys.stdin.closed:  # started with standard input closed (`<&-`)
             raise InputError("-: standard input is closed; pipe the texts in, or give a file name instead of -")
         # Bytes decoded as UTF-8 whatever the locale says, as files are; no byte-order mark, universal newlines.
-        stream = getattr(sys.stdin, "buffer", None)
-        content = _decoded(stream.read(), "<stdin>") if stream is not None else sys.stdin.read().removeprefix("\ufeff")
-        return content.replace("\r\n", "\n").replace("\r", "\n"), "<stdin>"
+        stream = getattr(sys.stdin, "buffer", None)  # a text stream without one (a test's StringIO) is read as text
+        return _decoded(stream.read() if stream is not None else sys.stdin.read().encode("utf-8"), "<stdin>"), "<stdin>"
     file = Path(path)
     if file.is_dir():
         raise InputError(f"{path} is a directory; give the file that holds the input")
@@ -47,15 +46,17 @@ def _read_text(path: str) -> tuple[str, str]:
         data = file.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from exc
-    return _decoded(data, path).replace("\r\n", "\n").replace("\r", "\n"), path
+    return _decoded(data, path), path
 
 
 def _decoded(data: bytes, name: str) -> str:
+    """Text from bytes as UTF-8, with universal newlines."""
     try:
         # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first line.
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _lines(content: str) -> list[str]:

@@ -275,12 +275,13 @@ def run_mteb(
     encoder = MoEEEncoder(embedder, kind, prompt=prompt, alpha=alpha, batch_size=batch_size, standardizer=standardizer,
                           show_progress_bar=show_progress_bar, **feature_options)
     cache = mteb.ResultCache(output_dir) if output_dir is not None else None
+    unreachable = _unreachable_hub()  # probed once for all tasks: each probe may wait HUB_PROBE_SECONDS
     results = {}
     for task in _tasks(mteb, task_names, languages):
         # Load the data here (an aggregate task: that of its parts) to report a clear error when it is unavailable.
         to_load = [part for part in getattr(task.metadata, "tasks", None) or [task] if not part.data_loaded]
         for part in to_load:
-            _load(part)
+            _load(part, unreachable)
         try:
             with _datasets_progress(bool(show_progress_bar)):  # its map/filter bars, one per split and subset
                 outcome = mteb.evaluate(
@@ -343,12 +344,11 @@ def _tasks(mteb, task_names, languages) -> list:
     return tasks
 
 
-def _load(task) -> None:
-    """Load a task's data; with the hub unreachable, from the local cache only, failing at once when it is not there
-    (the datasets library would otherwise retry for half a minute per task)."""
+def _load(task, endpoint: str | None) -> None:
+    """Load a task's data; with the hub unreachable (its address in `endpoint`), from the local cache only, failing
+    at once when it is not there (the datasets library would otherwise retry for half a minute per task)."""
     name = task.metadata.name
     path = task.metadata.dataset.get("path", "?")
-    endpoint = _unreachable_hub()
     try:
         with _offline() if endpoint else nullcontext():
             task.load_data()

@@ -474,9 +474,7 @@ def check_finite(outputs, texts_of: list[list[int]] | None, dtype: torch.dtype) 
     scanning weights: a NaN row would otherwise become a zero vector once normalised, and pass as a result."""
     found = []  # (text index, batch, row)
     for number, out in enumerate(outputs):
-        if bool(torch.isfinite(out.hidden_states).all()) and bool(torch.isfinite(out.router_logits).all()):
-            continue
-        rows = (~torch.isfinite(out.hidden_states).flatten(1).all(-1) | ~torch.isfinite(out.router_logits).flatten(1).all(-1))
+        rows = ~torch.isfinite(out.hidden_states).flatten(1).all(-1) | ~torch.isfinite(out.router_logits).flatten(1).all(-1)
         for row in rows.nonzero().flatten().tolist():
             found.append((row if texts_of is None else texts_of[number][row], number, row))
     if not found:
