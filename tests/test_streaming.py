@@ -560,3 +560,31 @@ def test_streamed_run_refuses_flags_without_prefix(streamed_olmoe):
     too_long = torch.full((1, 511), 7)
     with pytest.raises(InputError, match=r"^prefix \(2 tokens\) and input \(511\) exceed max_position_embeddings=512; truncate the input$"):
         streamed_olmoe.model.run([(too_long, torch.ones_like(too_long), None)], prefix_ids=[1, 2], continues=[True])
+
+
+def test_a_run_that_fails_half_way_leaves_grad_mode_as_it_was(checkpoints, tmp_path, monkeypatch):
+    """A layer whose computation fails while streaming leaves no inference mode behind in the caller's
+    thread, not even once the abandoned layer generator is collected."""
+    import gc
+
+    from moee_ref.decoder.model import Block
+
+    embedder = streamed(checkpoints["olmoe"], LARGE_BUDGET, tmp_path)
+    calls = []
+    real = Block.forward
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise FloatingPointError("layer failed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Block, "forward", forward)
+    with pytest.raises(FloatingPointError, match="layer failed") as failure:
+        embedder.encode(CORPUS[:2], "hs", batch_size=BATCH_SIZE)
+    del failure
+    gc.collect()
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    x = torch.ones(2, requires_grad=True)
+    (x * 3).sum().backward()
+    assert torch.equal(x.grad, torch.full((2,), 3.0))

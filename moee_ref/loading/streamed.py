@@ -267,8 +267,9 @@ class StreamedModel:
                 block = upcoming.result()
                 if self.prefetch and layer < last:
                     upcoming = pool.submit(self.build_layer, layer + 1)  # read ahead while this layer computes
-                with torch.inference_mode():
-                    yield layer, block
+                # No context manager around the yield: one left open by an abandoned generator would leak its
+                # mode into whatever the thread runs next. The caller runs the layers under inference_mode.
+                yield layer, block
                 del block
                 release_freed_memory()
                 if not self.prefetch and layer < last:
