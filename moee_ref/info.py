@@ -38,6 +38,10 @@ def model_facts(args: ModelArgs, tokenizer=None) -> dict[str, Any]:
         "hidden_size": args.hidden_size,
         "heads": args.num_heads,
         "kv_heads": args.num_kv_heads,
+        "head_dim": args.head_dim,
+        "qk_norm": args.qk_norm,
+        "sliding_window": args.sliding_window,
+        "sliding_layers": list(args.sliding_layers),
         "vocab_size": args.vocab_size,
         "max_position_embeddings": args.max_position_embeddings,
         "parameters_total": total,
@@ -59,6 +63,13 @@ def model_facts(args: ModelArgs, tokenizer=None) -> dict[str, Any]:
     return facts
 
 
+def _attention(facts: dict[str, Any]) -> str:
+    parts = {"projection": ["q/k RMSNorm over the whole projection"], "head": ["q/k RMSNorm per head"]}.get(facts["qk_norm"], [])
+    if facts["sliding_window"]:
+        parts.append(f"sliding window of {facts['sliding_window']} in layers {_ranges(facts['sliding_layers'])}")
+    return "; ".join(parts) or "plain causal"
+
+
 def format_facts(facts: dict[str, Any]) -> str:
     moe = facts["moe_layers"]
     lines = [
@@ -73,7 +84,8 @@ def format_facts(facts: dict[str, Any]) -> str:
             if facts["shared_expert_size"]
             else "none"
         ),
-        f"hidden size         {facts['hidden_size']} ({facts['heads']} heads, {facts['kv_heads']} kv heads)",
+        f"hidden size         {facts['hidden_size']} ({facts['heads']} heads of {facts['head_dim']}, {facts['kv_heads']} kv heads)",
+        f"attention           {_attention(facts)}",
         f"parameters          {human_count(facts['parameters_total'])} total, {human_count(facts['parameters_active'])} active per token",
         f"memory              {human_bytes(facts['memory_fp32_bytes'])} at fp32, {human_bytes(facts['memory_bf16_bytes'])} at bf16",
         f"embedding dims      HS {facts['hs_dim']}, RW {facts['rw_dim']} ({len(moe)} MoE layers x {facts['experts']} experts)",

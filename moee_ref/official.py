@@ -42,7 +42,7 @@ from .tokenizer import check_texts
 OFFICIAL_BATCH_SIZE = 256
 OFFICIAL_PAD_ID = 0
 # Which router output the authors' code concatenates, by family (each family file says).
-OFFICIAL_RW_VALUES = {model_type: family.OFFICIAL_RW for model_type, family in FAMILIES.items()}
+OFFICIAL_RW_VALUES = {model_type: family.OFFICIAL_RW for model_type, family in FAMILIES.items() if family.OFFICIAL_RW}
 
 
 def encode_official(
@@ -60,6 +60,12 @@ def encode_official(
     """The vectors the authors' public code gives for `texts` on embedder's (resident) model, float32
     [len(texts), dim] in input order. prompt: one of the authors' prompt names (None: their "none")."""
     check_kind(kind)
+    family = embedder.args.family
+    if family not in OFFICIAL_RW_VALUES:
+        raise InputError(
+            f"mode='official' reproduces the authors' code, which covers {', '.join(OFFICIAL_RW_VALUES)} only; "
+            f"{family} has no official numbers to match: use the default mode"
+        )
     if other_options:
         raise InputError(
             "mode='official' reproduces the authors' code and takes only kind, prompt, alpha, batch_size, "

@@ -93,8 +93,14 @@ def deepseek(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def embedders(olmoe, qwen, deepseek):
-    return {"olmoe": olmoe, "qwen2_moe": qwen, "deepseek": deepseek}
+def newer(tmp_path_factory):
+    """The families after the paper's three, which the official mode does not cover."""
+    return {family: build_embedder(tmp_path_factory, family, seed=14 + i) for i, family in enumerate(("qwen3_moe", "mixtral"))}
+
+
+@pytest.fixture(scope="module")
+def embedders(olmoe, qwen, deepseek, newer):
+    return {"olmoe": olmoe, "qwen2_moe": qwen, "deepseek": deepseek, **newer}
 
 
 def run_alone(embedder: MoEEmbedder, ids: list[int], **model_kwargs):

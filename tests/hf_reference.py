@@ -1,7 +1,7 @@
 """Small random checkpoints written by transformers, and the transformers models to compare against.
 
-OLMoE and Qwen1.5-MoE: OlmoeForCausalLM / Qwen2MoeForCausalLM saved with
-save_pretrained in several shards. DeepSeekMoE has no transformers class; as
+OLMoE, Qwen1.5-MoE, Qwen3-MoE and Mixtral: transformers' own classes saved
+with save_pretrained in several shards (or as their fused state dict). DeepSeekMoE has no transformers class; as
 families/deepseek.py describes, a Qwen2-MoE model computes exactly the same
 function when the dense layers are mlp_only_layers, q/k/v biases are zero,
 the shared expert is n_shared x moe_intermediate_size wide with a gate of
@@ -55,14 +55,51 @@ def qwen_config(**overrides):
     return transformers.Qwen2MoeConfig(**values)
 
 
-def build_hf(family: str, directory: Path, seed: int = 0, shard_size: str = "60KB", **overrides):
-    """(transformers model in eval mode, checkpoint directory) for olmoe or qwen2_moe."""
-    if family == "olmoe":
-        model = transformers.OlmoeForCausalLM(olmoe_config(**overrides))
-    else:
-        model = transformers.Qwen2MoeForCausalLM(qwen_config(**overrides))
+def qwen3_config(**overrides):
+    values = dict(
+        vocab_size=300, hidden_size=64, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
+        norm_topk_prob=True, max_position_embeddings=64, experts_implementation="eager",
+    )
+    values.update(overrides)
+    return transformers.Qwen3MoeConfig(**values)
+
+
+def mixtral_config(**overrides):
+    values = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+        experts_implementation="eager",
+    )
+    values.update(overrides)
+    return transformers.MixtralConfig(**values)
+
+
+HF_CLASSES = {
+    "olmoe": (olmoe_config, "OlmoeForCausalLM"),
+    "qwen2_moe": (qwen_config, "Qwen2MoeForCausalLM"),
+    "qwen3_moe": (qwen3_config, "Qwen3MoeForCausalLM"),
+    "mixtral": (mixtral_config, "MixtralForCausalLM"),
+}
+
+
+def build_hf(family: str, directory: Path, seed: int = 0, shard_size: str = "60KB", fused: bool = False, **overrides):
+    """(transformers model in eval mode, checkpoint directory) for a family transformers has.
+
+    save_pretrained writes the released layout (one tensor per expert, Mixtral's block_sparse_moe names).
+    fused=True writes transformers 5's in-memory state dict instead: [E, 2I, D] gate_up_proj and
+    [E, D, I] down_proj per layer, under mlp.experts, the fused layout some tools save.
+    """
+    make_config, class_name = HF_CLASSES[family]
+    model = getattr(transformers, class_name)(make_config(**overrides))
     randomize(model, seed)
     model.save_pretrained(directory, max_shard_size=shard_size)
+    if fused:
+        for file in directory.glob("model*.safetensors*"):
+            file.unlink()
+        state = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
+        assert any(name.endswith("experts.gate_up_proj") for name in state)
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return model.eval(), directory
 
 
@@ -183,8 +220,12 @@ def exact_float64_norms(monkeypatch) -> None:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(hidden_states.dtype)
 
+    from transformers.models.mixtral import modeling_mixtral
     from transformers.models.olmoe import modeling_olmoe
     from transformers.models.qwen2_moe import modeling_qwen2_moe
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
 
     monkeypatch.setattr(modeling_olmoe.OlmoeRMSNorm, "forward", forward)
     monkeypatch.setattr(modeling_qwen2_moe.Qwen2MoeRMSNorm, "forward", forward)
+    monkeypatch.setattr(modeling_qwen3_moe.Qwen3MoeRMSNorm, "forward", forward)
+    monkeypatch.setattr(modeling_mixtral.MixtralRMSNorm, "forward", forward)

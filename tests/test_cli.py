@@ -886,13 +886,13 @@ def test_demo_builds_once_and_runs_every_step(runs, workdir):
     first, second = runs["demo"]
     ok(first)
     root = workdir / "demo"
-    assert "The three checkpoints below are RANDOM" in first.stdout
+    assert f"The {len(SMALL_CONFIGS)} checkpoints below (one per family) are RANDOM" in first.stdout
     assert [line for line in first.stderr.splitlines() if line.startswith("building")] == [
         f"building random {family} checkpoint in {root / f'tiny-{family}'}" for family in SMALL_CONFIGS
     ]
     steps = [line for line in first.stdout.splitlines() if line.startswith("$ moee ")]
-    verify_steps = ["verify"] * 3 if HAVE_TRANSFORMERS else []
-    assert [step.split()[2] for step in steps] == ["info"] * 3 + ["prompts", "route", "embed", "eval"] + verify_steps
+    verify_steps = ["verify"] * len(SMALL_CONFIGS) if HAVE_TRANSFORMERS else []
+    assert [step.split()[2] for step in steps] == ["info"] * len(SMALL_CONFIGS) + ["prompts", "route", "embed", "eval"] + verify_steps
     # Each family's `moee verify` text report, as the demo prints it, ends in PASS.
     for family in SMALL_CONFIGS if HAVE_TRANSFORMERS else []:
         report = first.stdout.split(f"$ moee verify --model {root / f'tiny-{family}'}\n")[1].split("\n\n")[0].splitlines()

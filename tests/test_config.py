@@ -362,3 +362,74 @@ def test_qwen_without_shared_expert_has_no_gate():
 def test_small_configs_parse(family, moe_layers, routing_dim):
     args = parse(SMALL_CONFIGS[family])
     assert args.family == family and args.moe_layers == moe_layers and args.routing_dim == routing_dim
+
+
+# ---------------------------------------------------------------------------
+# The newer families: Qwen3-MoE, Mixtral, OLMoE-0125
+
+
+@pytest.mark.parametrize(
+    "name, published, rw, head_dim, qk_norm",
+    [
+        ("qwen3_moe", (30.5, 3.3), 48 * 128, 128, "head"),  # Qwen3-30B-A3B
+        ("mixtral", (46.7, 12.9), 32 * 8, 128, None),  # Mixtral-8x7B-v0.1
+        ("olmoe-0125", (6.9, 1.3), 16 * 64, 128, "projection"),  # OLMoE-1B-7B-0125: the 0924 architecture
+    ],
+)
+def test_newer_released_configs(name, published, rw, head_dim, qk_norm):
+    args = read_config(CONFIG_DIR / f"{name}.json")
+    total, active = args.parameter_counts()
+    # Totals round to the published figure; active sizes within 2.5% of it (see above: Qwen3's exact
+    # 3.353B is published as 3.3B).
+    assert round(total / 1e9, 1) == published[0]
+    assert abs(active / 1e9 - published[1]) / published[1] <= 0.025
+    assert args.routing_dim == rw and args.head_dim == head_dim and args.qk_norm == qk_norm
+    assert args.sliding_window is None and args.sliding_layers == ()
+    assert args.norm_topk_prob == (name != "olmoe-0125")  # Qwen3's config says true; Mixtral always renormalises
+
+
+def test_olmoe_0125_reads_as_0924():
+    assert read_config(CONFIG_DIR / "olmoe-0125.json") == read_config(CONFIG_DIR / "olmoe.json")
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "qwen3_moe"])
+def test_num_local_experts_as_transformers_5_saves_it(family):
+    raw = released(family)
+    raw["num_local_experts"] = raw.pop("num_experts")
+    assert parse(raw) == parse(released(family))
+
+
+def test_mixtral_reads_num_experts_too():
+    raw = released("mixtral")
+    raw["num_experts"] = raw.pop("num_local_experts")
+    assert parse(raw) == parse(released("mixtral"))
+
+
+@pytest.mark.parametrize(
+    "family, changes, window",
+    [
+        ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 4096}, 4096),
+        ("qwen3_moe", {"use_sliding_window": False, "sliding_window": 4096}, None),  # the switch is off
+        ("mixtral", {"sliding_window": 4096}, 4096),  # Mistral's window: no switch
+        ("mixtral", {"sliding_window": 0}, None),  # 0 means none, as transformers 5 writes it
+    ],
+)
+def test_sliding_window_fields(family, changes, window):
+    args = parse({**released(family), **changes})
+    assert args.sliding_window == window
+    assert args.sliding_layers == (tuple(range(args.num_layers)) if window else ())
+
+
+@pytest.mark.parametrize(
+    "family, changes, field, message",
+    [
+        ("qwen3_moe", {"attention_bias": True}, "attention_bias", "is true; Qwen3-MoE checkpoints have no attention bias"),
+        ("mixtral", {"sliding_window": -5}, "sliding_window", "must be a positive number of positions, 0 or null, got -5"),
+        ("qwen3_moe", {"num_experts_per_tok": 200}, "num_experts_per_tok", r"\(200\) cannot exceed the number of experts \(128\)"),
+        ("mixtral", {"num_local_experts": 0}, "num_local_experts", "must be a positive integer, got 0"),
+        ("qwen3_moe", {"mlp_only_layers": list(range(48))}, "mlp_only_layers", r"\[0, 1, .*, 47\] with decoder_sparse_step 1 leaves no MoE layer among 48"),
+    ],
+)
+def test_newer_family_variants_refused(family, changes, field, message):
+    with pytest.raises(ConfigError, match=rf"test config: field '{field}' {message}"):
+        parse({**released(family), **changes})

@@ -25,6 +25,7 @@ from embed_fixtures import (  # noqa: F401  (fixtures are used by name)
     embedders,
     hand_last_token,
     max_rel_error,
+    newer,
     olmoe,
     qwen,
     run_alone,
@@ -35,10 +36,11 @@ from moee_ref.embedding.embedder import KINDS, MoEEmbedder, alpha_over_all_pairs
 from moee_ref.errors import InputError
 from moee_ref.embedding.prompts import BUILTIN_PROMPTS, apply_prompt, resolve_prompt
 from moee_ref.embedding.standardize import Standardizer
+import moee_ref.families
 
 BATCH_TOL = 1e-5  # float32, same text computed in different batches
 IDENTITY_TOL = 1e-6
-FAMILIES = ["olmoe", "qwen2_moe", "deepseek"]
+FAMILIES = tuple(moee_ref.families.FAMILIES)  # every supported family
 
 
 def widths(embedder):
@@ -54,8 +56,8 @@ def widths(embedder):
 def test_every_kind_has_its_width_and_float32(embedders, family):
     embedder = embedders[family]
     expected = widths(embedder)
-    # deepseek's first layer is dense: 3 MoE layers of 16 experts, not 4
-    assert expected["rw"] == {"olmoe": 4 * 16, "qwen2_moe": 4 * 15, "deepseek": 3 * 16}[family]
+    # deepseek's first layer is dense (and the Qwen3 demo's): 3 MoE layers of 16 experts, not 4
+    assert expected["rw"] == {"olmoe": 4 * 16, "qwen2_moe": 4 * 15, "deepseek": 3 * 16, "qwen3_moe": 3 * 16, "mixtral": 4 * 8}[family]
     for kind in KINDS:
         vectors = embedder.encode(TEXTS, kind)
         assert vectors.shape == (len(TEXTS), expected[kind])

@@ -20,13 +20,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import moee_ref
+import moee_ref.families
 from moee_ref.loading import checkpoint
 from moee_ref.loading.checkpoint import INDEX_FILE, name_map_groups
 from moee_ref.errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, UnsafeCheckpointError
 from moee_ref.families.names import leaves
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
-FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
+FAMILIES = tuple(moee_ref.families.FAMILIES)  # every supported family
 SHARD_BYTES = 2**17  # small shards: every small checkpoint is spread over many files
 
 
@@ -100,7 +101,7 @@ def test_loads_sharded_checkpoint(checkpoints, family):
         assert torch.equal(block.attn.o_proj.weight, state[f"{ckpt}.self_attn.o_proj.weight"])
         assert torch.equal(block.attn_norm.weight, state[f"{ckpt}.input_layernorm.weight"])
         assert torch.equal(block.mlp_norm.weight, state[f"{ckpt}.post_attention_layernorm.weight"])
-        if family == "olmoe":
+        if family in ("olmoe", "qwen3_moe"):  # over the whole projection, or one [head_dim] weight per layer
             assert torch.equal(block.attn.k_norm.weight, state[f"{ckpt}.self_attn.k_norm.weight"])
         if family == "qwen2_moe":
             assert torch.equal(block.attn.v_proj.bias, state[f"{ckpt}.self_attn.v_proj.bias"])
@@ -109,12 +110,14 @@ def test_loads_sharded_checkpoint(checkpoints, family):
             assert torch.equal(block.mlp.up.weight, state[f"{ckpt}.mlp.up_proj.weight"])
             assert torch.equal(block.mlp.down.weight, state[f"{ckpt}.mlp.down_proj.weight"])
             continue
-        assert torch.equal(block.mlp.router.weight, state[f"{ckpt}.mlp.gate.weight"])
+        # Mixtral's released names: block_sparse_moe, experts' w1 (gate), w3 (up), w2 (down).
+        moe, (gate, up, down) = ("block_sparse_moe", ("w1", "w3", "w2")) if family == "mixtral" else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+        assert torch.equal(block.mlp.router.weight, state[f"{ckpt}.{moe}.gate.weight"])
         for e in (0, args.num_experts - 1):
-            expert = f"{ckpt}.mlp.experts.{e}"
-            gate_up = torch.cat([state[f"{expert}.gate_proj.weight"], state[f"{expert}.up_proj.weight"]])
+            expert = f"{ckpt}.{moe}.experts.{e}"
+            gate_up = torch.cat([state[f"{expert}.{gate}.weight"], state[f"{expert}.{up}.weight"]])
             assert torch.equal(block.mlp.experts.gate_up[e], gate_up)
-            assert torch.equal(block.mlp.experts.down[e], state[f"{expert}.down_proj.weight"])
+            assert torch.equal(block.mlp.experts.down[e], state[f"{expert}.{down}.weight"])
         shared = {"qwen2_moe": "shared_expert", "deepseek": "shared_experts"}.get(family)
         if shared:
             assert torch.equal(block.mlp.shared.down.weight, state[f"{ckpt}.mlp.{shared}.down_proj.weight"])

@@ -20,6 +20,7 @@ from moee_ref.kernels import use_kernels
 from moee_ref.kernels.onednn import OneDNNLinear
 from moee_ref.kernels.onednn import EXACT_ROWS, ROW_STEP, ROW_TILE, linear, onednn_applies, pack_weight, packing_available, row_tiles
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
+import moee_ref.families
 
 ONEDNN = matmul._ONEDNN_LINEAR is not None
 FP32_REL = 1e-6  # float32 rounding of a 256-term dot product, relative to the output's largest value
@@ -182,7 +183,7 @@ def test_packed_weight_gives_the_same_product(num_rows):
 # Models loaded with packed weights (the embedder's default on the CPU)
 
 needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
-FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
+FAMILIES = tuple(moee_ref.families.FAMILIES)  # every supported family
 
 
 @pytest.fixture(scope="module")

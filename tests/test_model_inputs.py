@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import moee_ref
+import moee_ref.families
 from moee_ref.errors import InputError
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
-FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
+FAMILIES = tuple(moee_ref.families.FAMILIES)  # every supported family
 REL_TOL = 1e-5  # float32: max |batched - alone| / max |alone| on real tokens
 WIDTH = 12
 LENGTHS = [12, 7, 1, 4]  # a full row, two partly padded rows and one with 1 real token among 12
@@ -229,7 +230,7 @@ def test_routing_shapes_and_invariants(checkpoints, models, family, dtype):
     out = model(ids, mask)
     batch, n_moe, length, experts, k = 3, len(args.moe_layers), WIDTH, args.num_experts, args.top_k
     assert out.moe_layers == args.moe_layers == out.routing.moe_layers
-    assert n_moe == {"olmoe": 4, "qwen2_moe": 4, "deepseek": 3}[family]
+    assert n_moe == {"olmoe": 4, "qwen2_moe": 4, "deepseek": 3, "qwen3_moe": 3, "mixtral": 4}[family]
     for tensor in (out.router_logits, out.router_probs):
         assert tensor.shape == (batch, n_moe, length, experts) and tensor.dtype == torch.float32
     assert out.topk_ids.shape == (batch, n_moe, length, k) and out.topk_ids.dtype == torch.int64
@@ -243,10 +244,13 @@ def test_routing_shapes_and_invariants(checkpoints, models, family, dtype):
     ids_real, weights_real = out.topk_ids[real], out.topk_weights[real]
     assert float((probs.sum(-1) - 1).abs().max()) <= 1e-6
     assert float((probs - logits.softmax(-1)).abs().max()) <= 1e-6
-    # The chosen experts are the k most probable ones, with their probabilities as weights
-    # (norm_topk_prob is false in the small configs).
-    assert not args.norm_topk_prob
-    assert torch.equal(weights_real, probs.gather(-1, ids_real))
+    # The chosen experts are the k most probable ones, with their probabilities as weights,
+    # renormalised to sum to one where the family does that (Qwen3-MoE's config, Mixtral always).
+    chosen = probs.gather(-1, ids_real)
+    if args.norm_topk_prob:
+        assert float((weights_real - chosen / chosen.sum(-1, keepdim=True)).abs().max()) <= 1e-7
+    else:
+        assert torch.equal(weights_real, chosen)
     kth_best = probs.topk(k, dim=-1).values[..., -1:]
     assert bool((weights_real >= kth_best).all())
     assert bool((ids_real >= 0).all() and (ids_real < experts).all())

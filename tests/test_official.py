@@ -21,6 +21,7 @@ from embed_fixtures import (  # noqa: F401  (fixtures are used by name)
     deepseek,
     embedders,
     max_rel_error,
+    newer,
     olmoe,
     qwen,
     sample_std_standardize,
@@ -312,3 +313,15 @@ def test_progress_bar_on_request(olmoe, capfd):
     assert "3/3" in capfd.readouterr().err
     encode_official(olmoe, TEXTS[:3], "rw", batch_size=1)
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_families_the_authors_code_does_not_cover_are_refused(family, tmp_path_factory):
+    from embed_fixtures import build_embedder
+
+    embedder = build_embedder(tmp_path_factory, family, seed=13)
+    assert family not in OFFICIAL_RW_VALUES
+    with pytest.raises(InputError, match=rf"^mode='official' reproduces the authors' code, which covers olmoe, qwen2_moe, "
+                                         rf"deepseek only; {family} has no official numbers to match: use the default mode$"):
+        encode_official(embedder, TEXTS, "moee-sum")
+    assert embedder.encode(TEXTS, "moee-sum").shape == (len(TEXTS), embedder.dimension("moee-sum"))

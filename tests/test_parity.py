@@ -31,6 +31,15 @@ CASES = {
         "qwen2_moe",
         dict(num_hidden_layers=5, decoder_sparse_step=2, mlp_only_layers=[3], num_key_value_heads=1, norm_topk_prob=True),
     ),
+    "qwen-fused-experts": ("qwen2_moe", dict(fused=True)),
+    "qwen3-default": ("qwen3_moe", {}),
+    "qwen3-window-dense-fused-mha": (
+        "qwen3_moe",
+        dict(use_sliding_window=True, sliding_window=4, mlp_only_layers=[1], num_key_value_heads=4, norm_topk_prob=False, fused=True),
+    ),
+    "mixtral-default": ("mixtral", {}),
+    "mixtral-window-fused": ("mixtral", dict(sliding_window=4, fused=True)),
+    "olmoe-fused-experts": ("olmoe", dict(fused=True)),
     "deepseek-default": ("deepseek", {}),
     "deepseek-dense-first-two-freq-two-gqa": (
         "deepseek",
@@ -127,3 +136,37 @@ def test_hf_parameter_count_matches_config_count(case):
         hf_total -= extra
     assert total == hf_total
     assert active < total
+
+
+@pytest.mark.parametrize("name", [c for c in CASES if "window" in c])
+def test_sliding_window_masks_what_lies_beyond_it(name, tmp_path):
+    """Rows longer than the window differ from the same model without one; rows within it do not.
+    (The parity test above shows transformers agrees on every row.)"""
+    reference, directory = build(name, tmp_path)
+    model = moee_ref.load_model(directory)
+    window = model.args.sliding_window
+    assert model.args.sliding_layers == tuple(range(model.args.num_layers)) and max(LENGTHS) > window >= 1
+    ids, mask = left_padded_batch(model.args.vocab_size, LENGTHS, seed=3)
+    windowed = model(ids, mask).hidden_states
+    for block in model.layers:
+        block.window = None
+    unwindowed = model(ids, mask).hidden_states
+    for row, length in enumerate(LENGTHS):
+        real = mask[row].bool()
+        # Within the window only rounding differs (other rows' routing changes how many tokens each
+        # expert's matmul holds); beyond it the model computes something else.
+        error = max_rel_error(windowed[row][real], unwindowed[row][real])
+        assert (error <= REL_TOL[torch.float32]) if length <= window else (error > 1e-3), (row, length, window, error)
+
+
+def test_fused_layout_is_read_from_the_shards(tmp_path):
+    """The expert layout is taken from the tensor names stored, not from config.json: the same config
+    with either layout gives the same model."""
+    _, released = build_hf("mixtral", tmp_path / "released", seed=5)
+    _, fused = build_hf("mixtral", tmp_path / "fused", seed=5, fused=True)
+    a, b = moee_ref.load_model(released), moee_ref.load_model(fused)
+    assert not a.args.fused_experts and b.args.fused_experts
+    assert (tmp_path / "released" / "config.json").read_text() == (tmp_path / "fused" / "config.json").read_text()
+    ids, mask = left_padded_batch(a.args.vocab_size, [7, 3], seed=2)
+    out_a, out_b = a(ids, mask), b(ids, mask)
+    assert torch.equal(out_a.hidden_states, out_b.hidden_states) and torch.equal(out_a.router_probs, out_b.router_probs)

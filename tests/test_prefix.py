@@ -15,11 +15,12 @@ from embed_fixtures import TEXTS, build_embedder, build_real_vocab_olmoe, max_re
 from moee_ref.embedding.embedder import FeatureOptions, MoEEmbedder, shared_prefix_ids
 from moee_ref.decoder.batch import SharedPrefix
 from moee_ref.embedding.prompts import apply_prompt, resolve_prompt
+import moee_ref.families
 
 HS_TOL = 1e-5  # relative to the largest |HS|
 PROBS_TOL = 1e-5  # absolute, router probabilities (as batch invariance in test_embed.py)
 PROMPTEOL = FeatureOptions(prompt="prompteol")
-FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
+FAMILIES = tuple(moee_ref.families.FAMILIES)  # every supported family
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

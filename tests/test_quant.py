@@ -30,8 +30,9 @@ from moee_ref.kernels.int8 import Int8Linear, Int8RoutedExperts, quantize_rows
 from moee_ref.loading.streamed import StreamedModel
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.tokenizer import Tokenizer
+import moee_ref.families
 
-FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
+FAMILIES = tuple(moee_ref.families.FAMILIES)  # every supported family
 # float32 rounding of w / scale moves a quotient of at most 127 by at most 127 * 2**-24 (one half ulp): the
 # per-row error bound scale / 2 holds up to that much of a scale step.
 ROUNDING = 127 * 2**-23

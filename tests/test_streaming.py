@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from embed_fixtures import max_rel_error, single_thread, tensor_reads  # noqa: F401  (fixtures used by name)
+import moee_ref.families
 from moee_ref.official import encode_official
 from moee_ref.embedding.embedder import FeatureOptions, MoEEmbedder, shared_prefix_ids
 from moee_ref.errors import InputError, MoEERefError
@@ -35,7 +36,7 @@ from moee_ref.loading.streamed import ActivationStore, SpillError, StreamedModel
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.tokenizer import Tokenizer
 
-FAMILIES = ("olmoe", "qwen2_moe", "deepseek")
+FAMILIES = tuple(moee_ref.families.FAMILIES)  # every supported family
 TOLERANCE = 1e-5  # max relative error, streamed vs resident
 BATCH_SIZE = 3
 LARGE_BUDGET = "8GB"

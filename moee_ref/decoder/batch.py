@@ -8,7 +8,7 @@ here too, so every way of running the decoder checks its input the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,19 +48,33 @@ class BatchLayout:
     full_mask: torch.Tensor | None  # for blocks that run every position (None: plain causal attention)
     last_mask: torch.Tensor | None  # for the last block when it runs the kept positions only
     real_rows: torch.Tensor | None  # [B * T] bool, the rows the MLP runs on (None: no padding)
+    windowed: dict = field(default_factory=dict)  # sliding window -> (full_mask, last_mask) for the layers that slide
 
     @classmethod
-    def of(cls, attention_mask, keep_positions=None, prefix_length: int = 0, position_ids=None) -> "BatchLayout":
+    def of(cls, attention_mask, keep_positions=None, prefix_length: int = 0, position_ids=None, windows=()) -> "BatchLayout":
         if position_ids is None:
             position_ids = prefix_length + (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        full_mask = attention_mask_4d(attention_mask, prefix_length=prefix_length)
-        last_mask = full_mask if keep_positions is None else attention_mask_4d(attention_mask, keep_positions, prefix_length)
+
+        def masks(window):
+            full = attention_mask_4d(attention_mask, prefix_length=prefix_length, window=window)
+            last = full if keep_positions is None else attention_mask_4d(attention_mask, keep_positions, prefix_length, window)
+            return full, last
+
+        full_mask, last_mask = masks(None)
+        # A window no sequence outgrows masks nothing more: those layers share the full masks.
+        reach = prefix_length + attention_mask.shape[1]
+        windowed = {w: masks(w) if reach > w else (full_mask, last_mask) for w in windows if w is not None}
         real_rows = None if bool(attention_mask.all()) else attention_mask.reshape(-1).bool()
-        return cls(position_ids, full_mask, last_mask, real_rows)
+        return cls(position_ids, full_mask, last_mask, real_rows, windowed)
+
+    def masks(self, window: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(full_mask, last_mask) for a block whose attention slides over `window` positions (None: it does not)."""
+        return (self.full_mask, self.last_mask) if window is None else self.windowed[window]
 
 
 def attention_mask_4d(
-    attention_mask: torch.Tensor, query_positions: torch.Tensor | None = None, prefix_length: int = 0
+    attention_mask: torch.Tensor, query_positions: torch.Tensor | None = None, prefix_length: int = 0,
+    window: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean [B, 1, Q, S + T] mask: causal, and no real query ever sees a padding key.
 
@@ -68,22 +82,28 @@ def attention_mask_4d(
     padding query then attends to itself (its result is never read) and
     softmax never divides by zero, so no NaN can appear in any dtype.
     prefix_length S: keys of a shared prefix come first, seen by every query.
-    Returns None where there is no padding and every position is a query,
-    for the plain causal kernel.
+    window W (sliding-window attention): a query also sees no key W or more
+    real tokens back. Distances count real tokens, so padding between a prefix
+    and a row's text does not shorten the window.
+    Returns None where there is no padding, no window and every position is
+    a query, for the plain causal kernel.
     """
-    if query_positions is None and not prefix_length and bool(attention_mask.all()):
+    if query_positions is None and not prefix_length and window is None and bool(attention_mask.all()):
         return None
     if prefix_length:  # the prefix is S real tokens before each row; queries are the row's own positions
         batch = attention_mask.shape[0]
         own = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand(batch, -1)
         queries = prefix_length + (own if query_positions is None else query_positions)
         prefix_mask = attention_mask.new_ones(batch, prefix_length)
-        return attention_mask_4d(torch.cat((prefix_mask, attention_mask), dim=1), queries)
+        return attention_mask_4d(torch.cat((prefix_mask, attention_mask), dim=1), queries, window=window)
     batch, length = attention_mask.shape
     keys = torch.arange(length, device=attention_mask.device)
     queries = keys.expand(batch, -1) if query_positions is None else query_positions
     causal = keys[None, None, :] <= queries[:, :, None]  # [B, Q, T]
     allowed = causal & attention_mask.bool()[:, None, :]
+    if window is not None:
+        rank = attention_mask.cumsum(-1)  # real tokens up to and including each index
+        allowed &= rank.gather(1, queries)[:, :, None] - rank[:, None, :] < window
     allowed |= keys[None, None, :] == queries[:, :, None]
     return allowed[:, None]
 

@@ -23,8 +23,8 @@ from torch import nn
 from ..errors import InputError
 from ..progress import progress
 from .args import ModelArgs
-from .batch import BatchLayout, SharedPrefix, check_batches, check_inputs, check_keep, check_prefix
-from .layers import Attention, RMSNorm, SwiGLU, gather_positions, rotary_cos_sin
+from .batch import BatchLayout, SharedPrefix, attention_mask_4d, check_batches, check_inputs, check_keep, check_prefix
+from .layers import Attention, LatentAttention, RMSNorm, SwiGLU, gather_positions, rotary_cos_sin
 from .moe import MoE, LayerRouting
 
 
@@ -81,9 +81,10 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.attn = Attention(args)
+        self.attn = LatentAttention(args) if args.latent_attention else Attention(args)
         self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.is_moe = layer in args.moe_layers
+        self.window = args.sliding_window if layer in args.sliding_layers else None  # None: sees every earlier key
         self.mlp = MoE(args) if self.is_moe else SwiGLU(args.hidden_size, args.dense_size)
 
     def forward(self, x, cos, sin, mask, keep=None, real=None, past=None) -> tuple[torch.Tensor, LayerRouting | None]:
@@ -112,7 +113,10 @@ class Block(nn.Module):
         feeds_next=False (the last block): only the keys and values; the prefix's output there is never read.
         """
         keys_values = self.attn.keys_values(self.attn_norm(x), cos, sin)
-        return (self(x, cos, sin, None)[0] if feeds_next else None), keys_values
+        mask = None
+        if self.window is not None and x.shape[1] > self.window:
+            mask = attention_mask_4d(torch.ones(x.shape[:2], dtype=torch.long, device=x.device), window=self.window)
+        return (self(x, cos, sin, mask)[0] if feeds_next else None), keys_values
 
 
 @dataclass
@@ -133,18 +137,20 @@ class LayerPass:
     @classmethod
     def start(cls, args: ModelArgs, x, attention_mask, *, keep=None, prefix_length=0, position_ids=None,
               keep_layer_states=False) -> "LayerPass":
-        layout = BatchLayout.of(attention_mask, keep, prefix_length, position_ids)
-        cos, sin = rotary_cos_sin(layout.positions, args.head_dim, args.rope_theta, x.dtype)
+        windows = {args.sliding_window} if args.sliding_layers else ()
+        layout = BatchLayout.of(attention_mask, keep, prefix_length, position_ids, windows)
+        cos, sin = rotary_cos_sin(layout.positions, args.rotary_dim, args.rope_theta, x.dtype, args.yarn)
         return cls(x, layout, cos, sin, args.num_layers, keep, prefix_length > 0, keep_layer_states)
 
     def step(self, block: Block, layer: int, past=None) -> None:
         """Run one block. The last block computes only the kept positions; the others every real token."""
         past = past if self.continues_prefix else None
         x, length = self.x, self.x.shape[1]
+        full_mask, last_mask = self.layout.masks(block.window)
         if layer == self.num_layers - 1 and self.keep is not None:
-            x, routing = block(x, self.cos, self.sin, self.layout.last_mask, self.keep, past=past)
+            x, routing = block(x, self.cos, self.sin, last_mask, self.keep, past=past)
         else:
-            x, routing = block(x, self.cos, self.sin, self.layout.full_mask, real=self.layout.real_rows, past=past)
+            x, routing = block(x, self.cos, self.sin, full_mask, real=self.layout.real_rows, past=past)
             if self.keep is not None and routing is not None:
                 routing = routing.at(self.keep, length)
         if routing is not None:
@@ -175,7 +181,7 @@ class PrefixPass:
 
     @classmethod
     def start(cls, args: ModelArgs, ids, x) -> "PrefixPass":
-        cos, sin = rotary_cos_sin(torch.arange(len(ids), device=x.device)[None], args.head_dim, args.rope_theta, x.dtype)
+        cos, sin = rotary_cos_sin(torch.arange(len(ids), device=x.device)[None], args.rotary_dim, args.rope_theta, x.dtype, args.yarn)
         return cls(tuple(int(i) for i in ids), x, cos, sin, args.num_layers)
 
     def past(self, block: Block, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,20 +40,37 @@ class LayerRouting:
 
 
 class Router(nn.Module):
-    """Softmax over all experts, then the top k; optionally renormalised."""
+    """Softmax over all experts, then the top k; renormalised, or scaled by a constant.
+
+    DeepSeek-V2's group-limited form first keeps the topk_group of num_groups expert groups whose best
+    expert scores highest, and takes the top k among their experts only. `probs` stays the softmax over
+    all experts either way: the distribution the chosen weights are read from.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
         self.top_k, self.norm_topk_prob = args.top_k, args.norm_topk_prob
+        self.num_groups, self.topk_group, self.scaling = args.num_groups, args.topk_group, args.routed_scaling_factor
 
     def forward(self, x: torch.Tensor) -> LayerRouting:
         logits = self.logits(x).float()
         probs = logits.softmax(dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)
+        weights, ids = self.candidates(probs).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        elif self.scaling != 1.0:
+            weights = weights * self.scaling
         return LayerRouting(logits, probs, ids, weights)
+
+    def candidates(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs with the experts outside the chosen groups set to zero (all of them kept without groups)."""
+        if self.num_groups == 1:
+            return probs
+        groups = probs.view(len(probs), self.num_groups, -1)
+        best = groups.max(dim=-1).values.topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros(groups.shape[:2], dtype=torch.bool, device=probs.device).scatter_(1, best, True)
+        return groups.masked_fill(~keep[..., None], 0.0).view_as(probs)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # In at least float32 whatever the compute dtype: the logits decide the top-k and are the RW embedding,

@@ -10,9 +10,9 @@ from typing import Callable
 
 from .checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
-BANNER = """\
+BANNER = f"""\
 moee-ref demo, offline.
-The three checkpoints below are RANDOM: built here with each family's real config.json layout,
+The {len(SMALL_CONFIGS)} checkpoints below (one per family) are RANDOM: built here with each family's real config.json layout,
 tensor names, sharding and tokenizer conventions, but tiny dimensions and meaningless weights.
 Every number is real computation by moee-ref; none of it means anything about language.
 With network, the same commands take a real model, e.g. --model allenai/OLMoE-1B-7B-0924."""

@@ -4,7 +4,8 @@ Each family is one file that holds everything about it:
   MODEL_TYPE        the config.json model_type it serves
   args_from_config  config.json (through ConfigReader) -> ModelArgs
   layer_names       the checkpoint names of one decoder layer (names.py has the shared pieces)
-  OFFICIAL_RW       which router output the authors' code uses as RW ("logits" or "probs")
+  OFFICIAL_RW       which router output the authors' code uses as RW ("logits" or "probs"; None: a family
+                    their code does not cover, so no official mode)
   DEMO_CONFIG       a small config with every feature of the family on, for demo checkpoints
   TOKENIZER_STYLE   the special-token conventions of its tokenizer, for demo tokenizers
 and optionally outer_names(args) (embedding, final norm and head, when not the
@@ -16,16 +17,17 @@ A new family is one file here and one entry in FAMILIES.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..decoder.args import ModelArgs
 from ..errors import ConfigError
-from . import deepseek, olmoe, qwen2_moe
+from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .config import ConfigReader
 from .names import NameMap, outer
 
-FAMILIES = {module.MODEL_TYPE: module for module in (olmoe, qwen2_moe, deepseek)}
+FAMILIES = {module.MODEL_TYPE: module for module in (olmoe, qwen2_moe, deepseek, qwen3_moe, mixtral)}
 
 
 def family_of(args: ModelArgs):
@@ -37,6 +39,13 @@ def name_map_groups(args: ModelArgs) -> list[NameMap]:
     family = family_of(args)
     before, after = getattr(family, "outer_names", outer)(args)
     return [before, *(family.layer_names(args, layer) for layer in range(args.num_layers)), after]
+
+
+def with_checkpoint_layout(args: ModelArgs, stored_names) -> ModelArgs:
+    """args for the expert layout the shards actually hold: fused [E, ...] tensors (transformers 5's in-memory
+    names, as some tools save them) or the released one tensor per expert."""
+    fused = any(name.endswith(".experts.gate_up_proj") for name in stored_names)
+    return replace(args, fused_experts=fused) if fused != args.fused_experts else args
 
 
 def parse_config(raw: dict[str, Any], origin: str = "config.json") -> ModelArgs:

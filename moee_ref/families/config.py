@@ -14,7 +14,7 @@ from ..errors import ConfigError
 # Ceilings far above any released MoE model, checked before anything proportional to a count is built:
 # a config.json saying 10^8 layers must fail at once, not after a name map of that size exhausts memory.
 COUNT_LIMITS = {
-    "num_hidden_layers": 1024, "num_experts": 65536, "n_routed_experts": 65536, "num_experts_per_tok": 65536,
+    "num_hidden_layers": 1024, "num_experts": 65536, "num_local_experts": 65536, "n_routed_experts": 65536, "num_experts_per_tok": 65536,
     "num_attention_heads": 4096, "num_key_value_heads": 4096, "n_shared_experts": 65536,
 }
 SIZE_LIMIT = 2**31 - 1  # any other width or count: what an int32 index reaches
@@ -120,6 +120,43 @@ class ConfigReader:
             tie_word_embeddings=self.get("tie_word_embeddings", bool, False),
             **self.attention_shape(),
         )
+
+    def sparse_step_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The MoE layers of the Qwen families: every decoder_sparse_step-th layer, less mlp_only_layers."""
+        step = self.positive("decoder_sparse_step", 1)
+        mlp_only = self.get("mlp_only_layers", list, [])
+        bad = [i for i in mlp_only if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers]
+        if bad:
+            raise self.error("mlp_only_layers", f"has entries {bad} that are not layer indices in [0, {num_layers})")
+        moe_layers = tuple(i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0)
+        if not moe_layers:
+            raise self.error(
+                "mlp_only_layers",
+                f"{mlp_only} with decoder_sparse_step {step} leaves no MoE layer among {num_layers}; at least one is needed",
+            )
+        return moe_layers
+
+    def sliding_window(self, num_layers: int, switch: str | None = "use_sliding_window") -> dict:
+        """sliding_window and sliding_layers for ModelArgs: every layer slides when the window is on.
+
+        switch: the field that turns the window on (Qwen's use_sliding_window); None where a window
+        given is always used (Mixtral). 0 or null means no window (transformers 5 writes 0 for Qwen2-MoE).
+        """
+        on = self.get(switch, bool, False) if switch else True
+        window = self.get("sliding_window", int, None) if on else None
+        if window is not None and window < 0:
+            raise self.error("sliding_window", f"must be a positive number of positions, 0 or null, got {window}")
+        if not window:
+            return {}
+        return dict(sliding_window=window, sliding_layers=tuple(range(num_layers)))
+
+    def num_experts(self, field: str = "num_experts") -> int:
+        """The routed expert count: `field` as released (num_experts; Mixtral's num_local_experts), or the
+        other spelling, which transformers 5 writes for every family."""
+        other = "num_local_experts" if field == "num_experts" else "num_experts"
+        if self.raw.get(field) is None and self.raw.get(other) is not None:
+            field = other
+        return self.positive(field)
 
     def check_top_k(self, top_k: int, num_experts: int, field: str = "num_experts_per_tok") -> None:
         if top_k > num_experts:

@@ -90,6 +90,8 @@ def transformers_reference(transformers, args: ModelArgs, read):
     for name, param in model.named_parameters():
         if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "shared_expert_gate.weight")):
             state[name] = torch.zeros(param.shape)
+        elif name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) and args.fused_experts:
+            state[name] = read(name)  # stored fused, as transformers holds them
         elif name.endswith("mlp.experts.gate_up_proj"):
             prefix = name[: -len("gate_up_proj")]
             state[name] = torch.stack(

@@ -89,9 +89,10 @@ def attention(args: ModelArgs, layer: int, module: str = "self_attn") -> NameMap
     if args.qkv_bias:
         for proj, width in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
             names[f"{ours}.{proj}.bias"] = Tensor(f"{ckpt}.{proj}.bias", (width,))
-    if args.qk_norm:  # normed over the whole projection, all heads at once (OLMoE)
-        names[f"{ours}.q_norm.weight"] = Tensor(f"{ckpt}.q_norm.weight", (q_out,))
-        names[f"{ours}.k_norm.weight"] = Tensor(f"{ckpt}.k_norm.weight", (kv_out,))
+    if args.qk_norm:  # over the whole projection, all heads at once (OLMoE), or one norm shared by every head (Qwen3)
+        q_width, kv_width = (q_out, kv_out) if args.qk_norm == "projection" else (args.head_dim, args.head_dim)
+        names[f"{ours}.q_norm.weight"] = Tensor(f"{ckpt}.q_norm.weight", (q_width,))
+        names[f"{ours}.k_norm.weight"] = Tensor(f"{ckpt}.k_norm.weight", (kv_width,))
     return names
 
 
@@ -107,11 +108,18 @@ def routed_experts(
     args: ModelArgs, layer: int, module: str = "mlp", router: str = "gate", experts: str = "experts",
     projections: tuple[str, str, str] = SWIGLU,
 ) -> NameMap:
-    """Router and experts stored one by one as {module}.{experts}.{e}.*; stacked here."""
+    """Router and experts stored one by one as {module}.{experts}.{e}.*, stacked here; or already fused."""
     ckpt, ours = f"{LAYER.format(layer=layer)}.{module}", f"layers.{layer}.mlp"
+    router_weight = Tensor(f"{ckpt}.{router}.weight", (args.num_experts, args.hidden_size))
+    if args.fused_experts:  # transformers 5's layout: gate and up already concatenated, as our parameters are
+        return {
+            f"{ours}.router.weight": router_weight,
+            f"{ours}.experts.gate_up": Tensor(f"{ckpt}.{experts}.gate_up_proj", (args.num_experts, 2 * args.expert_size, args.hidden_size)),
+            f"{ours}.experts.down": Tensor(f"{ckpt}.{experts}.down_proj", (args.num_experts, args.hidden_size, args.expert_size)),
+        }
     per_expert = [swiglu_expert(f"{ckpt}.{experts}.{e}", args.hidden_size, args.expert_size, projections) for e in range(args.num_experts)]
     return {
-        f"{ours}.router.weight": Tensor(f"{ckpt}.{router}.weight", (args.num_experts, args.hidden_size)),
+        f"{ours}.router.weight": router_weight,
         f"{ours}.experts.gate_up": Stack(tuple(p["gate_up"] for p in per_expert)),
         f"{ours}.experts.down": Stack(tuple(p["down"] for p in per_expert)),
     }

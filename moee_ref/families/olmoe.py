@@ -10,7 +10,7 @@ OFFICIAL_RW = "logits"
 
 
 def args_from_config(cfg: ConfigReader) -> ModelArgs:
-    num_experts = cfg.positive("num_experts")
+    num_experts = cfg.num_experts()
     top_k = cfg.positive("num_experts_per_tok")
     cfg.check_top_k(top_k, num_experts)
     clip_qkv = cfg.get("clip_qkv", float, None)
@@ -26,7 +26,7 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
         expert_size=cfg.positive("intermediate_size"),  # OLMoE's intermediate_size is the expert size
         moe_layers=tuple(range(common["num_layers"])),
         dense_size=0,
-        qk_norm=True,
+        qk_norm="projection",
         clip_qkv=clip_qkv,
         **common,
     )

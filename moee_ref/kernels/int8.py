@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decoder.layers import Attention, SwiGLU
+from ..decoder.layers import Attention, LatentAttention, SwiGLU
 from ..decoder.moe import RoutedExperts
 from .onednn import linear
 
@@ -103,9 +103,10 @@ class Int8RoutedExperts(RoutedExperts):
 def quantize_block_(block: nn.Module) -> None:
     """Replace, in place, the large matrices of one decoder block by int8 versions."""
     for module in list(block.modules()):
-        if isinstance(module, Attention):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(module, name, Int8Linear(getattr(module, name)))
+        if isinstance(module, (Attention, LatentAttention)):
+            for name in module.projections:
+                if getattr(module, name) is not None:  # MLA has q_proj or the q_a/q_b pair
+                    setattr(module, name, Int8Linear(getattr(module, name)))
         elif isinstance(module, SwiGLU):
             for name in ("gate", "up", "down"):
                 setattr(module, name, Int8Linear(getattr(module, name)))

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..decoder.model import MoEDecoder
 from ..errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
-from ..families import name_map_groups, read_config
+from ..families import name_map_groups, read_config, with_checkpoint_layout
 from ..families.names import NameMap, Recipe, Stack, Tensor, leaves, shape_of
 from ..kernels import pack_weight, packing_available, quantize_block_, use_kernels
 from ..kernels.precision import resolve_device, resolve_dtype
@@ -346,6 +346,7 @@ def checked_checkpoint(source: str | os.PathLike, lm_head: bool = True):
     args = read_config(directory)
     reader = ShardReader(shard_files(directory))
     check_sizes(args, reader)  # before the name map, which grows with layers x experts
+    args = with_checkpoint_layout(args, reader.shapes)
     groups = name_map_groups(args)
     reader.check(expected_shapes(groups))
     if not lm_head:
