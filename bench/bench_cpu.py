@@ -39,7 +39,10 @@ from moee_ref.embedding.prompts import apply_prompt, resolve_prompt
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"
-HF_CLASSES = {"olmoe": "OlmoeModel", "qwen2_moe": "Qwen2MoeModel", "deepseek": None}  # None: verify.py's equivalent
+HF_CLASSES = {
+    "olmoe": "OlmoeModel", "qwen2_moe": "Qwen2MoeModel", "deepseek": None,  # None: verify.py's equivalent
+    "qwen3_moe": "Qwen3MoeModel", "mixtral": "MixtralModel", "deepseek_v2": "DeepseekV2Model", "gpt_oss": "GptOssModel",
+}
 OPTIONS = FeatureOptions(prompt="prompteol")
 MIN_TOKENS, MAX_TOKENS = 20, 60
 NUM_B1_TEXTS = 8

@@ -42,6 +42,14 @@ def model_facts(args: ModelArgs, tokenizer=None) -> dict[str, Any]:
         "qk_norm": args.qk_norm,
         "sliding_window": args.sliding_window,
         "sliding_layers": list(args.sliding_layers),
+        "latent_attention": vars(args.latent_attention) if args.latent_attention else None,
+        "yarn": vars(args.yarn) if args.yarn else None,
+        "expert_groups": [args.topk_group, args.num_groups] if args.num_groups > 1 else None,
+        "routed_scaling_factor": args.routed_scaling_factor,
+        "router_bias": args.router_bias,
+        "expert_bias": args.expert_bias,
+        "clamped_swiglu": list(args.clamped_swiglu) if args.clamped_swiglu else None,
+        "attention_sinks": args.attention_sinks,
         "vocab_size": args.vocab_size,
         "max_position_embeddings": args.max_position_embeddings,
         "parameters_total": total,
@@ -65,6 +73,15 @@ def model_facts(args: ModelArgs, tokenizer=None) -> dict[str, Any]:
 
 def _attention(facts: dict[str, Any]) -> str:
     parts = {"projection": ["q/k RMSNorm over the whole projection"], "head": ["q/k RMSNorm per head"]}.get(facts["qk_norm"], [])
+    mla = facts["latent_attention"]
+    if mla:
+        queries = f"queries from a latent of {mla['q_lora_rank']}" if mla["q_lora_rank"] else "queries projected directly"
+        parts.append(f"latent (MLA): keys and values from a latent of {mla['kv_lora_rank']}, {queries}, "
+                     f"rotary part {mla['rope_dim']} of each {mla['nope_dim'] + mla['rope_dim']}-wide q/k head, values {mla['value_dim']}")
+    if facts["attention_sinks"]:
+        parts.append("biases on q, k, v, o and a learned sink logit per head")
+    if facts["yarn"]:
+        parts.append(f"YaRN x{facts['yarn']['factor']:g} from {facts['yarn']['original_max_position_embeddings']} positions")
     if facts["sliding_window"]:
         parts.append(f"sliding window of {facts['sliding_window']} in layers {_ranges(facts['sliding_layers'])}")
     return "; ".join(parts) or "plain causal"
@@ -77,7 +94,12 @@ def format_facts(facts: dict[str, Any]) -> str:
         f"layers              {facts['layers']} ({len(moe)} MoE: {_ranges(moe)}"
         + (f"; dense: {_ranges(facts['dense_layers'])})" if facts["dense_layers"] else ")"),
         f"routed experts      {facts['experts']} of size {facts['expert_size']}, top-{facts['top_k']}"
-        + (", renormalised" if facts["norm_topk_prob"] else ""),
+        + (f" within the best {facts['expert_groups'][0]} of {facts['expert_groups'][1]} groups" if facts["expert_groups"] else "")
+        + (", renormalised" if facts["norm_topk_prob"] else "")
+        + (f", weights x{facts['routed_scaling_factor']:g}" if not facts["norm_topk_prob"] and facts["routed_scaling_factor"] != 1 else "")
+        + ("; router bias" if facts["router_bias"] else "")
+        + ("; experts with biases" if facts["expert_bias"] else "")
+        + (f", SwiGLU clamped at {facts['clamped_swiglu'][1]:g} (alpha {facts['clamped_swiglu'][0]:g})" if facts["clamped_swiglu"] else ""),
         "shared experts      "
         + (
             f"one MLP of {facts['shared_expert_size']}" + (" behind a sigmoid gate" if facts["shared_expert_gated"] else ", ungated")

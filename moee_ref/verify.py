@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .decoder.moe import expert_candidates
 from .errors import MoEERefError
 from .families import family_of
 from .loading.checkpoint import ShardReader, shard_files
@@ -103,7 +104,9 @@ def verify(model, tokenizer, reference) -> VerifyReport:
 
     k = model.args.top_k
     ours_sets = ours.topk_ids.sort(-1).values[real_routing]
-    ref_top = ref_probs.topk(k + 1 if k < ref_probs.shape[-1] else k, dim=-1)
+    # The experts the router may pick from (DeepSeek-V2's group-limited router: the best groups' only).
+    ref_candidates = expert_candidates(ref_probs, model.args.num_groups, model.args.topk_group)
+    ref_top = ref_candidates.topk(k + 1 if k < ref_probs.shape[-1] else k, dim=-1)
     ref_sets = ref_top.indices[..., :k].sort(-1).values[real_routing]
     same = (ours_sets == ref_sets).all(-1)
     if k < ref_probs.shape[-1]:

@@ -95,7 +95,7 @@ def deepseek(tmp_path_factory):
 @pytest.fixture(scope="module")
 def newer(tmp_path_factory):
     """The families after the paper's three, which the official mode does not cover."""
-    return {family: build_embedder(tmp_path_factory, family, seed=14 + i) for i, family in enumerate(("qwen3_moe", "mixtral"))}
+    return {family: build_embedder(tmp_path_factory, family, seed=14 + i) for i, family in enumerate(("qwen3_moe", "mixtral", "deepseek_v2", "gpt_oss"))}
 
 
 @pytest.fixture(scope="module")

@@ -75,15 +75,66 @@ def mixtral_config(**overrides):
     return transformers.MixtralConfig(**values)
 
 
+def deepseek_v2_config(**overrides):
+    values = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+        max_position_embeddings=64, experts_implementation="eager",
+    )
+    values.update(overrides)
+    return transformers.DeepseekV2Config(**values)
+
+
+def gpt_oss_config(**overrides):
+    values = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=32, head_dim=16, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64,
+        experts_implementation="eager",
+    )
+    values.update(overrides)
+    return transformers.GptOssConfig(**values)
+
+
+def mxfp4_bytes(shape: tuple[int, ...], generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 blocks [..., G, 16] and scales [..., G] (exponents 2^-7 to 2^-3: weights of a sensible size)."""
+    blocks = torch.randint(0, 256, shape, generator=generator, dtype=torch.int32).to(torch.uint8)
+    scales = torch.randint(120, 125, shape[:-1], generator=generator, dtype=torch.int32).to(torch.uint8)
+    return blocks, scales
+
+
+def quantize_gpt_oss_experts(model, seed: int) -> dict[str, torch.Tensor]:
+    """Give every expert matrix of a transformers gpt-oss model MXFP4 values (dequantized by transformers' own
+    function) and return the released tensors that hold them: {name_blocks, name_scales}."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    generator = torch.Generator().manual_seed(seed)
+    stored = {}
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(experts, name)  # [E, in, out]: transformers' x @ W
+            e, columns, rows = param.shape
+            blocks, scales = mxfp4_bytes((e, rows, columns // 32, 16), generator)
+            with torch.no_grad():
+                param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+            stored[f"model.layers.{i}.mlp.experts.{name}_blocks"] = blocks
+            stored[f"model.layers.{i}.mlp.experts.{name}_scales"] = scales
+    return stored
+
+
 HF_CLASSES = {
     "olmoe": (olmoe_config, "OlmoeForCausalLM"),
     "qwen2_moe": (qwen_config, "Qwen2MoeForCausalLM"),
     "qwen3_moe": (qwen3_config, "Qwen3MoeForCausalLM"),
     "mixtral": (mixtral_config, "MixtralForCausalLM"),
+    "deepseek_v2": (deepseek_v2_config, "DeepseekV2ForCausalLM"),
+    "gpt_oss": (gpt_oss_config, "GptOssForCausalLM"),
 }
 
 
-def build_hf(family: str, directory: Path, seed: int = 0, shard_size: str = "60KB", fused: bool = False, **overrides):
+def build_hf(family: str, directory: Path, seed: int = 0, shard_size: str = "60KB", fused: bool = False, mxfp4: bool = False,
+             **overrides):
     """(transformers model in eval mode, checkpoint directory) for a family transformers has.
 
     save_pretrained writes the released layout (one tensor per expert, Mixtral's block_sparse_moe names).
@@ -93,6 +144,14 @@ def build_hf(family: str, directory: Path, seed: int = 0, shard_size: str = "60K
     make_config, class_name = HF_CLASSES[family]
     model = getattr(transformers, class_name)(make_config(**overrides))
     randomize(model, seed)
+    if mxfp4:  # gpt-oss as released: experts as MXFP4 blocks and scales, the rest as saved
+        released = quantize_gpt_oss_experts(model, seed)
+        state = {n: t.detach().clone().contiguous() for n, t in model.state_dict().items() if not n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+        directory.mkdir(parents=True)
+        save_file({**state, **released}, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        config = {**model.config.to_dict(), "quantization_config": {"quant_method": "mxfp4"}}
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        return model.eval(), directory
     model.save_pretrained(directory, max_shard_size=shard_size)
     if fused:
         for file in directory.glob("model*.safetensors*"):
@@ -190,19 +249,34 @@ def left_padded_batch(vocab_size: int, lengths: list[int], seed: int = 0, pad_id
     return ids, mask
 
 
-def run_reference(model, input_ids, attention_mask):
-    """transformers forward with positions counted over real tokens (as moee-ref does)."""
+def run_reference(model, input_ids, attention_mask, with_choices: bool = False):
+    """transformers forward with positions counted over real tokens (as moee-ref does).
+
+    with_choices: also the experts each router module chose and their weights ([B, L_moe, T, k] each),
+    read from the router modules' outputs (transformers returns only the logits).
+    """
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        out = model.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-            output_router_logits=True, use_cache=False,
-        )
-        hidden = out.last_hidden_state  # after the final norm
-        logits = model.lm_head(hidden)
+    routers = [getattr(layer.mlp, "gate", None) or layer.mlp.router for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    chosen = []
+    handles = [router.register_forward_hook(lambda module, args, out: chosen.append(out)) for router in routers]
+    try:
+        with torch.no_grad():
+            out = model.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                output_router_logits=True, use_cache=False,
+            )
+            hidden = out.last_hidden_state  # after the final norm
+            logits = model.lm_head(hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
     batch, length = input_ids.shape
     router_logits = torch.stack([r.reshape(batch, length, -1) for r in out.router_logits], dim=1)
-    return logits, hidden, router_logits
+    if not with_choices:
+        return logits, hidden, router_logits
+    weights = torch.stack([w.reshape(batch, length, -1) for _, w, _ in chosen], dim=1)
+    ids = torch.stack([i.reshape(batch, length, -1) for _, _, i in chosen], dim=1)
+    return logits, hidden, router_logits, ids, weights
 
 
 def exact_float64_norms(monkeypatch) -> None:
@@ -220,6 +294,8 @@ def exact_float64_norms(monkeypatch) -> None:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x.to(hidden_states.dtype)
 
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2
+    from transformers.models.gpt_oss import modeling_gpt_oss
     from transformers.models.mixtral import modeling_mixtral
     from transformers.models.olmoe import modeling_olmoe
     from transformers.models.qwen2_moe import modeling_qwen2_moe
@@ -229,3 +305,5 @@ def exact_float64_norms(monkeypatch) -> None:
     monkeypatch.setattr(modeling_qwen2_moe.Qwen2MoeRMSNorm, "forward", forward)
     monkeypatch.setattr(modeling_qwen3_moe.Qwen3MoeRMSNorm, "forward", forward)
     monkeypatch.setattr(modeling_mixtral.MixtralRMSNorm, "forward", forward)
+    monkeypatch.setattr(modeling_deepseek_v2.DeepseekV2RMSNorm, "forward", forward)
+    monkeypatch.setattr(modeling_gpt_oss.GptOssRMSNorm, "forward", forward)

@@ -4,6 +4,7 @@ missing, inconsistent or wrongly typed field ending in a ConfigError that names 
 from __future__ import annotations
 
 import copy
+import math
 import json
 from pathlib import Path
 
@@ -433,3 +434,87 @@ def test_sliding_window_fields(family, changes, window):
 def test_newer_family_variants_refused(family, changes, field, message):
     with pytest.raises(ConfigError, match=rf"test config: field '{field}' {message}"):
         parse({**released(family), **changes})
+
+
+def test_deepseek_v2_lite_released_config():
+    args = read_config(CONFIG_DIR / "deepseek_v2.json")
+    total, active = args.parameter_counts()
+    assert round(total / 1e9, 1) == 15.7  # DeepSeek-V2-Lite's published total
+    # Active by hand (published: 2.4B, counted some other way; here as for every family).
+    d, heads, vocab = 2048, 16, 102400
+    attention = d * heads * 192 + d * (512 + 64) + 512 + 512 * heads * (128 + 128) + heads * 128 * d + 2 * d
+    expert = 3 * d * 1408
+    moe_layer = attention + 64 * d + 2 * expert + 6 * expert  # router, two shared experts, six routed
+    dense_layer = attention + 3 * d * 10944
+    assert active == 2 * vocab * d + d + dense_layer + 26 * moe_layer == 2_661_150_208
+    assert total == active + 26 * (64 - 6) * expert
+    assert args.moe_layers == tuple(range(1, 27)) and args.routing_dim == 26 * 64
+    mla = args.latent_attention
+    assert (mla.kv_lora_rank, mla.q_lora_rank, mla.nope_dim, mla.rope_dim, mla.value_dim) == (512, 0, 128, 64, 128)
+    assert args.head_dim == 192 and args.rotary_dim == 64 and args.num_kv_heads == 16
+    assert args.yarn.factor == 40 and args.yarn.original_max_position_embeddings == 4096
+    # softmax scale: 1/sqrt(192) times (0.1 * 0.707 * ln 40 + 1) squared
+    assert args.attention_scale == pytest.approx(192**-0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2, rel=1e-12)
+    assert args.yarn.cos_sin_factor() == 1.0  # mscale == mscale_all_dim
+    assert (args.num_groups, args.routed_scaling_factor, args.norm_topk_prob) == (1, 1.0, False)
+
+
+def test_deepseek_v2_moe_layer_freq_and_head_dim_follow_the_config():
+    raw = {**released("deepseek_v2"), "num_hidden_layers": 8, "first_k_dense_replace": 2, "moe_layer_freq": 3}
+    assert parse(raw).moe_layers == (3, 6)  # i >= 2 and i % 3 == 0, as DeepSeek's code reads it (transformers ignores it)
+    saved_by_transformers_5 = {**released("deepseek_v2"), "head_dim": 64}  # the rotary part only
+    assert parse(saved_by_transformers_5) == parse(released("deepseek_v2"))
+
+
+def test_deepseek_v2_group_limited_config():
+    raw = {**released("deepseek_v2"), "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3, "routed_scaling_factor": 16.0}
+    args = parse(raw)
+    assert (args.num_groups, args.topk_group, args.routed_scaling_factor) == (8, 3, 16.0)
+
+
+@pytest.mark.parametrize(
+    "changes, field, message",
+    [
+        ({"topk_method": "noaux_tc"}, "topk_method", "is 'noaux_tc'; supported: greedy, group_limited_greedy"),
+        ({"scoring_func": "sigmoid"}, "scoring_func", "is 'sigmoid'; only 'softmax' routing is supported"),
+        ({"topk_method": "group_limited_greedy", "n_group": 5, "topk_group": 2}, "n_group", r"\(5\) must divide n_routed_experts \(64\)"),
+        ({"topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 9}, "topk_group", r"\(9 of 8 groups\) leaves fewer"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling", "is .*; only plain RoPE"),
+        ({"rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "short_factor": [1.0]}},
+         "short_factor", "is not a YaRN parameter moee-ref computes"),
+        ({"rope_scaling": {"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 4096}}, "factor", "must be at least 1, got 0.5"),
+        ({"qk_rope_head_dim": 63}, "qk_rope_head_dim", "must be even for rotary embeddings, got 63"),
+        ({"attention_bias": True}, "attention_bias", "is true; DeepSeek-V2 checkpoints have no such bias"),
+    ],
+)
+def test_deepseek_v2_variants_refused(changes, field, message):
+    with pytest.raises(ConfigError, match=rf"field '{field}' {message}"):
+        parse({**released("deepseek_v2"), **changes})
+
+
+def test_gpt_oss_20b_released_config():
+    args = read_config(CONFIG_DIR / "gpt_oss.json")
+    total, active = args.parameter_counts()
+    assert round(total / 1e9) == 21  # published: 21B total ...
+    assert round((active - args.vocab_size * args.hidden_size) / 1e9, 1) == 3.6  # ... 3.6B active, without the embedding
+    assert args.routing_dim == 24 * 32 and args.sliding_window == 128 and args.sliding_layers == tuple(range(0, 24, 2))
+    assert args.router_bias and args.expert_bias and args.attention_sinks and args.qkv_bias and args.o_bias
+    assert args.clamped_swiglu == (1.702, 7.0) and args.norm_topk_prob
+    assert args.yarn.factor == 32 and not args.yarn.truncate and args.yarn.cos_sin_factor() == pytest.approx(0.1 * math.log(32) + 1)
+    assert args.attention_scale is None  # 1/sqrt(64): no YaRN correction of the softmax scale here
+
+
+@pytest.mark.parametrize(
+    "changes, field, message",
+    [
+        ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config", "has quant_method 'bitsandbytes'; only the released 'mxfp4'"),
+        ({"layer_types": ["sliding_attention"] * 23 + ["chunked_attention"]}, "layer_types", "must list 24 entries, each one of"),
+        ({"layer_types": ["full_attention"] * 3}, "layer_types", "must list 24 entries"),
+        ({"swiglu_limit": 0}, "swiglu_limit", "must be positive, got 0"),
+        ({"attention_bias": False}, "attention_bias", "is false; gpt-oss checkpoints have attention biases"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling", "is .*; only plain RoPE"),
+    ],
+)
+def test_gpt_oss_variants_refused(changes, field, message):
+    with pytest.raises(ConfigError, match=rf"field '{field}' {message}"):
+        parse({**released("gpt_oss"), **changes})

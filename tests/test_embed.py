@@ -57,7 +57,7 @@ def test_every_kind_has_its_width_and_float32(embedders, family):
     embedder = embedders[family]
     expected = widths(embedder)
     # deepseek's first layer is dense (and the Qwen3 demo's): 3 MoE layers of 16 experts, not 4
-    assert expected["rw"] == {"olmoe": 4 * 16, "qwen2_moe": 4 * 15, "deepseek": 3 * 16, "qwen3_moe": 3 * 16, "mixtral": 4 * 8}[family]
+    assert expected["rw"] == {"olmoe": 4 * 16, "qwen2_moe": 4 * 15, "deepseek": 3 * 16, "qwen3_moe": 3 * 16, "mixtral": 4 * 8, "deepseek_v2": 3 * 16, "gpt_oss": 4 * 8}[family]
     for kind in KINDS:
         vectors = embedder.encode(TEXTS, kind)
         assert vectors.shape == (len(TEXTS), expected[kind])

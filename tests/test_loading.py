@@ -4,6 +4,8 @@ hub ids offline and online (mocked), and layer-by-layer streaming."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import pickle
@@ -87,7 +89,9 @@ def test_loads_sharded_checkpoint(checkpoints, family):
     assert len(shards) >= 5  # genuinely sharded
     model = moee_ref.load_model(directory)
     args = model.args
-    assert args == moee_ref.read_config(directory) and args.family == family
+    # The config's args, with the expert layout the shards hold (gpt-oss's demo: transformers' fused one)
+    assert dataclasses.replace(args, fused_experts=False) == moee_ref.read_config(directory) and args.family == family
+    assert args.fused_experts == (family == "gpt_oss")
     assert model.source_dir == directory
 
     # Each parameter is the checkpoint tensor(s) it stands for: checked by hand, not through the name map.
@@ -97,7 +101,12 @@ def test_loads_sharded_checkpoint(checkpoints, family):
     assert torch.equal(model.norm.weight, state["model.norm.weight"])
     for layer in range(args.num_layers):
         block, ckpt = model.layers[layer], f"model.layers.{layer}"
-        assert torch.equal(block.attn.q_proj.weight, state[f"{ckpt}.self_attn.q_proj.weight"])
+        if family == "deepseek_v2":  # latent attention: the demo config has a query latent
+            assert torch.equal(block.attn.q_b_proj.weight, state[f"{ckpt}.self_attn.q_b_proj.weight"])
+            assert torch.equal(block.attn.kv_a_proj.weight, state[f"{ckpt}.self_attn.kv_a_proj_with_mqa.weight"])
+            assert torch.equal(block.attn.kv_a_norm.weight, state[f"{ckpt}.self_attn.kv_a_layernorm.weight"])
+        else:
+            assert torch.equal(block.attn.q_proj.weight, state[f"{ckpt}.self_attn.q_proj.weight"])
         assert torch.equal(block.attn.o_proj.weight, state[f"{ckpt}.self_attn.o_proj.weight"])
         assert torch.equal(block.attn_norm.weight, state[f"{ckpt}.input_layernorm.weight"])
         assert torch.equal(block.mlp_norm.weight, state[f"{ckpt}.post_attention_layernorm.weight"])
@@ -110,6 +119,16 @@ def test_loads_sharded_checkpoint(checkpoints, family):
             assert torch.equal(block.mlp.up.weight, state[f"{ckpt}.mlp.up_proj.weight"])
             assert torch.equal(block.mlp.down.weight, state[f"{ckpt}.mlp.down_proj.weight"])
             continue
+        if family == "gpt_oss":  # transformers' layout: x @ W, gate and up alternating along the 2I axis
+            assert torch.equal(block.mlp.router.bias, state[f"{ckpt}.mlp.router.bias"])
+            stored = state[f"{ckpt}.mlp.experts.gate_up_proj"]  # [E, D, 2I]
+            assert torch.equal(block.mlp.experts.gate_up, torch.cat((stored[..., 0::2], stored[..., 1::2]), dim=-1).transpose(1, 2))
+            assert torch.equal(block.mlp.experts.down, state[f"{ckpt}.mlp.experts.down_proj"].transpose(1, 2))
+            bias = state[f"{ckpt}.mlp.experts.gate_up_proj_bias"]
+            assert torch.equal(block.mlp.experts.gate_up_bias, torch.cat((bias[:, 0::2], bias[:, 1::2]), dim=-1))
+            assert torch.equal(block.attn.sinks, state[f"{ckpt}.self_attn.sinks"])
+            assert torch.equal(block.attn.o_proj.bias, state[f"{ckpt}.self_attn.o_proj.bias"])
+            continue
         # Mixtral's released names: block_sparse_moe, experts' w1 (gate), w3 (up), w2 (down).
         moe, (gate, up, down) = ("block_sparse_moe", ("w1", "w3", "w2")) if family == "mixtral" else ("mlp", ("gate_proj", "up_proj", "down_proj"))
         assert torch.equal(block.mlp.router.weight, state[f"{ckpt}.{moe}.gate.weight"])
@@ -118,7 +137,7 @@ def test_loads_sharded_checkpoint(checkpoints, family):
             gate_up = torch.cat([state[f"{expert}.{gate}.weight"], state[f"{expert}.{up}.weight"]])
             assert torch.equal(block.mlp.experts.gate_up[e], gate_up)
             assert torch.equal(block.mlp.experts.down[e], state[f"{expert}.{down}.weight"])
-        shared = {"qwen2_moe": "shared_expert", "deepseek": "shared_experts"}.get(family)
+        shared = {"qwen2_moe": "shared_expert", "deepseek": "shared_experts", "deepseek_v2": "shared_experts"}.get(family)
         if shared:
             assert torch.equal(block.mlp.shared.down.weight, state[f"{ckpt}.mlp.{shared}.down_proj.weight"])
         if family == "qwen2_moe":

@@ -230,7 +230,7 @@ def test_routing_shapes_and_invariants(checkpoints, models, family, dtype):
     out = model(ids, mask)
     batch, n_moe, length, experts, k = 3, len(args.moe_layers), WIDTH, args.num_experts, args.top_k
     assert out.moe_layers == args.moe_layers == out.routing.moe_layers
-    assert n_moe == {"olmoe": 4, "qwen2_moe": 4, "deepseek": 3, "qwen3_moe": 3, "mixtral": 4}[family]
+    assert n_moe == {"olmoe": 4, "qwen2_moe": 4, "deepseek": 3, "qwen3_moe": 3, "mixtral": 4, "deepseek_v2": 3, "gpt_oss": 4}[family]
     for tensor in (out.router_logits, out.router_probs):
         assert tensor.shape == (batch, n_moe, length, experts) and tensor.dtype == torch.float32
     assert out.topk_ids.shape == (batch, n_moe, length, k) and out.topk_ids.dtype == torch.int64
@@ -246,13 +246,19 @@ def test_routing_shapes_and_invariants(checkpoints, models, family, dtype):
     assert float((probs - logits.softmax(-1)).abs().max()) <= 1e-6
     # The chosen experts are the k most probable ones, with their probabilities as weights,
     # renormalised to sum to one where the family does that (Qwen3-MoE's config, Mixtral always).
+    # DeepSeek-V2's group-limited router picks them among the best groups' experts only.
     chosen = probs.gather(-1, ids_real)
     if args.norm_topk_prob:
         assert float((weights_real - chosen / chosen.sum(-1, keepdim=True)).abs().max()) <= 1e-7
-    else:
-        assert torch.equal(weights_real, chosen)
+    else:  # times DeepSeek-V2's routed_scaling_factor, 1 elsewhere
+        assert torch.equal(weights_real, chosen * args.routed_scaling_factor)
     kth_best = probs.topk(k, dim=-1).values[..., -1:]
-    assert bool((weights_real >= kth_best).all())
+    if args.num_groups == 1:
+        assert bool((chosen >= kth_best).all())
+    else:  # the best k among the experts of the best groups: never above the overall k-th best
+        group_best = probs.view(len(probs), args.num_groups, -1).max(-1).values
+        kept = group_best.topk(args.topk_group, dim=-1).indices
+        assert bool(((ids_real // (experts // args.num_groups))[..., :, None] == kept[:, None, :]).any(-1).all())
     assert bool((ids_real >= 0).all() and (ids_real < experts).all())
     # the k experts of a token are distinct
     assert bool((ids_real.sort(-1).values.diff(dim=-1) > 0).all())

@@ -315,7 +315,7 @@ def test_progress_bar_on_request(olmoe, capfd):
     assert capfd.readouterr().err == ""
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v2", "gpt_oss"])
 def test_families_the_authors_code_does_not_cover_are_refused(family, tmp_path_factory):
     from embed_fixtures import build_embedder
 

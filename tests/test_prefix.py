@@ -73,7 +73,10 @@ def test_the_prompt_opening_is_found_and_encoded(embedder):
     assert len({seq[prefix.length] for seq in ids}) > 1
     args = embedder.args
     assert len(prefix.keys) == len(prefix.values) == args.num_layers
-    assert prefix.keys[0].shape == (1, args.num_kv_heads, prefix.length, args.head_dim) == prefix.values[-1].shape
+    # values are as wide as keys, except in DeepSeek-V2's latent attention
+    value_dim = args.latent_attention.value_dim if args.latent_attention else args.head_dim
+    assert prefix.keys[0].shape == (1, args.num_kv_heads, prefix.length, args.head_dim)
+    assert prefix.values[-1].shape == (1, args.num_kv_heads, prefix.length, value_dim)
 
 
 def test_continuation_after_prefix_equals_whole_sequence(embedder):

@@ -180,7 +180,7 @@ def test_int8_kernel_reads_int8_for_few_bf16_rows(rows, monkeypatch):
 
 
 QUANTIZED_PARAMETERS = re.compile(
-    r"layers\.\d+\.(attn\.[qkvo]_proj\.weight|mlp\.experts\.(gate_up|down)|mlp\.shared\.(gate|up|down)\.weight|mlp\.(gate|up|down)\.weight)$"
+    r"layers\.\d+\.(attn\.([qkvo]|q_[ab]|kv_[ab])_proj\.weight|mlp\.experts\.(gate_up|down)|mlp\.shared\.(gate|up|down)\.weight|mlp\.(gate|up|down)\.weight)$"
 )
 
 
@@ -189,9 +189,12 @@ def test_int8_modules(float_models, int8_models, family):
     model, reference = int8_models[family], float_models[family]
     assert model.int8 is True
     for layer, block in enumerate(model.layers):
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        projections = [n for n in type(block.attn).projections if getattr(block.attn, n) is not None]
+        assert len(projections) == (5 if family == "deepseek_v2" else 4)  # MLA with a query latent: q_a, q_b, kv_a, kv_b, o
+        for name in projections:
             assert isinstance(getattr(block.attn, name), Int8Linear), (layer, name)
-        for norm in (block.attn_norm, block.mlp_norm, block.attn.q_norm, block.attn.k_norm):
+        norms = ("q_a_norm", "kv_a_norm") if family == "deepseek_v2" else ("q_norm", "k_norm")
+        for norm in (block.attn_norm, block.mlp_norm, *(getattr(block.attn, n) for n in norms)):
             assert norm is None or (isinstance(norm, RMSNorm) and norm.weight.dtype == torch.float32)
         if isinstance(block.mlp, MoE):
             assert isinstance(block.mlp.experts, Int8RoutedExperts)
@@ -204,7 +207,7 @@ def test_int8_modules(float_models, int8_models, family):
         else:
             assert isinstance(block.mlp, SwiGLU)  # DeepSeek's dense first layer
             assert all(isinstance(getattr(block.mlp, n), Int8Linear) for n in ("gate", "up", "down"))
-    assert any(block.attn.q_proj.bias is not None for block in model.layers) == (family == "qwen2_moe")
+    assert any(getattr(block.attn.q_proj, "bias", None) is not None for block in model.layers) == (family in ("qwen2_moe", "gpt_oss"))
     assert type(model.embed) is nn.Embedding and torch.equal(model.embed.weight, reference.embed.weight)
     assert torch.equal(model.norm.weight, reference.norm.weight)
     assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, reference.lm_head.weight)

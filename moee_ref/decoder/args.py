@@ -75,6 +75,8 @@ class ModelArgs:
     qk_norm: str | None = None  # RMSNorm of q and k: over the whole projection ("projection", OLMoE) or each head ("head", Qwen3)
     qkv_bias: bool = False  # Qwen: bias on the q, k and v projections
     clip_qkv: float | None = None  # OLMoE option: clamp q, k, v to [-c, c]
+    o_bias: bool = False  # gpt-oss: a bias on the output projection too
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head that takes part in the softmax and is dropped
     sliding_window: int | None = None  # a query sees only the keys less than this many positions back ...
     sliding_layers: tuple[int, ...] = ()  # ... in these layers (Mixtral and Qwen3-MoE where configured: all)
     tie_word_embeddings: bool = False
@@ -86,9 +88,15 @@ class ModelArgs:
     num_groups: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    router_bias: bool = False  # gpt-oss: logits = W x + b
+    # gpt-oss's experts: biases on both projections, and a clamped SwiGLU (alpha, limit):
+    # (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit).
+    expert_bias: bool = False
+    clamped_swiglu: tuple[float, float] | None = None
     # How the checkpoint stores the routed experts: one tensor per expert and projection as released, or
     # fused [E, 2I, D] gate_up and [E, D, I] down tensors as transformers 5 holds them (read from the shards).
     fused_experts: bool = False
+    mxfp4_experts: bool = False  # gpt-oss's released experts: MXFP4 blocks and scales, dequantized as they are read
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
@@ -122,13 +130,15 @@ class ModelArgs:
             attention = queries + latent + mla.kv_lora_rank * heads * (mla.nope_dim + mla.value_dim) + heads * mla.value_dim * d + 2 * d
         if self.qkv_bias:
             attention += q_out + 2 * kv_out
+        attention += (d if self.o_bias else 0) + (self.num_heads if self.attention_sinks else 0)
         if self.qk_norm == "projection":
             attention += q_out + kv_out
         elif self.qk_norm == "head":
             attention += 2 * self.head_dim
-        expert = 3 * d * self.expert_size
+        expert = 3 * d * self.expert_size + ((2 * self.expert_size + d) if self.expert_bias else 0)
         shared = 3 * d * self.shared_expert_size + (d if self.shared_expert_gated else 0)
-        moe_fixed = self.num_experts * d + shared  # router and shared experts run for every token
+        router = self.num_experts * (d + 1 if self.router_bias else d)
+        moe_fixed = router + shared  # router and shared experts run for every token
         dense = 3 * d * self.dense_size
         n_moe, n_dense = len(self.moe_layers), self.num_layers - len(self.moe_layers)
         outside = self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d

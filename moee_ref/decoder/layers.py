@@ -96,7 +96,9 @@ class Attention(nn.Module):
         self.q_proj = Linear(args.hidden_size, q_out, bias=args.qkv_bias)
         self.k_proj = Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
         self.v_proj = Linear(args.hidden_size, kv_out, bias=args.qkv_bias)
-        self.o_proj = Linear(q_out, args.hidden_size, bias=False)
+        self.o_proj = Linear(q_out, args.hidden_size, bias=args.o_bias)
+        # gpt-oss: a learned logit per head beside the keys' scores; it takes a share of the softmax and is dropped.
+        self.sinks = nn.Parameter(torch.empty(args.num_heads)) if args.attention_sinks else None
         # q and k are normalised before RoPE: OLMoE over the whole projection (all heads at once),
         # Qwen3 over each head with one weight shared by all heads.
         self.qk_norm = args.qk_norm
@@ -134,10 +136,13 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat((past[0].expand(batch, -1, -1, -1), k), dim=2)
             v = torch.cat((past[1].expand(batch, -1, -1, -1), v), dim=2)
-        # In bf16, torch's CPU and CUDA attention kernels accumulate the scores and their softmax in float32.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads, scale=self.scale
-        )
+        if self.sinks is None:
+            # In bf16, torch's CPU and CUDA attention kernels accumulate the scores and their softmax in float32.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads, scale=self.scale
+            )
+        else:
+            out = attention_with_sinks(q, k, v, mask, self.sinks, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, queries, -1))
 
     def keys_values(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +161,28 @@ class Attention(nn.Module):
         if norm is not None and self.qk_norm == "head":
             x = norm(x)
         return x.transpose(1, 2)
+
+
+def attention_with_sinks(q, k, v, mask, sinks: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax([q.k * scale, sink]) over the keys and one extra logit per head, the sink's share dropped:
+    what gpt-oss computes, written out (torch's fused kernels have no sinks). Scores in at least float32.
+
+    q [B, H, Q, d], k and v [B, kv_heads, S, d]; mask boolean [B, 1, Q, S] or None (causal, the last
+    Q of S positions being the queries).
+    """
+    heads, length = q.shape[1], k.shape[2]
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale
+    if mask is None:
+        queries = q.shape[2]
+        mask = torch.ones(queries, length, dtype=torch.bool, device=q.device).tril(length - queries)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(compute).view(1, heads, 1, 1).expand(*scores.shape[:-1], 1)
+    weights = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :-1]
+    return (weights @ v.to(compute)).to(q.dtype)
 
 
 class LatentAttention(nn.Module):

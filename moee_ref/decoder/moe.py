@@ -50,6 +50,7 @@ class Router(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
+        self.bias = nn.Parameter(torch.empty(args.num_experts)) if args.router_bias else None
         self.top_k, self.norm_topk_prob = args.top_k, args.norm_topk_prob
         self.num_groups, self.topk_group, self.scaling = args.num_groups, args.topk_group, args.routed_scaling_factor
 
@@ -64,28 +65,56 @@ class Router(nn.Module):
         return LayerRouting(logits, probs, ids, weights)
 
     def candidates(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs with the experts outside the chosen groups set to zero (all of them kept without groups)."""
-        if self.num_groups == 1:
-            return probs
-        groups = probs.view(len(probs), self.num_groups, -1)
-        best = groups.max(dim=-1).values.topk(self.topk_group, dim=-1).indices
-        keep = torch.zeros(groups.shape[:2], dtype=torch.bool, device=probs.device).scatter_(1, best, True)
-        return groups.masked_fill(~keep[..., None], 0.0).view_as(probs)
+        return expert_candidates(probs, self.num_groups, self.topk_group)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # In at least float32 whatever the compute dtype: the logits decide the top-k and are the RW embedding,
         # and a bf16 product would round them to 3 digits (the matrix is tiny: E x D).
         compute = torch.promote_types(x.dtype, torch.float32)
-        return F.linear(x.to(compute), self.weight.to(compute))
+        return F.linear(x.to(compute), self.weight.to(compute), None if self.bias is None else self.bias.to(compute))
+
+
+def expert_candidates(probs: torch.Tensor, num_groups: int = 1, topk_group: int = 1) -> torch.Tensor:
+    """probs [..., E] with the experts outside the topk_group best groups set to zero (a group's score is
+    its best expert's); all of them kept without groups."""
+    if num_groups == 1:
+        return probs
+    groups = probs.unflatten(-1, (num_groups, -1))
+    best = groups.max(dim=-1).values.topk(topk_group, dim=-1).indices
+    keep = torch.zeros(groups.shape[:-1], dtype=torch.bool, device=probs.device).scatter_(-1, best, True)
+    return groups.masked_fill(~keep[..., None], 0.0).flatten(-2)
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored as stacked tensors and run only on the tokens routed to them."""
+    """E SwiGLU experts stored as stacked tensors and run only on the tokens routed to them.
 
-    def __init__(self, num_experts: int, dim: int, size: int):
+    gpt-oss's variant: a bias on each projection and a clamped SwiGLU (see `activate`).
+    """
+
+    def __init__(self, num_experts: int, dim: int, size: int, bias: bool = False, clamped_swiglu: tuple[float, float] | None = None):
         super().__init__()
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * size, dim))  # [gate; up] of each expert
         self.down = nn.Parameter(torch.empty(num_experts, dim, size))
+        self.gate_up_bias = nn.Parameter(torch.empty(num_experts, 2 * size)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
+        self.clamped_swiglu = clamped_swiglu
+
+    @property
+    def plain(self) -> bool:
+        """No biases and the plain SwiGLU: what every kernel in kernels/ computes."""
+        return self.gate_up_bias is None and self.clamped_swiglu is None
+
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.clamped_swiglu is None:
+            return F.silu(gate) * up
+        alpha, limit = self.clamped_swiglu
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+    def biases(self, expert: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.gate_up_bias is None:
+            return None, None
+        return self.gate_up_bias[expert], self.down_bias[expert]
 
     @property
     def num_experts(self) -> int:
@@ -116,8 +145,9 @@ class RoutedExperts(nn.Module):
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert's SwiGLU on its tokens x [n, D]."""
-        gate, up = F.linear(x, self.gate_up[expert]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down[expert])
+        gate_up_bias, down_bias = self.biases(expert)
+        gate, up = F.linear(x, self.gate_up[expert], gate_up_bias).chunk(2, dim=-1)
+        return F.linear(self.activate(gate, up), self.down[expert], down_bias)
 
 
 class MoE(nn.Module):
@@ -126,7 +156,7 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.router = Router(args)
-        self.experts = RoutedExperts(args.num_experts, args.hidden_size, args.expert_size)
+        self.experts = RoutedExperts(args.num_experts, args.hidden_size, args.expert_size, args.expert_bias, args.clamped_swiglu)
         self.shared = SwiGLU(args.hidden_size, args.shared_expert_size) if args.shared_expert_size else None
         # Qwen scales its shared expert by sigmoid(w . x) per token; DeepSeekMoE adds its shared experts as they are.
         self.shared_gate = Linear(args.hidden_size, 1, bias=False) if args.shared_expert_gated else None

@@ -23,11 +23,11 @@ from typing import Any
 
 from ..decoder.args import ModelArgs
 from ..errors import ConfigError
-from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek, deepseek_v2, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .config import ConfigReader
 from .names import NameMap, outer
 
-FAMILIES = {module.MODEL_TYPE: module for module in (olmoe, qwen2_moe, deepseek, qwen3_moe, mixtral)}
+FAMILIES = {module.MODEL_TYPE: module for module in (olmoe, qwen2_moe, deepseek, qwen3_moe, mixtral, deepseek_v2, gpt_oss)}
 
 
 def family_of(args: ModelArgs):
@@ -43,9 +43,11 @@ def name_map_groups(args: ModelArgs) -> list[NameMap]:
 
 def with_checkpoint_layout(args: ModelArgs, stored_names) -> ModelArgs:
     """args for the expert layout the shards actually hold: fused [E, ...] tensors (transformers 5's in-memory
-    names, as some tools save them) or the released one tensor per expert."""
+    names, as some tools save them), MXFP4 blocks and scales, or the released one tensor per expert."""
+    stored_names = list(stored_names)
     fused = any(name.endswith(".experts.gate_up_proj") for name in stored_names)
-    return replace(args, fused_experts=fused) if fused != args.fused_experts else args
+    mxfp4 = any(name.endswith(".experts.gate_up_proj_blocks") for name in stored_names)  # gpt-oss as released
+    return replace(args, fused_experts=fused, mxfp4_experts=mxfp4)
 
 
 def parse_config(raw: dict[str, Any], origin: str = "config.json") -> ModelArgs:

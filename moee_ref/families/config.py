@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..decoder.args import Yarn
 from ..errors import ConfigError
 
 # Ceilings far above any released MoE model, checked before anything proportional to a count is built:
@@ -67,28 +68,56 @@ class ConfigReader:
         return value
 
     def rope_theta(self) -> float:
-        """rope_theta from either generation of config.json.
+        return self.rope()[0]
+
+    def rope(self, yarn_allowed: bool = False) -> tuple[float, Yarn | None]:
+        """(rope_theta, YaRN scaling or None) from either generation of config.json.
 
         Released checkpoints write rope_theta (and rope_scaling) at top level;
-        transformers 5 writes rope_parameters = {"rope_type", "rope_theta"}.
-        Only plain RoPE is used by the supported checkpoints.
+        transformers 5 writes rope_parameters = {"rope_type", "rope_theta", ...}.
+        Plain RoPE everywhere; YaRN where the family's checkpoints use it (yarn_allowed).
         """
         params = self.raw.get("rope_parameters")
         if params is not None:
+            field, scaling = "rope_parameters", params
             if not isinstance(params, dict):
                 raise self.error("rope_parameters", f"must be an object, got {params!r}")
-            rope_type = params.get("rope_type", params.get("type", "default"))
-            if rope_type != "default":
-                raise self.error("rope_parameters", f"has rope_type {rope_type!r}; only 'default' RoPE is supported")
             theta = ConfigReader(params, f"{self.origin} rope_parameters").get("rope_theta", float)
         else:
-            scaling = self.raw.get("rope_scaling")
-            if scaling is not None:
-                raise self.error("rope_scaling", f"is {scaling!r}; only plain RoPE (rope_scaling null) is supported")
+            field, scaling = "rope_scaling", self.raw.get("rope_scaling")
+            if scaling is not None and not isinstance(scaling, dict):
+                raise self.error("rope_scaling", f"must be an object or null, got {scaling!r}")
             theta = self.get("rope_theta", float)
         if theta <= 0:  # NaN and Infinity are refused by get()
             raise self.error("rope_theta", f"must be positive, got {theta}")
-        return theta
+        rope_type = "default" if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type == "default":
+            return theta, None
+        supported = "'default' or 'yarn'" if yarn_allowed else "'default'"
+        if rope_type != "yarn" or not yarn_allowed:
+            if field == "rope_scaling":
+                raise self.error("rope_scaling", f"is {scaling!r}; only plain RoPE (rope_scaling null) is supported")
+            raise self.error(field, f"has rope_type {rope_type!r}; only {supported} is supported")
+        return theta, self._yarn(ConfigReader(scaling, f"{self.origin} {field}"))
+
+    def _yarn(self, cfg: "ConfigReader") -> Yarn:
+        known = {"type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                 "mscale", "mscale_all_dim", "attention_factor", "truncate"}
+        unknown = sorted(set(cfg.raw) - known)
+        if unknown:  # a YaRN variant this code does not compute (e.g. per-dimension factors) must not pass silently
+            raise cfg.error(unknown[0], "is not a YaRN parameter moee-ref computes; this rope scaling is not supported")
+        factor = cfg.get("factor", float)
+        if factor < 1:
+            raise cfg.error("factor", f"must be at least 1, got {factor}")
+        yarn = Yarn(
+            factor=factor, original_max_position_embeddings=cfg.positive("original_max_position_embeddings"),
+            beta_fast=cfg.get("beta_fast", float, 32.0), beta_slow=cfg.get("beta_slow", float, 1.0),
+            mscale=cfg.get("mscale", float, None), mscale_all_dim=cfg.get("mscale_all_dim", float, None),
+            attention_factor=cfg.get("attention_factor", float, None), truncate=cfg.get("truncate", bool, True),
+        )
+        if not yarn.beta_fast > yarn.beta_slow > 0:
+            raise cfg.error("beta_fast", f"({yarn.beta_fast}) must exceed beta_slow ({yarn.beta_slow}), both positive")
+        return yarn
 
     def attention_shape(self) -> dict[str, int]:
         hidden = self.positive("hidden_size")

@@ -40,13 +40,43 @@ class Stack:
     parts: tuple["Recipe", ...]
 
 
-Recipe = Union[Tensor, Cat, Stack]
+@dataclass(frozen=True)
+class Transposed:
+    """A part with its last two dims swapped: gpt-oss as transformers holds it stores x @ W, not W x."""
+
+    part: "Recipe"
+
+
+@dataclass(frozen=True)
+class Deinterleaved:
+    """A part whose entries along `dim` alternate gate, up, gate, up...: reordered to [all gates; all ups]."""
+
+    part: "Recipe"
+    dim: int
+
+
+@dataclass(frozen=True)
+class Mxfp4:
+    """gpt-oss's released experts in MXFP4: `blocks` [..., G, 16] bytes holding two 4-bit values each (low
+    nibble first), `scales` [..., G] a power of two per block of 32 values (exponent + 127). [..., G * 32] values."""
+
+    blocks: Tensor
+    scales: Tensor
+
+    @property
+    def parts(self) -> tuple[Tensor, Tensor]:
+        return (self.blocks, self.scales)
+
+
+Recipe = Union[Tensor, Cat, Stack, Transposed, Deinterleaved, Mxfp4]
 NameMap = dict[str, Recipe]  # model parameter name -> how to build it
 
 
 def leaves(recipe: Recipe) -> Iterator[Tensor]:
     if isinstance(recipe, Tensor):
         yield recipe
+    elif isinstance(recipe, (Transposed, Deinterleaved)):
+        yield from leaves(recipe.part)
     else:
         for part in recipe.parts:
             yield from leaves(part)
@@ -55,10 +85,35 @@ def leaves(recipe: Recipe) -> Iterator[Tensor]:
 def shape_of(recipe: Recipe) -> tuple[int, ...]:
     if isinstance(recipe, Tensor):
         return recipe.shape
+    if isinstance(recipe, Deinterleaved):
+        return shape_of(recipe.part)
+    if isinstance(recipe, Transposed):
+        inner = shape_of(recipe.part)
+        return (*inner[:-2], inner[-1], inner[-2])
+    if isinstance(recipe, Mxfp4):
+        *outer, groups, width = recipe.blocks.shape
+        return (*outer, groups * width * 2)
     first = shape_of(recipe.parts[0])
     if isinstance(recipe, Stack):
         return (len(recipe.parts), *first)
     return (sum(shape_of(part)[0] for part in recipe.parts), *first[1:])
+
+
+def integer_leaves(groups) -> set[str]:
+    """Names of the tensors stored as bytes, not floats (MXFP4 blocks and scales)."""
+    names: set[str] = set()
+    for group in groups:
+        for recipe in group.values():
+            stack = [recipe]
+            while stack:
+                r = stack.pop()
+                if isinstance(r, Mxfp4):
+                    names.update(leaf.name for leaf in r.parts)
+                elif isinstance(r, (Transposed, Deinterleaved)):
+                    stack.append(r.part)
+                elif not isinstance(r, Tensor):
+                    stack.extend(r.parts)
+    return names
 
 
 # ---------------------------------------------------------------------------
@@ -89,6 +144,10 @@ def attention(args: ModelArgs, layer: int, module: str = "self_attn") -> NameMap
     if args.qkv_bias:
         for proj, width in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
             names[f"{ours}.{proj}.bias"] = Tensor(f"{ckpt}.{proj}.bias", (width,))
+    if args.o_bias:
+        names[f"{ours}.o_proj.bias"] = Tensor(f"{ckpt}.o_proj.bias", (d,))
+    if args.attention_sinks:  # one learned logit per head (gpt-oss)
+        names[f"{ours}.sinks"] = Tensor(f"{ckpt}.sinks", (args.num_heads,))
     if args.qk_norm:  # over the whole projection, all heads at once (OLMoE), or one norm shared by every head (Qwen3)
         q_width, kv_width = (q_out, kv_out) if args.qk_norm == "projection" else (args.head_dim, args.head_dim)
         names[f"{ours}.q_norm.weight"] = Tensor(f"{ckpt}.q_norm.weight", (q_width,))

@@ -39,6 +39,10 @@ def _kernel(module: nn.Module, dtype: torch.dtype, packed: bool) -> nn.Module:
     elif type(module) is Router and onednn:
         _reclass(module, OneDNNRouter)
     elif type(module) is RoutedExperts:
+        if not module.plain:  # gpt-oss's biased, clamped experts: oneDNN per expert, or the reference loop
+            if onednn:
+                _reclass(module, OneDNNExperts)
+            return module
         if onednn and packed:
             with torch.device("meta"):
                 return PackedExperts(module.num_experts, module.down.shape[1], module.down.shape[2])

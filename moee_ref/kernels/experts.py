@@ -15,8 +15,9 @@ class OneDNNExperts(RoutedExperts):
     expert gets, where MKL's grouped matmul does not."""
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up[expert]).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.down[expert])
+        gate_up_bias, down_bias = self.biases(expert)
+        gate, up = linear(x, self.gate_up[expert], gate_up_bias).chunk(2, dim=-1)
+        return linear(self.activate(gate, up), self.down[expert], down_bias)
 
 
 class PackedExperts(OneDNNExperts):
@@ -32,13 +33,14 @@ class PackedExperts(OneDNNExperts):
         nn.Module.__init__(self)
         self.gate_up = nn.ParameterList(torch.empty(2 * size, dim) for _ in range(num_experts))
         self.down = nn.ParameterList(torch.empty(dim, size) for _ in range(num_experts))
+        self.gate_up_bias = self.down_bias = self.clamped_swiglu = None  # only plain experts are packed
 
 
 class GroupedExperts(RoutedExperts):
     """All active experts in one grouped matmul call each for gate/up and down (torch's F.grouped_mm).
 
     Less Python per expert; on the CPU it runs through MKL, so it is the choice
-    where oneDNN does not serve the dtype (bf16, or torch without oneDNN).
+    where oneDNN does not serve the dtype (bf16, or torch without oneDNN). Plain experts only.
     """
 
     def mix(self, x, token_of, slot_weights, counts) -> torch.Tensor:

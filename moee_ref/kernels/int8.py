@@ -90,14 +90,17 @@ class Int8RoutedExperts(RoutedExperts):
         for name, tensor in (("gate_up_values", gate_up_values), ("gate_up_scale", gate_up_scale),
                              ("down_values", down_values), ("down_scale", down_scale)):
             self.register_buffer(name, tensor)
+        # Biases and the activation (gpt-oss) are kept as they are; only the matrices are quantized.
+        self.gate_up_bias, self.down_bias, self.clamped_swiglu = experts.gate_up_bias, experts.down_bias, experts.clamped_swiglu
 
     @property
     def num_experts(self) -> int:
         return self.gate_up_values.shape[0]
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = int8_linear(x, self.gate_up_values[expert], self.gate_up_scale[expert]).chunk(2, dim=-1)
-        return int8_linear(F.silu(gate) * up, self.down_values[expert], self.down_scale[expert])
+        gate_up_bias, down_bias = self.biases(expert)
+        gate, up = int8_linear(x, self.gate_up_values[expert], self.gate_up_scale[expert], gate_up_bias).chunk(2, dim=-1)
+        return int8_linear(self.activate(gate, up), self.down_values[expert], self.down_scale[expert], down_bias)
 
 
 def quantize_block_(block: nn.Module) -> None:

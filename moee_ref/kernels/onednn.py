@@ -102,4 +102,4 @@ class OneDNNLinear(Linear):
 
 class OneDNNRouter(Router):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.bias)

@@ -32,7 +32,7 @@ from torch import nn
 from ..decoder.model import MoEDecoder
 from ..errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from ..families import name_map_groups, read_config, with_checkpoint_layout
-from ..families.names import NameMap, Recipe, Stack, Tensor, leaves, shape_of
+from ..families.names import Deinterleaved, Mxfp4, NameMap, Recipe, Stack, Tensor, Transposed, integer_leaves, leaves, shape_of
 from ..kernels import pack_weight, packing_available, quantize_block_, use_kernels
 from ..kernels.precision import resolve_device, resolve_dtype
 from .memory import Mode, format_bytes, memory_available, modes_that_fit, refusal, resident_need
@@ -154,8 +154,9 @@ class ShardReader:
         """Bytes per element of tensor `name` as stored."""
         return STORED_SIZES.get(self.spans[name][0], 4)
 
-    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
-        """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
+    def check(self, expected: dict[str, tuple[int, ...]], as_bytes: set[str] = frozenset()) -> None:
+        """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor.
+        as_bytes: the tensors that must be stored as bytes (U8: MXFP4 blocks and scales), not floats."""
         missing = sorted(set(expected) - set(self.shapes))
         unexpected = sorted(n for n in set(self.shapes) - set(expected) if not n.endswith(RECOMPUTED_BUFFERS))
         wrong = sorted(
@@ -164,7 +165,9 @@ class ShardReader:
             if n in self.shapes and self.shapes[n] != tuple(s)
         )
         # A weight is a float tensor: an integer one would be converted silently into nonsense.
-        not_float = sorted(f"{n} ({self.spans[n][0]})" for n in expected if n in self.spans and self.spans[n][0] not in WEIGHT_DTYPES)
+        not_float = sorted(f"{n} ({self.spans[n][0]})" for n in expected
+                           if n in self.spans and n not in as_bytes and self.spans[n][0] not in WEIGHT_DTYPES)
+        not_bytes = sorted(f"{n} ({self.spans[n][0]})" for n in as_bytes if n in self.spans and self.spans[n][0] != "U8")
         problems = [
             _listing("missing tensors", missing),
             _listing("unexpected tensors", unexpected),
@@ -176,6 +179,8 @@ class ShardReader:
                 f"checkpoint does not match its config.json: {'; '.join(problems)}. "
                 "Check that config.json belongs to these weights"
             )
+        if not_bytes:
+            raise CheckpointError(f"{_listing('MXFP4 tensors not stored as bytes (U8)', not_bytes)}: the checkpoint is damaged or not a released one")
         if not_float:
             label = f"weights not stored as floats ({', '.join(WEIGHT_DTYPES)})"
             raise CheckpointError(
@@ -348,7 +353,7 @@ def checked_checkpoint(source: str | os.PathLike, lm_head: bool = True):
     check_sizes(args, reader)  # before the name map, which grows with layers x experts
     args = with_checkpoint_layout(args, reader.shapes)
     groups = name_map_groups(args)
-    reader.check(expected_shapes(groups))
+    reader.check(expected_shapes(groups), integer_leaves(groups))
     if not lm_head:
         groups[-1] = {name: recipe for name, recipe in groups[-1].items() if name != "lm_head.weight"}
     return directory, args, reader, groups
@@ -460,6 +465,18 @@ def build(recipe: Recipe, read: Callable[[str], torch.Tensor], dtype: torch.dtyp
     if isinstance(recipe, Tensor):
         leaf = read(recipe.name)
         return leaf.to(dtype) if out is None else out.copy_(leaf)
+    if isinstance(recipe, Mxfp4):
+        return dequantize_mxfp4(read(recipe.blocks.name), read(recipe.scales.name), dtype, out)
+    if isinstance(recipe, (Transposed, Deinterleaved)):
+        # Built whole, then reordered: one extra copy of this tensor (a layer's experts) while it is loaded.
+        inner = build(recipe.part, read, dtype)
+        if isinstance(recipe, Transposed):
+            result = inner.transpose(-1, -2)
+        else:
+            size = inner.shape[recipe.dim]
+            order = torch.cat((torch.arange(0, size, 2), torch.arange(1, size, 2)))
+            result = inner.index_select(recipe.dim, order)
+        return result.contiguous() if out is None else out.copy_(result)
     if out is None:
         out = torch.empty(shape_of(recipe), dtype=dtype)
     if isinstance(recipe, Stack):
@@ -471,6 +488,31 @@ def build(recipe: Recipe, read: Callable[[str], torch.Tensor], dtype: torch.dtyp
             rows = shape_of(part)[0]
             build(part, read, dtype, out[start : start + rows])
             start += rows
+    return out
+
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1 codes 0-15
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """MXFP4 blocks [..., G, 16] (uint8, two e2m1 values a byte, low nibble first) and scales [..., G] (uint8,
+    exponent + 127) -> [..., G * 32] in dtype. Exact in bf16 and float32 (at most two significant bits times a
+    power of two). Done one slice of the leading dim at a time, so the lookup indices never span a whole layer."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+        raise CheckpointError(
+            f"MXFP4 blocks {list(blocks.shape)} ({blocks.dtype}) and scales {list(scales.shape)} ({scales.dtype}) do not "
+            "belong together: blocks must be uint8 [..., G, 16] and scales uint8 [..., G]"
+        )
+    *outer, groups, width = blocks.shape
+    if out is None:
+        out = torch.empty(*outer, groups * width * 2, dtype=dtype)
+    table = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    flat_blocks, flat_scales, flat_out = blocks.reshape(-1, groups, width), scales.reshape(-1, groups), out.view(-1, groups * width * 2)
+    for i in range(len(flat_blocks)):
+        codes = flat_blocks[i]
+        values = torch.stack((table[(codes & 0x0F).long()], table[(codes >> 4).long()]), dim=-1).reshape(groups, width * 2)
+        exponents = flat_scales[i].to(torch.int32) - 127
+        flat_out[i].copy_(torch.ldexp(values, exponents[:, None]).reshape(-1))
     return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, MoEERefError
-from ..families.names import leaves
+from ..families.names import leaves, shape_of
 from ..kernels.int8 import QUANTIZE_ROWS
 
 # What is neither weights nor read buffers: torch's own runtime, the tokenizer, one batch's activations.
@@ -162,11 +162,12 @@ def held_bytes(group, dtype: torch.dtype, int8: bool) -> int:
     element = torch.empty(0, dtype=dtype).element_size()
     total = 0
     for name, recipe in group.items():
-        for leaf in leaves(recipe):
-            if int8 and quantized(name):
-                total += _count(leaf) + 4 * _count(leaf) // leaf.shape[-1]
-            else:
-                total += _count(leaf) * element
+        shape = shape_of(recipe)  # as built: MXFP4's bytes hold two values each, plus a scale per 32
+        values = int(np.prod(shape))
+        if int8 and quantized(name):
+            total += values + 4 * values // shape[-1]
+        else:
+            total += values * element
     return total
 
 
