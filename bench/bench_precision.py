@@ -29,6 +29,7 @@ import torch
 
 from moee_ref import MoEEmbedder
 from moee_ref.demo.checkpoints import write_random_checkpoint
+from moee_ref.families import FAMILIES
 from moee_ref.embedding.embedder import FeatureOptions
 from moee_ref.kernels.int8 import int8_kernel_rows
 from moee_ref.kernels.precision import resolve_dtype
@@ -106,7 +107,7 @@ def measure_transformers(directory: Path, texts: list[str], batch1: int, reps: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="olmoe", choices=["olmoe", "qwen2_moe", "deepseek"])
+    parser.add_argument("--family", default="olmoe", choices=sorted(FAMILIES))
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--texts", type=int, default=32)
     parser.add_argument("--batch1", type=int, default=8, help="texts timed one at a time")

@@ -16,7 +16,6 @@ scales applied to its output (one pass fewer than dequantizing the weight).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..decoder.layers import Attention, LatentAttention, SwiGLU
