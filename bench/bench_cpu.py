@@ -64,6 +64,8 @@ def family_config(family: str, layers: int) -> dict:
     """The released config.json of the family with `layers` layers and the synthetic tokenizer's special ids."""
     config = json.loads((CONFIGS / f"{family}.json").read_text())
     config["num_hidden_layers"] = layers
+    if "layer_types" in config:  # gpt-oss: one entry per layer
+        config["layer_types"] = config["layer_types"][:layers]
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         config.pop(key, None)
         if key in SMALL_CONFIGS[family]:

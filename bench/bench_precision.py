@@ -119,6 +119,8 @@ def main() -> None:
 
     config = json.loads((CONFIGS / f"{args.family}.json").read_text())
     config["num_hidden_layers"] = args.layers
+    if "layer_types" in config:  # gpt-oss: one entry per layer
+        config["layer_types"] = config["layer_types"][: args.layers]
     directory = Path(args.workdir) / f"{args.family}-{args.layers}layers-bf16"
     if not (directory / "config.json").is_file():
         write_random_checkpoint(directory, config, dtype="bfloat16", max_shard_bytes=2**30)

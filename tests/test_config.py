@@ -508,8 +508,9 @@ def test_gpt_oss_20b_released_config():
     "changes, field, message",
     [
         ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config", "has quant_method 'bitsandbytes'; only the released 'mxfp4'"),
-        ({"layer_types": ["sliding_attention"] * 23 + ["chunked_attention"]}, "layer_types", "must list 24 entries, each one of"),
-        ({"layer_types": ["full_attention"] * 3}, "layer_types", "must list 24 entries"),
+        ({"layer_types": ["sliding_attention"] * 23 + ["chunked_attention"]}, "layer_types",
+         "has 'chunked_attention' at layer 23; each entry must be one of sliding_attention, full_attention$"),
+        ({"layer_types": ["full_attention"] * 3}, "layer_types", "has 3 entries for 24 layers; give one per layer$"),
         ({"swiglu_limit": 0}, "swiglu_limit", "must be positive, got 0"),
         ({"attention_bias": False}, "attention_bias", "is false; gpt-oss checkpoints have attention biases"),
         ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope_scaling", "is .*; only plain RoPE"),

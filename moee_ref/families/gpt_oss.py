@@ -32,8 +32,11 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
     layer_types = cfg.get("layer_types", list, None)
     if layer_types is None:  # the released default: even layers slide
         layer_types = [LAYER_TYPES[i % 2] for i in range(num_layers)]
-    if len(layer_types) != num_layers or any(t not in LAYER_TYPES for t in layer_types):
-        raise cfg.error("layer_types", f"must list {num_layers} entries, each one of {', '.join(LAYER_TYPES)}; got {layer_types!r}")
+    if len(layer_types) != num_layers:
+        raise cfg.error("layer_types", f"has {len(layer_types)} entries for {num_layers} layers; give one per layer")
+    for i, kind in enumerate(layer_types):
+        if kind not in LAYER_TYPES:
+            raise cfg.error("layer_types", f"has {kind!r} at layer {i}; each entry must be one of {', '.join(LAYER_TYPES)}")
     window = cfg.positive("sliding_window")
     alpha, limit = cfg.get("swiglu_alpha", float, 1.702), cfg.get("swiglu_limit", float, 7.0)
     if alpha <= 0 or limit <= 0:
