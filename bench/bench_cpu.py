@@ -64,6 +64,7 @@ def family_config(family: str, layers: int) -> dict:
     """The released config.json of the family with `layers` layers and the synthetic tokenizer's special ids."""
     config = json.loads((CONFIGS / f"{family}.json").read_text())
     config["num_hidden_layers"] = layers
+    config.pop("quantization_config", None)  # the random checkpoint is written unquantized (gpt-oss's MXFP4 is not)
     if "layer_types" in config:  # gpt-oss: one entry per layer
         config["layer_types"] = config["layer_types"][:layers]
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

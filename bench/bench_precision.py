@@ -119,6 +119,7 @@ def main() -> None:
 
     config = json.loads((CONFIGS / f"{args.family}.json").read_text())
     config["num_hidden_layers"] = args.layers
+    config.pop("quantization_config", None)  # the random checkpoint is written unquantized (gpt-oss's MXFP4 is not)
     if "layer_types" in config:  # gpt-oss: one entry per layer
         config["layer_types"] = config["layer_types"][: args.layers]
     directory = Path(args.workdir) / f"{args.family}-{args.layers}layers-bf16"
