@@ -6,7 +6,7 @@ weight bytes, load time, texts/s at batch 32, ms per text at batch 1, and,
 against float32, the cosine of HS and RW rows and the share of top-k expert
 sets (token x MoE layer) that change, and batch invariance: the smallest cosine of
 a text's HS or RW alone against its row in the batch of all texts. Beside them, transformers in bf16 with
-sdpa attention, what a user would otherwise pick (needs the test extra).
+sdpa attention (eager for gpt-oss, whose sinks have no sdpa path there), what a user would otherwise pick (needs the test extra).
 
     python bench/bench_precision.py                          # OLMoE dimensions, 2 layers
     python bench/bench_precision.py --family deepseek --layers 3
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moee_ref import MoEEmbedder
+from moee_ref import MoEEmbedder, read_config
 from moee_ref.demo.checkpoints import write_random_checkpoint
 from moee_ref.families import FAMILIES
 from moee_ref.embedding.embedder import FeatureOptions
@@ -98,7 +98,9 @@ def measure_transformers(directory: Path, texts: list[str], batch1: int, reps: i
 
     tokenizer = Tokenizer.from_dir(directory)
     start = time.perf_counter()
-    model = load_hf(directory, torch.bfloat16, attn_implementation="sdpa")
+    # sdpa, what a user gets by default; gpt-oss's sinks have only transformers' eager attention
+    attention = "eager" if read_config(directory).family == "gpt_oss" else "sdpa"
+    model = load_hf(directory, torch.bfloat16, attn_implementation=attention)
     load_s = time.perf_counter() - start
     (hs, rw), rate, b1_ms = timed(lambda t: hf_features(model, tokenizer, t), texts, batch1, reps)
     result = {"weight_bytes": model_bytes(model), "load_s": load_s, "b32_texts_per_s": rate, "b1_ms": b1_ms, "hs": hs, "rw": rw}
