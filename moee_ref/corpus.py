@@ -20,6 +20,7 @@ only when complete; then the parts directory is removed.
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -98,6 +99,7 @@ class CorpusJob:
         self.manifest: dict | None = None
         self.done_rows = 0
         self.created = False  # by this process: removed again if it ends with nothing saved
+        self.started = False  # past every check: the work began
         self._lock = None
         if resume:
             if not self.parts.exists():
@@ -107,6 +109,10 @@ class CorpusJob:
                 )
             self._take_lock()
             self.manifest = self._read_manifest()
+            # The output's temporary file of a run killed while writing it (outputs.atomic_path): this job's, since
+            # the lock is held by whoever runs it.
+            for stale in self.output.parent.glob(f".{glob.escape(self.output.name)}.*.partial"):
+                stale.unlink(missing_ok=True)
         elif self.parts.exists():
             raise ResumeError(
                 f"{self.parts} holds an unfinished job for {output}: pass --resume to continue it, "
@@ -160,6 +166,7 @@ class CorpusJob:
     def start(self, identity: dict, rows: int, stores: str, width: int) -> None:
         """Create the parts directory and its manifest (a new job), or check a resumed one's layout."""
         layout = {"rows": rows, "stores": stores, "width": width}
+        self.started = True
         if self.manifest is not None:
             self.check(layout)  # the same identity gives the same layout; a difference means a damaged manifest
             return
@@ -250,7 +257,7 @@ class CorpusJob:
         """After an error: a job this process started and saved nothing of is removed; saved work is kept and said."""
         if self.created and not self.saved_rows():
             self.remove()
-        elif self.manifest is not None and self.parts.is_dir() and self.saved_rows():
+        elif self.started and self.parts.is_dir() and self.saved_rows():  # not after a refusal: nothing ran
             self.log(f"note: {self.saved_rows()} of {self.manifest['rows']} rows are saved in {self.parts}; "
                      "after fixing the cause, run the same command with --resume")
         self.close()
@@ -413,7 +420,7 @@ def _load_verified(data_path: Path, record_path: Path, shape: tuple[int, int]) -
 
 
 def _shown(value) -> str:
-    return "absent" if value is None else json.dumps(value)
+    return json.dumps(value)
 
 
 def disk_needed(rows: int, width: int, texts: int, dim: int, fmt: str, text_bytes: int) -> int:
