@@ -91,6 +91,10 @@ def cmd_embed(ns) -> int:
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise UsageError(f"--mode official reproduces the authors' code and takes no {flags}")
+    if ns.engine == "ray":
+        return embed_on_ray(ns, fmt, options)
+    if ns.ray_address or ns.workers is not None or ns.cpus_per_worker is not None:
+        raise UsageError("--ray-address, --workers and --cpus-per-worker are options of --engine ray")
     if ns.chunk_size is not None and ns.chunk_size % ns.batch_size:
         raise UsageError(f"--chunk-size {ns.chunk_size} is not a multiple of --batch-size {ns.batch_size} (a chunk is whole batches)")
     job = CorpusJob(ns.output, resume=ns.resume, chunk_size=ns.chunk_size)  # the output checked before hours of work
@@ -159,6 +163,36 @@ def cmd_embed(ns) -> int:
     print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims{alpha}) in {report.dtype} -> {ns.output}", file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def embed_on_ray(ns, fmt: str, options) -> int:
+    """The same job on Ray Data (distributed.py): a local Ray runtime, or the cluster at --ray-address."""
+    from .data import read_texts
+    from .distributed import embed_dataset, gather, ray_runtime, require_ray, texts_dataset
+    from .outputs import check_output_path, write_embeddings
+
+    refused = [flag for flag, given in (("--resume", ns.resume), ("--chunk-size", ns.chunk_size is not None),
+                                        ("--mode official", ns.mode == "official"), ("--alpha auto", ns.alpha == "auto"),
+                                        ("--memory-budget", ns.memory_budget is not None)) if given]
+    if refused:
+        raise UsageError(f"--engine ray takes no {', '.join(refused)} (Ray retries failed work itself; batches are "
+                         "embedded apart, so nothing chosen over the whole corpus; every worker holds the model)")
+    require_ray()
+    check_output_path(ns.output)  # before the cluster and the model, not after
+    texts = read_texts(ns.input, ns.field)
+    workers, cpus = ns.workers or 1, ns.cpus_per_worker or 1
+    opts = {k: v for k, v in vars(options).items() if k != "prompt"}
+    with ray_runtime(ns.ray_address, workers * cpus, progress_wanted(ns) is not False and len(texts) >= 256):
+        dataset = embed_dataset(
+            texts_dataset(texts, 4 * workers), ns.model, kind=ns.kind, workers=workers, cpus_per_worker=cpus,
+            batch_size=ns.batch_size, dtype=ns.dtype or "auto", int8=ns.int8, share_prefix=not ns.no_shared_prefix,
+            prompt=ns.prompt, alpha=ns.alpha, normalize=ns.normalize, standardizer_paths=ns.standardizer, **opts,
+        )
+        vectors = gather(dataset, len(texts))
+    write_embeddings(ns.output, vectors, fmt, texts if fmt in ("jsonl", "parquet") else None)
+    print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims) on Ray with {workers} worker(s) -> {ns.output}",
+          file=sys.stderr)
     return 0
 
 
@@ -356,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted job saved in OUT.parts")
     p.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
                    help="texts per saved chunk, a multiple of --batch-size (default: sized to about 2 minutes of work)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process, resumable (default); ray: Ray Data actors (the distributed extra)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="a running Ray cluster (default: start a local Ray runtime)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="Ray actors, each with the model (default 1)")
+    p.add_argument("--cpus-per-worker", type=positive_int, default=None, metavar="K", help="CPUs and torch threads per actor (default 1)")
     p.add_argument("--kind", choices=KINDS, default="moee-sum", help="embedding kind (default %(default)s)")
     p.add_argument("--normalize", action="store_true", help="scale every vector to unit length")
     p.add_argument("--allow-empty", action="store_true", help="embed empty lines (the prompt alone) instead of refusing them")

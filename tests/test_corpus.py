@@ -379,3 +379,18 @@ def test_parquet_without_pyarrow_is_refused_before_the_work(capsys, monkeypatch,
     code, err = embed(capsys, checkpoint, texts_file, tmp_path / "v.parquet")
     assert (code, err.strip()) == (1, f"moee embed: error: the output {tmp_path}/v.parquet: Parquet files need the optional "
                                       "pyarrow package: pip install 'moee-ref[parquet]'")
+
+
+def test_the_ray_engine_without_ray_says_how_to_install_it(capsys, monkeypatch, checkpoint, texts_file, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    code, err = embed(capsys, checkpoint, texts_file, tmp_path / "v.npy", "--engine", "ray")
+    assert (code, err.strip()) == (1, "moee embed: error: --engine ray needs the optional ray[data] package: "
+                                      "pip install 'moee-ref[distributed]'")
+    assert os.listdir(tmp_path) == ["texts.txt"]
+
+
+def test_ray_options_without_the_ray_engine_are_refused(capsys, checkpoint, texts_file, tmp_path):
+    code, err = embed(capsys, checkpoint, texts_file, tmp_path / "v.npy", "--workers", "2")
+    assert (code, err.strip()) == (2, "moee embed: error: --ray-address, --workers and --cpus-per-worker are options of "
+                                      "--engine ray (see moee embed --help)")
