@@ -187,7 +187,8 @@ def embed_on_ray(ns, fmt: str, options) -> int:
         dataset = embed_dataset(
             texts_dataset(texts, 4 * workers), ns.model, kind=ns.kind, workers=workers, cpus_per_worker=cpus,
             batch_size=ns.batch_size, dtype=ns.dtype or "auto", int8=ns.int8, share_prefix=not ns.no_shared_prefix,
-            prompt=ns.prompt, alpha=ns.alpha, normalize=ns.normalize, standardizer_paths=ns.standardizer, **opts,
+            prompt=ns.prompt, alpha=ns.alpha, normalize=ns.normalize, standardizer_paths=ns.standardizer,
+            udf_kwargs={"errors_as_rows": True}, **opts,
         )
         vectors = gather(dataset, len(texts))
     write_embeddings(ns.output, vectors, fmt, texts if fmt in ("jsonl", "parquet") else None)

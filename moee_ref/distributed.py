@@ -17,6 +17,7 @@ determinism note), not bit for bit; alpha='auto' (chosen over the whole corpus) 
 from __future__ import annotations
 
 import logging
+import re
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import errors
 from .errors import InputError, MissingExtraError, MoEERefError
 
 MISSING_RAY = "needs the optional ray[data] package: pip install 'moee-ref[distributed]'"
@@ -44,10 +46,12 @@ def require_ray(purpose: str = "--engine ray") -> None:
 
 class EmbedBatches:
     """The actors' UDF: the model is loaded once, in the constructor; each call embeds one batch of rows.
-    Subclass it to change what a batch gives (embed_dataset's udf=)."""
+    errors_as_rows: an expected error of a batch (MoEERefError) comes back in an `error` column, for gather() to
+    raise, instead of as Ray's traceback. Subclass it to change what a batch gives (embed_dataset's udf=)."""
 
     def __init__(self, model: str, *, threads: int, text_column: str, output_column: str, kind: str,
-                 embedder_options: dict, encode_options: dict, standardizer_paths: Sequence[str] | None = None):
+                 embedder_options: dict, encode_options: dict, standardizer_paths: Sequence[str] | None = None,
+                 errors_as_rows: bool = False):
         import torch
 
         from .embedding.embedder import MoEEmbedder
@@ -56,13 +60,26 @@ class EmbedBatches:
         torch.set_num_threads(threads)  # as many as the actor's CPUs: more would contend with its neighbours
         self.embedder = MoEEmbedder.from_pretrained(model, **embedder_options)
         self.text_column, self.output_column, self.kind = text_column, output_column, kind
+        self.errors_as_rows = errors_as_rows
         self.encode_options = dict(encode_options)
         if standardizer_paths:
             self.encode_options["standardizer"] = [Standardizer.load(p) for p in standardizer_paths]
 
     def __call__(self, batch: dict) -> dict:
         texts = [str(t) for t in batch[self.text_column]]
-        batch[self.output_column] = self.embedder.encode(texts, self.kind, show_progress_bar=False, **self.encode_options)
+        if not self.errors_as_rows:
+            batch[self.output_column] = self.embedder.encode(texts, self.kind, show_progress_bar=False, **self.encode_options)
+            return batch
+        # Ray passes a UDF's exception back as a UserCodeException without it, as a traceback: an expected error (a
+        # bad text, non-finite outputs) comes back in an `error` column instead, its text indices those of the corpus.
+        try:
+            batch[self.output_column] = self.embedder.encode(texts, self.kind, show_progress_bar=False, **self.encode_options)
+            batch["error"] = np.full(len(texts), "", dtype=object)
+        except MoEERefError as exc:
+            ids = batch["id"]
+            message = re.sub(r"index (\d+)", lambda m: f"index {int(ids[int(m[1])])}", str(exc))
+            batch[self.output_column] = np.zeros((len(texts), self.embedder.dimension(self.kind)), np.float32)
+            batch["error"] = np.full(len(texts), f"{type(exc).__name__}: {message}", dtype=object)
         return batch
 
 
@@ -137,8 +154,12 @@ def gather(dataset, rows: int, output_column: str = "embedding") -> np.ndarray:
     """The vectors of a Dataset with an `id` column as one float32 array in id order, checking that every id
     in range(rows) came back exactly once (a retried batch must not count twice, a lost one must not pass)."""
     vectors, seen = None, np.zeros(rows, bool)
+    failures = []
     for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
         ids = np.asarray(batch["id"], np.int64)
+        if "error" in batch and any(batch["error"]):
+            failures.append((int(ids.min()), next(e for e in batch["error"] if e)))
+            continue
         block = np.asarray(batch[output_column], np.float32)
         if vectors is None:
             vectors = np.zeros((rows, block.shape[1]), np.float32)
@@ -148,6 +169,10 @@ def gather(dataset, rows: int, output_column: str = "embedding") -> np.ndarray:
             raise MoEERefError(f"the Ray job returned row {int(ids[seen[ids]][0]) if seen[ids].any() else int(ids[0])} twice; nothing was written")
         seen[ids] = True
         vectors[ids] = block
+    if failures:  # the first batch's in input order, as the local job names the first bad text
+        name, _, message = min(failures)[1].partition(": ")
+        kind = getattr(errors, name, None)
+        raise (kind if isinstance(kind, type) and issubclass(kind, MoEERefError) else MoEERefError)(message)
     if not seen.all():
         missing = np.flatnonzero(~seen)
         raise MoEERefError(f"the Ray job returned no vector for {missing.size} rows (first: {int(missing[0])}); nothing was written")

@@ -21,6 +21,7 @@ pytest.importorskip("ray.data", reason="the Ray tests need ray[data] (the distri
 from moee_ref import MoEEmbedder, cli  # noqa: E402
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint  # noqa: E402
 from moee_ref.distributed import EmbedBatches, embed_dataset, gather, texts_dataset  # noqa: E402
+from moee_ref.errors import InputError  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
 TEXTS = [" ".join(["word"] * (1 + (i * 5) % 11) + [f"row {i}"]) for i in range(96)]
@@ -86,11 +87,11 @@ class DyingEmbed(EmbedBatches):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_two_nodes_a_killed_worker_every_row_once(checkpoint, local_vectors, tmp_path):
+def test_two_nodes_a_killed_worker_every_row_once(checkpoint, local_vectors, tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a cluster of this machine's processes needs no tokens
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
@@ -105,6 +106,12 @@ def test_two_nodes_a_killed_worker_every_row_once(checkpoint, local_vectors, tmp
             assert marker.read_text().isdigit()  # a worker process did die mid-job
         for vectors in by_workers.values():
             assert_float32_close(vectors, local_vectors)
+        # An expected error in a worker (here an empty text) comes back as itself, naming the row in the corpus.
+        gap = TEXTS[:50] + ["  "] + TEXTS[51:]
+        dataset = embed_dataset(texts_dataset(gap, 8), str(checkpoint), workers=2, batch_size=BATCH, dtype="float32",
+                                udf_kwargs={"errors_as_rows": True})
+        with pytest.raises(InputError, match=r"^text at index 50 is empty or whitespace only; remove it, or pass allow_empty=True"):
+            gather(dataset, len(gap))
     finally:
         ray.shutdown()
         cluster.shutdown()
