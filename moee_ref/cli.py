@@ -68,13 +68,20 @@ def progress_wanted(ns) -> bool | None:
 
 
 def cmd_embed(ns) -> int:
+    """A corpus job (corpus.py): chunks saved as they complete beside the output, --resume to continue one."""
+    import numpy as np
+
+    from .corpus import CorpusJob, check_disk, disk_needed, model_identity, texts_digest
     from .data import read_texts
-    from .outputs import check_output_path, output_format, write_embeddings
+    from .embedding.embedder import EncodeReport, Features, show_progress
+    from .identity import standardizer_digest
+    from .loading.checkpoint import resolve_source
+    from .outputs import output_format, write_embeddings
 
     fmt = output_format(ns.output, ns.format)
-    check_output_path(ns.output)  # before hours of embedding, not after
     options = feature_options(ns)
-    if ns.mode == "official":
+    official = ns.mode == "official"
+    if official:
         # The authors' code has none of these; silently dropping one would give vectors the user did not ask for.
         from .embedding.embedder import FeatureOptions
 
@@ -84,25 +91,109 @@ def cmd_embed(ns) -> int:
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise UsageError(f"--mode official reproduces the authors' code and takes no {flags}")
-    texts = read_texts(ns.input, ns.field)
-    embedder = load_embedder(ns)
-    common = dict(kind=ns.kind, alpha=ns.alpha, batch_size=ns.batch_size, normalize=ns.normalize, show_progress_bar=progress_wanted(ns))
-    if ns.mode == "official":
-        from .official import encode_official
+    if ns.engine == "ray":
+        return embed_on_ray(ns, fmt, options)
+    if ns.ray_address or ns.workers is not None or ns.cpus_per_worker is not None:
+        raise UsageError("--ray-address, --workers and --cpus-per-worker are options of --engine ray")
+    if ns.chunk_size is not None and ns.chunk_size % ns.batch_size:
+        raise UsageError(f"--chunk-size {ns.chunk_size} is not a multiple of --batch-size {ns.batch_size} (a chunk is whole batches)")
+    job = CorpusJob(ns.output, resume=ns.resume, chunk_size=ns.chunk_size)  # the output checked before hours of work
+    try:
+        texts = read_texts(ns.input, ns.field)
+        standardizer = load_standardizers(ns.standardizer)
+        settings = {"mode": ns.mode, "kind": ns.kind, "alpha": ns.alpha, "normalize": ns.normalize, "batch_size": ns.batch_size,
+                    **{k: (list(v) if k == "rw_layers" and v is not None else v) for k, v in vars(options).items()},
+                    "standardizer": standardizer_digest(standardizer) if standardizer else None,
+                    "whole_prompts": ns.no_shared_prefix}
+        identity = {"input": {"texts": len(texts), "sha256": texts_digest(texts)}, "settings": settings}
+        if job.manifest is not None:  # a resume: another model, input or options refused before the model is loaded
+            job.check({"model": model_identity(resolve_source(ns.model)), **identity})
+        embedder = load_embedder(ns)
+        model = embedder.model
+        identity = {"model": model_identity(model.source_dir), **identity}
+        # What loading decided (the auto dtype, int8 or streamed where memory is short): each changes the vectors.
+        identity["computed"] = {"dtype": str(model.dtype).removeprefix("torch."), "int8": bool(getattr(model, "int8", False)),
+                                "streamed": embedder.streamed, "device": str(getattr(model, "device", "cpu"))}
+        job.check({"computed": identity["computed"]})
+        if official:
+            order, truncated, width = list(range(len(texts))), 0, embedder.dimension(ns.kind)
+        else:
+            order, truncated = embedder.corpus_order(texts, options)
+            width = embedder.dimension("moee-concat", options.rw_layers)
+        dim = embedder.dimension(ns.kind, None if official else options.rw_layers)
+        check_disk(job.output.parent, disk_needed(len(order), width, len(texts), dim, fmt, sum(len(t.encode()) for t in texts)))
+        job.start(identity, len(order), "vectors" if official else "features", width)
 
-        vectors = encode_official(embedder, texts, prompt=ns.prompt, **common)
-    else:
-        opts = {k: v for k, v in vars(options).items() if k not in ("prompt", "max_length", "truncation")}
-        vectors = embedder.encode(
-            texts, prompt=options.prompt, max_length=options.max_length, truncation=options.truncation,
-            standardizer=load_standardizers(ns.standardizer), **common, **opts,
-        )
-    write_embeddings(ns.output, vectors, fmt, texts if fmt == "jsonl" else None)
-    report = embedder.last_report
+        def compute(start: int, end: int):
+            rows = order[start:end]
+            chunk = [texts[i] for i in rows]
+            if official:
+                from .official import encode_official
+
+                return encode_official(embedder, chunk, ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size,
+                                       normalize=ns.normalize, show_progress_bar=False)
+            feats = embedder.features(chunk, options, batch_size=ns.batch_size, show_progress_bar=False, row_names=rows)
+            return np.concatenate([feats.hs, feats.rw], axis=1)
+
+        chunks = job.run(len(order), ns.batch_size, compute, streamed=embedder.streamed,
+                         show_progress=show_progress(progress_wanted(ns), len(texts)))
+        stacked = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+        if official:
+            vectors = np.zeros((len(texts), width), np.float32)
+            vectors[order] = stacked
+            report = EncodeReport(num_texts=len(texts), alpha=float(ns.alpha) if ns.kind == "moee-sum" else None,
+                                  dtype=identity["computed"]["dtype"], dtype_reason=getattr(model, "dtype_reason", None))
+        else:
+            hidden = embedder.args.hidden_size
+            hs = np.zeros((len(texts), hidden), np.float32)
+            rw = np.zeros((len(texts), width - hidden), np.float32)
+            hs[order], rw[order] = stacked[:, :hidden], stacked[:, hidden:]  # texts with no token stay zero
+            vectors = embedder.vectors_from_features(Features(hs, rw, truncated), ns.kind, options, alpha=ns.alpha,
+                                                     batch_size=ns.batch_size, normalize=ns.normalize, standardizer=standardizer)
+            report = embedder.last_report
+        write_embeddings(ns.output, vectors, fmt, texts if fmt in ("jsonl", "parquet") else None)
+    except (Stopped, KeyboardInterrupt) as exc:
+        exc.detail = job.stopped_detail()
+        raise
+    except BaseException:
+        job.failed()
+        raise
+    job.remove()
     alpha = f", alpha {report.alpha:.4g}" if report.alpha is not None else ""
     print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims{alpha}) in {report.dtype} -> {ns.output}", file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def embed_on_ray(ns, fmt: str, options) -> int:
+    """The same job on Ray Data (distributed.py): a local Ray runtime, or the cluster at --ray-address."""
+    from .data import read_texts
+    from .distributed import embed_dataset, gather, ray_runtime, require_ray, texts_dataset
+    from .outputs import check_output_path, write_embeddings
+
+    refused = [flag for flag, given in (("--resume", ns.resume), ("--chunk-size", ns.chunk_size is not None),
+                                        ("--mode official", ns.mode == "official"), ("--alpha auto", ns.alpha == "auto"),
+                                        ("--memory-budget", ns.memory_budget is not None)) if given]
+    if refused:
+        raise UsageError(f"--engine ray takes no {', '.join(refused)} (Ray retries failed work itself; batches are "
+                         "embedded apart, so nothing chosen over the whole corpus; every worker holds the model)")
+    require_ray()
+    check_output_path(ns.output)  # before the cluster and the model, not after
+    texts = read_texts(ns.input, ns.field)
+    workers, cpus = ns.workers or 1, ns.cpus_per_worker or 1
+    opts = {k: v for k, v in vars(options).items() if k != "prompt"}
+    with ray_runtime(ns.ray_address, workers * cpus, progress_wanted(ns) is not False and len(texts) >= 256):
+        dataset = embed_dataset(
+            texts_dataset(texts, 4 * workers), ns.model, kind=ns.kind, workers=workers, cpus_per_worker=cpus,
+            batch_size=ns.batch_size, dtype=ns.dtype or "auto", int8=ns.int8, share_prefix=not ns.no_shared_prefix,
+            prompt=ns.prompt, alpha=ns.alpha, normalize=ns.normalize, standardizer_paths=ns.standardizer,
+            udf_kwargs={"errors_as_rows": True}, **opts,
+        )
+        vectors = gather(dataset, len(texts))
+    write_embeddings(ns.output, vectors, fmt, texts if fmt in ("jsonl", "parquet") else None)
+    print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims) on Ray with {workers} worker(s) -> {ns.output}",
+          file=sys.stderr)
     return 0
 
 
@@ -288,12 +379,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    p = commands.add_parser("embed", help="embed texts (one per line, or a JSONL field) into .npy or .jsonl")
+    p = commands.add_parser("embed", help="embed texts (lines, a JSONL field, a CSV or Parquet column) into .npy, .jsonl or .parquet")
     add_model(p)
-    p.add_argument("--input", required=True, metavar="FILE|-", help="texts, one per line ('-' for stdin); .jsonl files are read by --field")
-    p.add_argument("--field", default=None, help="JSONL field holding the text (default 'text' for .jsonl input)")
-    p.add_argument("--output", required=True, metavar="OUT", help="output file; written under a temporary name and renamed when complete")
-    p.add_argument("--format", choices=["npy", "jsonl"], default=None, help="output format (default: from the output name)")
+    p.add_argument("--input", required=True, metavar="FILE|-",
+                   help="texts, one per line ('-' for stdin); .jsonl, .csv and .parquet files are read by --text-field")
+    p.add_argument("--text-field", "--field", dest="field", default=None,
+                   help="JSONL field or CSV/Parquet column holding the text (default 'text' for those inputs)")
+    p.add_argument("--output", required=True, metavar="OUT",
+                   help="output file; written under a temporary name and renamed when complete; the work is saved in OUT.parts as it goes")
+    p.add_argument("--format", choices=["npy", "jsonl", "parquet"], default=None, help="output format (default: from the output name)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted job saved in OUT.parts")
+    p.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
+                   help="texts per saved chunk, a multiple of --batch-size (default: sized to about 2 minutes of work)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process, resumable (default); ray: Ray Data actors (the distributed extra)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="a running Ray cluster (default: start a local Ray runtime)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="Ray actors, each with the model (default 1)")
+    p.add_argument("--cpus-per-worker", type=positive_int, default=None, metavar="K", help="CPUs and torch threads per actor (default 1)")
     p.add_argument("--kind", choices=KINDS, default="moee-sum", help="embedding kind (default %(default)s)")
     p.add_argument("--normalize", action="store_true", help="scale every vector to unit length")
     p.add_argument("--allow-empty", action="store_true", help="embed empty lines (the prompt alone) instead of refusing them")
@@ -376,11 +478,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"moee {command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"moee {command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        detail = getattr(exc, "detail", None)  # a corpus job's: what is saved and how to resume
+        print(f"moee {command}: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
         return 130
     except Stopped as exc:
-        print(f"moee {command}: stopped by {exc}; nothing was left half-written", file=sys.stderr)
+        print(f"moee {command}: stopped by {exc}; {getattr(exc, 'detail', None) or 'nothing was left half-written'}", file=sys.stderr)
         return 128 + exc.signum  # the shell's code for a process ended by that signal
 
 

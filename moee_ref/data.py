@@ -66,8 +66,14 @@ def _lines(content: str) -> list[str]:
 
 
 def read_texts(path: str, field: str | None = None) -> list[str]:
-    """One text per line; with `field` (or a .jsonl name) each line is a JSON object and field names its text."""
+    """One text per line; with `field` (or a .jsonl name) each line is a JSON object and field names its text.
+    A .csv file (a header line, then rows) or a .parquet file gives the column `field` (default 'text')."""
+    suffix = Path(path).suffix.lower() if path != "-" else ""
+    if suffix == ".parquet":
+        return _parquet_column(path, field or "text")
     content, name = _read_text(path)
+    if suffix == ".csv":
+        return _csv_column(content, name, field or "text")
     if field is None and name.lower().endswith(".jsonl"):
         field = "text"
     lines = _lines(content)
@@ -85,6 +91,54 @@ def read_texts(path: str, field: str | None = None) -> list[str]:
             raise InputError(f"{name}, line {number}: field {field!r} is {type(value).__name__}, not a string")
         texts.append(value)
     return texts
+
+
+def _csv_column(content: str, name: str, column: str) -> list[str]:
+    reader = csv.reader(io.StringIO(content))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise InputError(f"{name}: empty file; expected a header line naming the column {column!r}") from None
+    except csv.Error as exc:
+        raise InputError(f"{name}, line 1: {exc}") from exc
+    if column not in header:
+        raise InputError(f"{name}, line 1: no column {column!r} (columns: {', '.join(header)}); name the text column with --text-field")
+    at, texts = header.index(column), []
+    try:
+        for values in reader:
+            if not values:  # a blank line
+                continue
+            if len(values) != len(header):
+                raise InputError(f"{name}, line {reader.line_num}: {len(values)} fields, the header has {len(header)}")
+            texts.append(values[at])
+    except csv.Error as exc:
+        raise InputError(f"{name}, line {reader.line_num}: {exc}") from exc
+    return texts
+
+
+def _parquet_column(path: str, column: str) -> list[str]:
+    from .outputs import require_pyarrow
+
+    require_pyarrow(f"reading {path}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{path}: no such file" if not file.exists() else f"{path} is not a file; give the Parquet file that holds the input")
+    try:
+        schema = pq.read_schema(file)
+        if column not in schema.names:
+            raise InputError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); name the text column with --text-field")
+        if not (pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)):
+            raise InputError(f"{path}: column {column!r} holds {schema.field(column).type}, not strings")
+        values = pq.read_table(file, columns=[column]).column(column)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if values.null_count:
+        first = values.is_null().to_pylist().index(True)
+        raise InputError(f"{path}: column {column!r} is null at row {first} ({values.null_count} nulls); fill or drop those rows")
+    return values.to_pylist()
 
 
 def read_pairs(path: str, fmt: str | None = None, require_scores: bool = True) -> Pairs:

@@ -26,6 +26,10 @@ class ModelNotFoundError(CheckpointError):
     """A hub id could not be resolved (offline, or no such repository) and no local copy exists."""
 
 
+class MissingExtraError(MoEERefError):
+    """An optional dependency (an extra of moee-ref) is not installed."""
+
+
 class InputError(MoEERefError, ValueError):
     """Bad model or embedding input: token ids, batch shape, texts, options."""
 

@@ -13,7 +13,17 @@ import numpy as np
 
 from .errors import InputError
 
-OUTPUT_FORMATS = ("npy", "jsonl")
+OUTPUT_FORMATS = ("npy", "jsonl", "parquet")
+MISSING_PYARROW = "Parquet files need the optional pyarrow package: pip install 'moee-ref[parquet]'"
+
+
+def require_pyarrow(purpose: str) -> None:
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        from .errors import MissingExtraError
+
+        raise MissingExtraError(f"{purpose}: {MISSING_PYARROW}") from None
 
 
 @contextmanager
@@ -90,10 +100,14 @@ def default_file_mode() -> int:
 def write_embeddings(path: str | os.PathLike, vectors: np.ndarray, fmt: str, texts: list[str] | None = None) -> None:
     if fmt not in OUTPUT_FORMATS:
         raise InputError(f"unknown output format {fmt!r}; choose {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "parquet" and texts is None:
+        raise InputError("a Parquet output holds each text's sha256: pass the texts")
     with atomic_path(path) as tmp:
         if fmt == "npy":
             with open(tmp, "wb") as handle:
                 np.save(handle, vectors.astype(np.float32), allow_pickle=False)
+        elif fmt == "parquet":
+            _write_parquet(tmp, vectors, texts)
         else:
             with open(tmp, "w", encoding="utf-8") as handle:
                 for i, vector in enumerate(vectors):
@@ -103,11 +117,29 @@ def write_embeddings(path: str | os.PathLike, vectors: np.ndarray, fmt: str, tex
                     handle.write(json.dumps(record) + "\n")
 
 
+def _write_parquet(path: Path, vectors: np.ndarray, texts: list[str]) -> None:
+    """Columns id (the row's index in the input), text_sha256 (hex) and embedding (a fixed-size list of float32)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    table = pa.table({
+        "id": pa.array(np.arange(len(vectors), dtype=np.int64)),
+        "text_sha256": pa.array([hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts], pa.string()),
+        "embedding": embedding,
+    })
+    pq.write_table(table, path)
+
+
 def output_format(path: str, fmt: str | None) -> str:
-    """--format, or the output file's suffix (.npy / .jsonl)."""
-    if fmt:
-        return fmt
-    suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix in OUTPUT_FORMATS:
-        return suffix
-    raise InputError(f"{path}: cannot tell the output format from the name; pass --format npy or --format jsonl")
+    """--format, or the output file's suffix (.npy / .jsonl / .parquet); parquet only where pyarrow is installed."""
+    if not fmt:
+        fmt = Path(path).suffix.lower().lstrip(".")
+        if fmt not in OUTPUT_FORMATS:
+            raise InputError(f"{path}: cannot tell the output format from the name; pass --format npy, jsonl or parquet")
+    if fmt == "parquet":
+        require_pyarrow(f"the output {path}")  # before the work, not after it
+    return fmt

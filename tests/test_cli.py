@@ -488,7 +488,7 @@ def test_embed_checks_the_output_before_embedding(ckpts, error_files, monkeypatc
     monkeypatch.setattr(cli, "load_embedder", no_model)
     w = error_files
     for output, message in [
-        (["--output", w / "vectors.bin"], f"{w}/vectors.bin: cannot tell the output format from the name; pass --format npy or --format jsonl"),
+        (["--output", w / "vectors.bin"], f"{w}/vectors.bin: cannot tell the output format from the name; pass --format npy, jsonl or parquet"),
         (["--output", w / "no-dir" / "out.npy"], f"{w}/no-dir: no such directory for the output"),
         (["--output", w / "empty-dir", "--format", "npy"], f"{w}/empty-dir is a directory; give a file name for the output"),
     ]:

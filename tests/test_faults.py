@@ -64,55 +64,87 @@ def smallest_budget(directory: Path) -> int:
 # 1. Stop signals: SIGTERM and SIGHUP clean up as Ctrl-C does
 
 
-# Runs `moee embed` in a fresh process and sends it `signal` at a chosen moment: while the activations are
-# spilled (the first write to the spill file), or half-way through writing the output file.
+# Runs `moee embed` in a fresh process and sends it `signal` (twice with "twice") at a chosen moment: while the
+# activations are spilled (the first write to the spill file), or half-way through writing the output file.
 SIGNAL_SCRIPT = textwrap.dedent("""
-    import os, signal, sys, time
+    import io, os, signal, sys, time
     import numpy as np
     from moee_ref import cli
     from moee_ref.loading import streamed
 
-    where, sig = sys.argv[1], getattr(signal, sys.argv[2])
+    where, sig, times = sys.argv[1], getattr(signal, sys.argv[2]), int(sys.argv[3])
+    sent = []
 
     def hit(*args, **kwargs):
-        os.kill(os.getpid(), sig)
-        time.sleep(60)  # the handler raises during the sleep
-        raise AssertionError("the signal never arrived")
+        if not sent:
+            sent.append(True)
+            for _ in range(times):
+                os.kill(os.getpid(), sig)
+                time.sleep(0.5)  # the handler runs during the sleep
+            if times > 1 or where == "output":
+                raise AssertionError("the signal did not stop the job at once")
+        return real(*args, **kwargs)
 
     if where == "spill":
+        real = streamed.ActivationStore.put
         streamed.ActivationStore.put = hit
     else:
         real_save = np.save
+        def real(handle, array, allow_pickle):
+            return real_save(handle, array, allow_pickle=allow_pickle)
         def half_then_hit(handle, array, allow_pickle):
+            if isinstance(handle, io.BytesIO):  # a chunk, saved in memory first
+                return real_save(handle, array, allow_pickle=allow_pickle)
             handle.write(b"\\x93NUMPY half an array")
             handle.flush()
-            hit()
+            hit(handle, array, allow_pickle)
         np.save = half_then_hit
-    sys.exit(cli.main(sys.argv[3:]))
+    sys.exit(cli.main(sys.argv[4:]))
 """)
 
 
-@pytest.mark.parametrize("where, signame", [
-    ("spill", "SIGTERM"), ("spill", "SIGHUP"), ("output", "SIGTERM"), ("output", "SIGHUP"), ("spill", "SIGKILL"),
+def embed_args(checkpoint, texts_file, output, spill_dir, *more):
+    return ["embed", "--model", checkpoint, "--input", texts_file, "--output", output, "--kind", "hs", "--dtype", "float32",
+            "--batch-size", str(BATCH), "--chunk-size", str(2 * BATCH), "--no-progress",
+            "--memory-budget", str(smallest_budget(checkpoint)), "--spill-dir", spill_dir, *more]
+
+
+@pytest.mark.parametrize("where, signame, times", [
+    ("spill", "SIGTERM", 1), ("spill", "SIGHUP", 1), ("spill", "SIGTERM", 2), ("spill", "SIGINT", 2),
+    ("output", "SIGTERM", 1), ("output", "SIGHUP", 1), ("spill", "SIGKILL", 1),
 ])
-def test_stop_signal_leaves_no_partial_output_and_no_spill_file(checkpoint, tmp_path, texts_file, where, signame):
+def test_stop_signal_leaves_no_partial_output_and_no_spill_file(checkpoint, tmp_path, texts_file, where, signame, times):
+    """One stop signal: the chunk in flight is finished and saved, then the job stops, resumable (during the final
+    write: the output's temporary file is removed). A second: the job stops at once, the chunk in flight lost."""
     out_dir, spill_dir = tmp_path / "out", tmp_path / "spill"
     out_dir.mkdir(), spill_dir.mkdir()
-    output = out_dir / "vectors.npy"
-    proc = subprocess.run(
-        [sys.executable, "-c", SIGNAL_SCRIPT, where, signame, "embed", "--model", checkpoint, "--input", texts_file,
-         "--output", output, "--kind", "hs", "--dtype", "float32", "--batch-size", str(BATCH), "--no-progress",
-         "--memory-budget", str(smallest_budget(checkpoint)), "--spill-dir", spill_dir],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )
+    output, parts = out_dir / "vectors.npy", out_dir / "vectors.npy.parts"
+    args = [str(a) for a in embed_args(checkpoint, texts_file, output, spill_dir)]
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, where, signame, str(times), *args],
+                          capture_output=True, text=True, env=ENV, timeout=300)
     signum = getattr(signal, signame)
     assert os.listdir(spill_dir) == []  # even after SIGKILL: the spill file's name went when it was mapped
     if signum == signal.SIGKILL:  # nothing runs after it; only the spill file's early unlinking holds
         assert proc.returncode == -signal.SIGKILL
         return
-    assert proc.returncode == 128 + signum, proc.stderr
-    assert proc.stderr.splitlines()[-1] == f"moee embed: stopped by {signame}; nothing was left half-written"
-    assert os.listdir(out_dir) == []  # neither the output nor its temporary file
+    assert proc.returncode == (130 if signum == signal.SIGINT else 128 + signum), proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    if times == 2:  # stopped in the first chunk, at once: nothing saved, nothing left
+        stop = "interrupted" if signum == signal.SIGINT else f"stopped by {signame}"
+        assert last == f"moee embed: {stop}; nothing was left half-written"
+        assert os.listdir(out_dir) == []
+        return
+    if where == "spill":
+        assert last == f"moee embed: stopped by {signame}; 16 of 40 rows are saved in {parts}: run the same command with --resume to continue"
+    else:
+        assert last == f"moee embed: stopped by {signame}; all 40 rows are saved in {parts}: the same command with --resume writes the output"
+    assert os.listdir(out_dir) == [parts.name]  # neither the output nor its temporary file
+    resumed = subprocess.run([sys.executable, "-m", "moee_ref.cli", *args, "--resume"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    reference = out_dir / "reference.npy"
+    assert cli.main([str(a) for a in embed_args(checkpoint, texts_file, reference, spill_dir)]) == 0
+    assert output.read_bytes() == reference.read_bytes()
+    assert sorted(os.listdir(out_dir)) == ["reference.npy", "vectors.npy"]
 
 
 def test_an_ignored_stop_signal_stays_ignored():

@@ -230,6 +230,17 @@ class MoEEmbedder:
             texts = texts.tolist()  # each item is still checked to be a str
         options = FeatureOptions.from_keywords(feature_options, self.encode, prompt=prompt, max_length=max_length, truncation=truncation)
         feats = self.features(texts, options, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        vectors = self.vectors_from_features(feats, kind, options, alpha=alpha, alpha_pairs=alpha_pairs, batch_size=batch_size,
+                                             normalize=normalize or normalize_embeddings, standardizer=standardizer)
+        return vectors[0] if single else vectors
+
+    def vectors_from_features(
+        self, feats: Features, kind: str, options: FeatureOptions, *, alpha=1.0, alpha_pairs=None, batch_size: int | None = None,
+        normalize: bool = False, standardizer=None,
+    ) -> np.ndarray:
+        """encode()'s vectors from the features() of all its texts (corpus.py computes those chunk by chunk).
+        Row by row except alpha='auto', which is chosen over the pairs among all the rows."""
+        check_kind(kind)
         report = EncodeReport(num_texts=len(feats.hs), num_truncated=feats.num_truncated)
         if feats.num_truncated:
             report.notes.append(f"{feats.num_truncated} of {len(feats.hs)} texts were truncated to max_length")
@@ -242,8 +253,7 @@ class MoEEmbedder:
         report.dtype_reason = getattr(self.model, "dtype_reason", None)
         self.last_report = report
         vectors = combine(hs, rw, kind, alpha_value)
-        vectors = normalize_rows(vectors) if normalize or normalize_embeddings else vectors
-        return vectors[0] if single else vectors
+        return normalize_rows(vectors) if normalize else vectors
 
     def get_sentence_embedding_dimension(self, kind: str = "moee-sum") -> int:
         """Width of encode()'s vectors for `kind` (sentence-transformers' name for dimension())."""
@@ -267,8 +277,10 @@ class MoEEmbedder:
         *,
         batch_size: int | None = None,
         show_progress_bar: bool | None = None,
+        row_names: Sequence[int] | None = None,
     ) -> Features:
-        """HS and RW for every text, computed batch by batch in length order and returned in input order."""
+        """HS and RW for every text, computed batch by batch in length order and returned in input order.
+        row_names: the index an error names each text by (corpus.py's chunks: its row in the whole corpus)."""
         options = options or FeatureOptions()
         options.check()
         texts = _check_texts(texts, options.allow_empty)
@@ -277,7 +289,50 @@ class MoEEmbedder:
         if not texts:
             d_rw = len(rw_positions) * self.args.num_experts
             return Features(np.zeros((0, self.args.hidden_size), np.float32), np.zeros((0, d_rw), np.float32))
+        template, sequences, too_long = self._sequences(texts, options)
 
+        hs = np.zeros((len(texts), self.args.hidden_size), np.float32)
+        rw = np.zeros((len(texts), len(rw_positions) * self.args.num_experts), np.float32)
+        # A text that gives no token at all (empty, no prompt, no BOS; only with allow_empty) keeps a zero
+        # vector: cosine 0 to everything, never NaN.
+        order = _length_order(sequences)
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        prefix = shared_prefix_ids(self.tokenizer, template) if self.share_prefix and options.pooling == "last" else None
+        batch_sequences, continues = [], []
+        for rows in batches:
+            seqs = [sequences[i] for i in rows]
+            # A text can merge with the prompt's shared prefix into other tokens: such a batch runs whole.
+            shared = prefix is not None and all(starts_with(seq, prefix) for seq in seqs)
+            batch_sequences.append([seq[len(prefix) :] for seq in seqs] if shared else seqs)
+            continues.append(shared)
+        if options.hs_layer == "mean" and not self.model.layer_states_available:
+            raise InputError("hs_layer='mean' is not available in the layer-streamed mode; use hs_layer='last'")
+        padded = [self.tokenizer.pad(seqs, padding_side="left") for seqs in batch_sequences]
+        pooled = self._run_batches(
+            [(batch.input_ids, batch.attention_mask) for batch in padded], options, rw_positions,
+            show_progress_bar=show_progress(show_progress_bar, len(texts)), prefix_ids=None if prefix is None else list(prefix),
+            continues=continues, texts_of=batches if row_names is None else [[row_names[i] for i in rows] for rows in batches],
+        )
+        for rows, (batch_hs, batch_rw) in zip(batches, pooled):
+            hs[rows], rw[rows] = batch_hs, batch_rw
+        return Features(hs, rw, num_truncated=len(too_long))
+
+    def corpus_order(self, texts: Sequence[str], options: FeatureOptions) -> tuple[list[int], int]:
+        """(rows, number truncated): the texts' indices in the order features() batches them, texts that give no
+        token left out, after the checks features() makes (empty or over-long texts refused).
+
+        features() of the texts at rows[i:j], in that order, batches them exactly as features() of all the texts
+        batches that stretch when i and j are multiples of the batch size: corpus.py computes a corpus in such
+        chunks with the very batches, so the very vectors, of one call."""
+        options.check()
+        texts = _check_texts(texts, options.allow_empty)
+        if not texts:
+            return [], 0
+        _, sequences, too_long = self._sequences(texts, options)
+        return _length_order(sequences), len(too_long)
+
+    def _sequences(self, texts: list[str], options: FeatureOptions) -> tuple[str, list[list[int]], list[int]]:
+        """(template, token ids of every prompted text cut to max_length, indices of the texts that were cut)."""
         template = resolve_prompt(options.prompt)
         limit = self.args.max_position_embeddings
         max_length = options.max_length if options.max_length is not None else limit
@@ -295,34 +350,7 @@ class MoEEmbedder:
             )
         for i in too_long:
             sequences[i] = self._truncate_inside_prompt(template, texts[i], max_length, options.truncation, i)
-
-        hs = np.zeros((len(texts), self.args.hidden_size), np.float32)
-        rw = np.zeros((len(texts), len(rw_positions) * self.args.num_experts), np.float32)
-        # A text that gives no token at all (empty, no prompt, no BOS; only with allow_empty) keeps a zero
-        # vector: cosine 0 to everything, never NaN.
-        nonempty = [i for i in range(len(texts)) if sequences[i]]
-        # Longest first: the first batch shows at once whether memory suffices, and similar lengths share a batch.
-        order = sorted(nonempty, key=lambda i: -len(sequences[i]))
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        prefix = shared_prefix_ids(self.tokenizer, template) if self.share_prefix and options.pooling == "last" else None
-        batch_sequences, continues = [], []
-        for rows in batches:
-            seqs = [sequences[i] for i in rows]
-            # A text can merge with the prompt's shared prefix into other tokens: such a batch runs whole.
-            shared = prefix is not None and all(starts_with(seq, prefix) for seq in seqs)
-            batch_sequences.append([seq[len(prefix) :] for seq in seqs] if shared else seqs)
-            continues.append(shared)
-        if options.hs_layer == "mean" and not self.model.layer_states_available:
-            raise InputError("hs_layer='mean' is not available in the layer-streamed mode; use hs_layer='last'")
-        padded = [self.tokenizer.pad(seqs, padding_side="left") for seqs in batch_sequences]
-        pooled = self._run_batches(
-            [(batch.input_ids, batch.attention_mask) for batch in padded], options, rw_positions,
-            show_progress_bar=show_progress(show_progress_bar, len(texts)), prefix_ids=None if prefix is None else list(prefix),
-            continues=continues, texts_of=batches,
-        )
-        for rows, (batch_hs, batch_rw) in zip(batches, pooled):
-            hs[rows], rw[rows] = batch_hs, batch_rw
-        return Features(hs, rw, num_truncated=len(too_long))
+        return template, sequences, too_long
 
     def _run_batches(self, batches, options: FeatureOptions, rw_positions: list[int], *, position_ids=None,
                      show_progress_bar: bool = False, prefix_ids=None, continues=None, texts_of=None):
@@ -638,6 +666,12 @@ def positive_int(name: str, value) -> int:
 
 def _options_dict(options: FeatureOptions) -> dict:
     return {k: getattr(options, k) for k in FeatureOptions.__dataclass_fields__}
+
+
+def _length_order(sequences: list[list[int]]) -> list[int]:
+    """Longest first: the first batch shows at once whether memory suffices, and similar lengths share a batch.
+    Equal lengths stay in input order (a stable sort), so any run of this order sorts to itself again."""
+    return sorted((i for i in range(len(sequences)) if sequences[i]), key=lambda i: -len(sequences[i]))
 
 
 def show_progress(show: bool | None, num_texts: int) -> bool:
