@@ -587,7 +587,8 @@ def test_mode_and_unknown_options_are_refused(olmoe):
                        r"moee_ref\.encode_official\(embedder, texts, kind, \.\.\.\)$"):
         olmoe.encode(TEXTS[:2], "hs", mode="official")
     takes = ("texts, kind, prompt, alpha, alpha_pairs, batch_size, max_length, truncation, normalize, standardizer, "
-             "show_progress_bar, normalize_embeddings, pooling, hs_layer, rw_values, rw_layers, allow_empty")
+             "show_progress_bar, normalize_embeddings, prompt_name, truncate_dim, precision, convert_to_numpy, "
+             "convert_to_tensor, pooling, hs_layer, rw_values, rw_layers, allow_empty")
     with pytest.raises(InputError, match=rf"^encode\(\) got unknown option\(s\) 'poolling' \(did you mean 'pooling'\?\); it takes {takes}$"):
         olmoe.encode(TEXTS[:2], "hs", poolling="mean")
     with pytest.raises(InputError, match=r"^select_alpha\(\) got unknown option\(s\) 'stride', 'x'; "):
@@ -648,3 +649,67 @@ def test_sentence_transformers_conventions(olmoe):
     assert olmoe.max_seq_length == olmoe.args.max_position_embeddings
     with pytest.raises(InputError, match="text at index 1 is int, not str"):
         olmoe.encode(np.array(["a", 1], dtype=object), "hs")
+
+
+# --- sentence-transformers conventions: named prompts, output types, precision ---------------------
+
+
+def test_named_prompts_prefixes_templates_and_names(olmoe):
+    """prompts as sentence-transformers has them: a prefix becomes prefix + {text}; templates and built-in
+    names are kept; encode_query/encode_document pick their entry, default_prompt_name applies otherwise."""
+    texts = TEXTS[:3]
+    named = MoEEmbedder(olmoe.model, olmoe.tokenizer, prompts={"query": "query: ", "passage": "prompteol", "t": "Q {text} ."},
+                        default_prompt_name="t")
+    assert np.array_equal(named.encode_query(texts, "hs"), olmoe.encode(texts, "hs", prompt="query: {text}"))
+    assert np.array_equal(named.encode_document(texts, "hs"), olmoe.encode(texts, "hs", prompt="prompteol"))
+    assert np.array_equal(named.encode(texts, "hs"), olmoe.encode(texts, "hs", prompt="Q {text} ."))
+    assert np.array_equal(named.encode(texts, "hs", prompt="none"), olmoe.encode(texts, "hs"))  # prompt= wins over the default
+    assert np.array_equal(olmoe.encode_query(texts, "hs"), olmoe.encode(texts, "hs"))  # no prompts: no prompt
+    with pytest.raises(InputError, match=r"^give prompt or prompt_name, not both$"):
+        named.encode(texts, "hs", prompt="none", prompt_name="query")
+    with pytest.raises(InputError, match=r"^prompt_name 'document' is not in this embedder's prompts \(query, passage, t\); "):
+        named.encode(texts, "hs", prompt_name="document")
+    with pytest.raises(InputError, match=r"^default_prompt_name 'q' is not a key of prompts \(query\)$"):
+        MoEEmbedder(olmoe.model, olmoe.tokenizer, prompts={"query": "query: "}, default_prompt_name="q")
+    with pytest.raises(InputError, match=r"^prompts must map names to prompt strings"):
+        MoEEmbedder(olmoe.model, olmoe.tokenizer, prompts=["query: "])
+
+
+def test_truncate_dim_output_types_and_pairwise_similarity(olmoe):
+    texts = TEXTS[:4]
+    full = olmoe.encode(texts, "moee-concat")
+    assert np.array_equal(olmoe.encode(texts, "moee-concat", truncate_dim=10), full[:, :10])
+    unit = olmoe.encode(texts, "moee-concat", truncate_dim=10, normalize_embeddings=True)  # truncated, then normalized
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-6) and np.allclose(unit, full[:, :10] / np.linalg.norm(full[:, :10], axis=1, keepdims=True))
+    with pytest.raises(InputError, match=rf"^truncate_dim must be an integer in \[1, {full.shape[1]}\] \(this kind's width\), got 0$"):
+        olmoe.encode(texts, "moee-concat", truncate_dim=0)
+    tensor = olmoe.encode(texts, "moee-concat", convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and torch.equal(tensor, torch.from_numpy(full))
+    rows = olmoe.encode(texts, "moee-concat", convert_to_numpy=False)
+    assert isinstance(rows, list) and len(rows) == 4 and all(torch.equal(r, torch.from_numpy(f)) for r, f in zip(rows, full))
+    one = olmoe.encode(texts[0], "moee-concat", convert_to_tensor=True)
+    assert one.shape == (full.shape[1],)
+    assert olmoe.similarity_fn_name == "cosine"
+    other = olmoe.encode(TEXTS[4:8], "moee-concat")
+    pairwise = olmoe.similarity_pairwise(full, other)
+    assert pairwise.shape == (4,) and np.allclose(pairwise, np.diag(olmoe.similarity(full, other)), atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
+def test_precision_as_sentence_transformers_quantizes(olmoe, precision):
+    quantization = pytest.importorskip("sentence_transformers.util.quantization")
+    texts = TEXTS[:6]
+    full = olmoe.encode(texts, "moee-concat")  # 128 dimensions: whole bytes for the binary kinds
+    ours = olmoe.encode(texts, "moee-concat", precision=precision)
+    theirs = quantization.quantize_embeddings(full, precision=precision)
+    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
+def test_bad_precision_is_refused_before_the_work(olmoe, monkeypatch):
+    monkeypatch.setattr(type(olmoe), "features", lambda *a, **k: pytest.fail("ran the model"))
+    with pytest.raises(InputError, match=r"^precision must be one of float32, int8, uint8, binary, ubinary, got 'float16'$"):
+        olmoe.encode(TEXTS[:2], "hs", precision="float16")
+    monkeypatch.undo()
+    with pytest.raises(InputError, match=r"^precision='int8' scales each dimension by its range over the rows encoded "
+                                         r"together; encode at least two texts at once$"):
+        olmoe.encode(TEXTS[:1], "hs", precision="int8")

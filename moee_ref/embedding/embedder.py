@@ -31,6 +31,7 @@ from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervis
 from ..errors import InputError, NumericalError, UnknownOptionError
 from ..kernels import packing_available
 from ..kernels.precision import resolve_device, resolve_dtype
+from .conventions import check_precision, check_prompts, converted, named_prompt, quantized, truncated
 from .prompts import apply_prompt, list_prompts, resolve_prompt
 from .standardize import Standardizer
 from ..stats import cosine_rows
@@ -109,13 +110,18 @@ class EncodeReport:
 
 
 class MoEEmbedder:
-    def __init__(self, model, tokenizer: Tokenizer, *, batch_size: int = 16, share_prefix: bool = True):
+    def __init__(self, model, tokenizer: Tokenizer, *, batch_size: int = 16, share_prefix: bool = True,
+                 prompts: dict[str, str] | None = None, default_prompt_name: str | None = None):
         """share_prefix: run the tokens that every prompt of a template starts with once, and reuse their keys and
-        values (exact under causal attention; see decoder/batch.py `SharedPrefix`). Only for last-token pooling."""
+        values (exact under causal attention; see decoder/batch.py `SharedPrefix`). Only for last-token pooling.
+        prompts, default_prompt_name: sentence-transformers' named prompts, e.g. {"query": "query: "} (prefixes,
+        or templates with {text}, or built-in names), used by prompt_name=, encode_query and encode_document."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = positive_int("batch_size", batch_size)
         self.share_prefix = share_prefix
+        self.prompts = check_prompts(prompts, default_prompt_name)
+        self.default_prompt_name = default_prompt_name
         self.last_report = EncodeReport()
 
     @classmethod
@@ -208,6 +214,11 @@ class MoEEmbedder:
         standardizer: Standardizer | Sequence[Standardizer] | None = None,
         show_progress_bar: bool | None = None,
         normalize_embeddings: bool = False,
+        prompt_name: str | None = None,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
         **feature_options,
     ) -> np.ndarray:
         """Embed texts; returns float32 [len(texts), dim] in input order (one text as a str: its [dim] vector).
@@ -220,6 +231,9 @@ class MoEEmbedder:
         applied before the components are combined.
         normalize / normalize_embeddings (sentence-transformers' spelling): scale each output vector to unit length.
         feature_options: the other fields of FeatureOptions (pooling, hs_layer, rw_values, rw_layers, allow_empty).
+        As sentence-transformers has them (embedding/conventions.py): prompt_name (a key of `prompts`),
+        truncate_dim (the first d dimensions, before normalizing), precision ("float32", "int8", "uint8",
+        "binary", "ubinary"), convert_to_tensor (one torch tensor), convert_to_numpy=False (a list of row tensors).
         The authors' own computation is moee_ref.encode_official, not an option here.
         """
         check_kind(kind)
@@ -228,11 +242,31 @@ class MoEEmbedder:
             texts = [texts]
         elif isinstance(texts, np.ndarray) and texts.ndim == 1 and texts.dtype.kind in "UO":
             texts = texts.tolist()  # each item is still checked to be a str
+        prompt = named_prompt(self.prompts, prompt_name, prompt, self.default_prompt_name)
         options = FeatureOptions.from_keywords(feature_options, self.encode, prompt=prompt, max_length=max_length, truncation=truncation)
+        check_precision(precision)  # before the work, not after
         feats = self.features(texts, options, batch_size=batch_size, show_progress_bar=show_progress_bar)
         vectors = self.vectors_from_features(feats, kind, options, alpha=alpha, alpha_pairs=alpha_pairs, batch_size=batch_size,
-                                             normalize=normalize or normalize_embeddings, standardizer=standardizer)
-        return vectors[0] if single else vectors
+                                             standardizer=standardizer)
+        vectors = truncated(vectors, truncate_dim)
+        if normalize or normalize_embeddings:
+            vectors = normalize_rows(vectors)
+        vectors = quantized(vectors, precision)
+        return converted(vectors[0] if single else vectors, convert_to_numpy, convert_to_tensor)
+
+    def encode_query(self, texts, kind: str = "moee-sum", **options):
+        """encode() with prompts["query"] where this embedder has one (sentence-transformers' encode_query)."""
+        return self._encode_as("query", texts, kind, options)
+
+    def encode_document(self, texts, kind: str = "moee-sum", **options):
+        """encode() with the first of prompts["document"], ["passage"], ["corpus"] this embedder has."""
+        return self._encode_as(("document", "passage", "corpus"), texts, kind, options)
+
+    def _encode_as(self, names, texts, kind, options):
+        names = (names,) if isinstance(names, str) else names
+        if "prompt" not in options and "prompt_name" not in options:
+            options["prompt_name"] = next((n for n in names if n in self.prompts), None)
+        return self.encode(texts, kind, **options)
 
     def vectors_from_features(
         self, feats: Features, kind: str, options: FeatureOptions, *, alpha=1.0, alpha_pairs=None, batch_size: int | None = None,
@@ -264,9 +298,15 @@ class MoEEmbedder:
         """The longest input in tokens, prompt included: the model's max_position_embeddings."""
         return self.args.max_position_embeddings
 
+    similarity_fn_name = "cosine"  # what similarity() computes, as sentence-transformers names it
+
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine similarity matrix [len(a), len(b)] of two sets of embeddings (a zero vector scores 0)."""
         return similarity(a, b)
+
+    def similarity_pairwise(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine of each row of a with the same row of b, [N] (a zero vector scores 0)."""
+        return cosine_rows(a, b).astype(np.float32)
 
     # ------------------------------------------------------------- ingredients
 
