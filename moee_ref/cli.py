@@ -277,7 +277,7 @@ def cmd_eval_mteb(ns) -> int:
     results = run_mteb(
         embedder, tasks, kind=ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size, output_dir=ns.output_dir,
         languages=ns.languages, standardizer=load_standardizers(ns.standardizer), show_progress_bar=progress_wanted(ns),
-        **opts,
+        prompts={k: v for k, v in (("query", ns.query_prompt), ("document", ns.document_prompt)) if v is not None}, **opts,
     )
     if ns.json:
         print(json.dumps(results, indent=2))
@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--task-types", default=None, type=comma_list, metavar="TYPES", help="keep the tasks of these types, e.g. STS,Clustering")
     q.add_argument("--languages", default=None, type=comma_list, metavar="CODES", help="keep the subsets wholly in these languages, e.g. eng")
     q.add_argument("--kind", choices=KINDS, default="moee-sum", help="embedding kind (default %(default)s)")
+    q.add_argument("--query-prompt", default=None, metavar="P", help="prompt for the texts mteb marks as queries (a prefix, template or name)")
+    q.add_argument("--document-prompt", default=None, metavar="P", help="prompt for the texts mteb marks as documents")
     q.add_argument("--output-dir", default=None, help="where mteb writes its result files")
     q.add_argument("--json", action="store_true", help="print JSON")
     add_features(q)

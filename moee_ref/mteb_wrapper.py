@@ -9,7 +9,8 @@ DataLoader of batches and reads their "text" field, which mteb fills for every
 text task (for reranking documents it is title and body joined, for queries
 the query with its instruction). The prompt is the fixed MoEE prompt (none,
 PromptEOL, ...) for every task: mteb's per-task instructions are not used, as
-in the paper. Similarity is cosine; for moee-sum the vectors are
+in the paper; `prompts={"query": ..., "document": ...}` gives the texts mteb marks
+as queries or documents (retrieval, reranking) prompts of their own. Similarity is cosine; for moee-sum the vectors are
 [h/|h|; sqrt(alpha) r/|r|], so cosine ranks pairs as the paper's weighted sum.
 
 mteb itself is imported only when an encoder's metadata is built or
@@ -31,6 +32,7 @@ import torch
 from .embedding.embedder import KINDS, FeatureOptions, MoEEmbedder
 from .errors import InputError, MissingExtraError, MoEERefError
 from .identity import checkpoint_identity, standardizer_digest
+from .embedding.conventions import check_prompts, named_prompt
 from .embedding.prompts import PLACEHOLDER, list_prompts, resolve_prompt
 
 MISSING_MTEB = "moee eval mteb needs the optional mteb package: pip install 'moee-ref[mteb]'"
@@ -46,6 +48,7 @@ PAPER_TASKS = {
     "Summarization": ["SummEval"],
 }
 HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub before loading task data from the local cache only
+PROMPT_TYPES = ("query", "document")  # mteb's PromptType values
 REFERENCE = "https://github.com/tianyi-lab/MoE-Embedding"
 
 
@@ -75,10 +78,14 @@ class MoEEEncoder:
         batch_size: int | None = None,
         standardizer=None,
         show_progress_bar: bool | None = None,
+        prompts: dict[str, str] | None = None,
         **feature_options,
     ):
         """standardizer: fitted Standardizer(s) applied to every text mteb asks for, as encode() applies them.
-        show_progress_bar: fixed for every call (None: what mteb asks for, and no bar when it asks nothing)."""
+        show_progress_bar: fixed for every call (None: what mteb asks for, and no bar when it asks nothing).
+        prompts: {"query": ..., "document": ...}, the prompt for the texts mteb marks with that prompt_type
+        (retrieval, reranking), a prefix as sentence-transformers has it or a template or a built-in name;
+        every other text gets `prompt`. None: `prompt` for all, the paper's single template."""
         if kind not in KINDS:
             raise InputError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
@@ -90,6 +97,12 @@ class MoEEEncoder:
         options = FeatureOptions.from_keywords(feature_options, type(self), prompt=prompt)
         options.check()
         self.template = resolve_prompt(prompt)  # fails early on an unknown prompt name
+        self.prompts = check_prompts(prompts, None)
+        unknown = sorted(set(self.prompts) - set(PROMPT_TYPES))
+        if unknown:
+            raise InputError(f"prompts takes the keys {', '.join(PROMPT_TYPES)} (mteb's prompt types), got {', '.join(unknown)}")
+        for name in self.prompts:
+            resolve_prompt(named_prompt(self.prompts, name, None, None))
         self.embedder = embedder
         self.kind = kind
         self.prompt = prompt
@@ -119,13 +132,15 @@ class MoEEEncoder:
         # Without a prompt and without BOS/EOS an empty text gives the model no token at all: its vector is zero
         # (cosine 0 to everything) instead of an error.
         tokenizer = self.embedder.tokenizer
-        no_tokens = self.template == PLACEHOLDER and not (tokenizer.adds_bos or tokenizer.adds_eos)
+        kind_of_text = getattr(prompt_type, "value", prompt_type)  # mteb's PromptType: "query" or "document"
+        prompt = named_prompt(self.prompts, kind_of_text, None, None) if kind_of_text in self.prompts else self.prompt
+        no_tokens = resolve_prompt(prompt) == PLACEHOLDER and not (tokenizer.adds_bos or tokenizer.adds_eos)
         keep = [i for i, text in enumerate(texts) if not (no_tokens and text == "")]
         vectors = np.zeros((len(texts), self.embedder.dimension(self.kind, self.feature_options["rw_layers"])), np.float32)
         vectors[keep] = self.embedder.encode(
             [texts[i] for i in keep],
             self.kind,
-            prompt=self.prompt,
+            prompt=prompt,
             alpha=self.alpha,
             batch_size=self.batch_size or kwargs.get("batch_size"),
             standardizer=self.standardizer,
@@ -189,6 +204,9 @@ class MoEEEncoder:
         names = {template: name for name, template in list_prompts()}
         prompt = names.get(self.template) or "custom-" + hashlib.sha256(self.template.encode()).hexdigest()[:8]
         settings: dict[str, Any] = {"prompt": prompt}
+        for name in sorted(self.prompts):  # the query/document prompts change those vectors
+            template = resolve_prompt(named_prompt(self.prompts, name, None, None))
+            settings[f"{name}_prompt"] = names.get(template) or "custom-" + hashlib.sha256(template.encode()).hexdigest()[:8]
         if self.kind == "moee-sum":
             settings["alpha"] = self.alpha
         # How the vectors were computed: each of these changes them, beyond float32 rounding.
@@ -221,6 +239,7 @@ def run_mteb(
     languages: list[str] | None = None,
     standardizer=None,
     show_progress_bar: bool | None = None,
+    prompts: dict[str, str] | None = None,
     **feature_options,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one MoEE configuration on MTEB tasks; {task: {"main_score", "main_score_name", "scores", ...}}.
@@ -229,11 +248,11 @@ def run_mteb(
     output_dir: where mteb writes its per-task result files (none are written without it).
     languages: keep only the subsets of named tasks that are wholly in these languages (["eng"]: the
     English-only evaluation of the paper, e.g. STS17's en-en alone).
-    standardizer, show_progress_bar: as MoEEEncoder takes them.
+    standardizer, show_progress_bar, prompts: as MoEEEncoder takes them.
     """
     mteb = require_mteb()
     encoder = MoEEEncoder(embedder, kind, prompt=prompt, alpha=alpha, batch_size=batch_size, standardizer=standardizer,
-                          show_progress_bar=show_progress_bar, **feature_options)
+                          show_progress_bar=show_progress_bar, prompts=prompts, **feature_options)
     cache = mteb.ResultCache(output_dir) if output_dir is not None else None
     unreachable = _unreachable_hub()  # probed once for all tasks: each probe may wait HUB_PROBE_SECONDS
     results = {}

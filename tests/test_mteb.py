@@ -345,3 +345,45 @@ def test_cli_runs_a_named_task_to_the_data_message_at_once(embedder):
     assert proc.stderr.splitlines()[-1].startswith(
         "moee eval mteb: error: MTEB task 'STS12': its data (mteb/sts12-sts on the Hugging Face hub) cannot be loaded: "
         "the hub (http://127.0.0.1:9) cannot be reached and the local cache does not hold it.")
+
+
+def test_query_and_document_prompts_reach_their_texts(embedder):
+    """mteb marks retrieval queries and documents with a prompt_type; each gets its own prompt, other texts `prompt`."""
+    from mteb.types import PromptType
+
+    texts = [f"{s} {a}." for s in SUBJECTS[:2] for a in ACTIONS]
+    encoder = MoEEEncoder(embedder, "hs", prompt="none", prompts={"query": "query: ", "document": "prompteol"})
+
+    def got(prompt_type):
+        return encoder.encode(loader(texts), task_metadata=None, hf_split="test", hf_subset="default", prompt_type=prompt_type)
+
+    np.testing.assert_array_equal(got(PromptType.query), embedder.encode(texts, "hs", prompt="query: {text}"))
+    np.testing.assert_array_equal(got(PromptType.document), embedder.encode(texts, "hs", prompt="prompteol"))
+    np.testing.assert_array_equal(got(None), embedder.encode(texts, "hs"))
+    plain = MoEEEncoder(embedder, "hs", prompt="none")
+    kwargs, plain_kwargs = encoder._experiment_kwargs(), plain._experiment_kwargs()
+    assert kwargs["query_prompt"].startswith("custom-") and kwargs["document_prompt"] == "prompteol"
+    assert "query_prompt" not in plain_kwargs  # results of the two are filed apart
+    with pytest.raises(InputError, match=r"^prompts takes the keys query, document \(mteb's prompt types\), got passage$"):
+        MoEEEncoder(embedder, "hs", prompts={"passage": "passage: "})
+    with pytest.raises(InputError, match=r"^prompts\['query'\] is 'promptEOLL': not a built-in prompt name \(did you mean 'prompteol'\?\)"):
+        MoEEEncoder(embedder, "hs", prompts={"query": "promptEOLL"})
+
+
+def test_cli_query_and_document_prompts_reach_run_mteb(embedder, monkeypatch, capsys):
+    from moee_ref import cli, mteb_wrapper
+
+    seen = {}
+
+    def fake_run(embedder_, tasks, **kwargs):
+        seen.update(kwargs)
+        return {"STS12": {"main_score": 0.5}}
+
+    monkeypatch.setattr(mteb_wrapper, "run_mteb", fake_run)
+    monkeypatch.setattr(cli, "load_embedder", lambda ns: embedder)
+    code = cli.main(["eval", "mteb", "--model", str(embedder.model.source_dir), "--tasks", "STS12",
+                     "--query-prompt", "query: ", "--document-prompt", "prompteol"])
+    assert code == 0 and seen["prompts"] == {"query": "query: ", "document": "prompteol"}
+    assert "STS12" in capsys.readouterr().out
+    cli.main(["eval", "mteb", "--model", str(embedder.model.source_dir), "--tasks", "STS12"])
+    assert seen["prompts"] == {}

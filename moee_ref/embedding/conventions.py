@@ -7,6 +7,9 @@ which become the template "query: {text}" (an entry holding {text}, or a built-i
 
 from __future__ import annotations
 
+import difflib
+import re
+
 import numpy as np
 import torch
 
@@ -20,6 +23,13 @@ def check_prompts(prompts, default_prompt_name) -> dict[str, str]:
     prompts = {} if prompts is None else prompts
     if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
         raise InputError(f"prompts must map names to prompt strings, e.g. {{'query': 'query: '}}; got {prompts!r}")
+    for key, value in prompts.items():
+        # One bare word is meant as a name (a prefix ends in ': ' or a space): a mistyped name must not become a prefix.
+        if re.fullmatch(r"[A-Za-z0-9_-]+", value) and _lookup_builtin(value, BUILTIN_PROMPTS) is None:
+            near = difflib.get_close_matches(value.lower(), list(BUILTIN_PROMPTS), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise InputError(f"prompts[{key!r}] is {value!r}: not a built-in prompt name{hint}; a prefix such as "
+                             f"'query: ' ends in a space, a template holds {PLACEHOLDER}")
     if default_prompt_name is not None and default_prompt_name not in prompts:
         raise InputError(f"default_prompt_name {default_prompt_name!r} is not a key of prompts ({', '.join(prompts) or 'none given'})")
     return dict(prompts)
