@@ -134,6 +134,7 @@ def test_classification_runs(embedder):
         mteb.mocks.LegacyMockClusteringFastTask,
         mteb.mocks.MockPairClassificationTask,
         mteb.mocks.MockRerankingTask,
+        mteb.mocks.MockRetrievalTask,
         mteb.mocks.MockSummarizationTask,
     ],
     ids=lambda cls: cls.metadata.type,
@@ -387,3 +388,19 @@ def test_cli_query_and_document_prompts_reach_run_mteb(embedder, monkeypatch, ca
     assert "STS12" in capsys.readouterr().out
     cli.main(["eval", "mteb", "--model", str(embedder.model.source_dir), "--tasks", "STS12"])
     assert seen["prompts"] == {}
+
+
+def test_retrieval_through_mteb_gives_queries_and_documents_their_prompts(embedder, monkeypatch):
+    """A retrieval task run through mteb: its queries get prompts["query"], its corpus prompts["document"]."""
+    seen = []
+    real = MoEEmbedder.encode
+
+    def spy(self, texts, kind="moee-sum", **options):
+        seen.append(options.get("prompt"))
+        return real(self, texts, kind, **options)
+
+    monkeypatch.setattr(MoEEmbedder, "encode", spy)
+    (entry,) = run_mteb(embedder, [mteb.mocks.MockRetrievalTask()], kind="hs", prompt="none",
+                        prompts={"query": "query: ", "document": "passage: "}).values()
+    assert math.isfinite(entry["main_score"])
+    assert set(seen) == {"query: {text}", "passage: {text}"}
