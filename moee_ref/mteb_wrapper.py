@@ -94,6 +94,9 @@ class MoEEEncoder:
                 "separately, so choose alpha beforehand (MoEEmbedder.select_alpha) instead of 'auto'"
             )
         feature_options.setdefault("allow_empty", True)  # MTEB data holds some empty texts
+        # MTEB documents can outgrow the model: cut at its length (the text, never the prompt), counted in num_truncated.
+        feature_options.setdefault("max_length", embedder.max_seq_length)
+        feature_options.setdefault("truncation", "right")
         options = FeatureOptions.from_keywords(feature_options, type(self), prompt=prompt)
         options.check()
         self.template = resolve_prompt(prompt)  # fails early on an unknown prompt name
@@ -111,6 +114,7 @@ class MoEEEncoder:
         self.standardizer = standardizer
         self.show_progress_bar = show_progress_bar
         self.feature_options = {k: v for k, v in vars(options).items() if k != "prompt"}
+        self.num_truncated = 0  # texts cut to max_length since this encoder was made (run_mteb: per task)
         self._meta = None
 
     # ------------------------------------------------------------ the protocol
@@ -147,6 +151,7 @@ class MoEEEncoder:
             show_progress_bar=bool(kwargs.get("show_progress_bar")) if self.show_progress_bar is None else self.show_progress_bar,
             **self.feature_options,
         )
+        self.num_truncated += self.embedder.last_report.num_truncated
         return vectors
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
@@ -220,7 +225,7 @@ class MoEEEncoder:
             settings["whole_prompts"] = True
         if self.standardizer is not None:
             settings["standardizer"] = standardizer_digest(self.standardizer)
-        defaults = FeatureOptions(allow_empty=True)
+        defaults = FeatureOptions(allow_empty=True, max_length=self.embedder.max_seq_length, truncation="right")
         for key, value in self.feature_options.items():
             if value != getattr(defaults, key):
                 settings[key] = list(value) if key == "rw_layers" else value
@@ -261,6 +266,7 @@ def run_mteb(
         to_load = [part for part in getattr(task.metadata, "tasks", None) or [task] if not part.data_loaded]
         for part in to_load:
             _load(part, unreachable)
+        encoder.num_truncated = 0
         try:
             with _datasets_progress(bool(show_progress_bar)):  # its map/filter bars, one per split and subset
                 outcome = mteb.evaluate(
@@ -282,6 +288,7 @@ def run_mteb(
             "task_type": task.metadata.type,
             "scores": _json_ready(result.scores),
             "evaluation_time": result.evaluation_time,
+            "num_truncated": encoder.num_truncated,  # texts cut to max_length (the model's length by default)
         }
     return results
 

@@ -404,3 +404,17 @@ def test_retrieval_through_mteb_gives_queries_and_documents_their_prompts(embedd
                         prompts={"query": "query: ", "document": "passage: "}).values()
     assert math.isfinite(entry["main_score"])
     assert set(seen) == {"query: {text}", "passage: {text}"}
+
+
+def test_over_long_documents_are_cut_to_the_models_length_and_counted(embedder):
+    long_text = " ".join(["the river runs past the old mill"] * 120)  # far beyond 512 positions
+    texts = [long_text, "A cat sleeps."]
+    with pytest.raises(InputError, match="max_position_embeddings|max_length"):
+        embedder.encode(texts, "hs")  # encode() itself refuses them unless asked to cut
+    encoder = MoEEEncoder(embedder, "hs", prompt="prompteol")
+    got = encoder.encode(loader(texts), task_metadata=None, hf_split="test", hf_subset="default")
+    want = embedder.encode(texts, "hs", prompt="prompteol", max_length=embedder.max_seq_length, truncation="right")
+    np.testing.assert_array_equal(got, want)
+    assert encoder.num_truncated == 1
+    assert "max_length" not in encoder._experiment_kwargs()  # the default: not a setting of its own
+    assert MoEEEncoder(embedder, "hs", max_length=64)._experiment_kwargs()["max_length"] == 64
