@@ -79,9 +79,13 @@ class MoEEEncoder:
         standardizer=None,
         show_progress_bar: bool | None = None,
         prompts: dict[str, str] | None = None,
+        normalize: bool | None = None,
         **feature_options,
     ):
-        """standardizer: fitted Standardizer(s) applied to every text mteb asks for, as encode() applies them.
+        """normalize: unit-length rows; by default for moee-sum only, whose rows otherwise have length
+        sqrt(1 + alpha): cosine is the same either way, and a classifier on unit rows sees alpha only as the
+        balance of HS and RW, not as a scale of every feature.
+        standardizer: fitted Standardizer(s) applied to every text mteb asks for, as encode() applies them.
         show_progress_bar: fixed for every call (None: what mteb asks for, and no bar when it asks nothing).
         prompts: {"query": ..., "document": ...}, the prompt for the texts mteb marks with that prompt_type
         (retrieval, reranking), a prefix as sentence-transformers has it or a template or a built-in name;
@@ -114,6 +118,7 @@ class MoEEEncoder:
         self.standardizer = standardizer
         self.show_progress_bar = show_progress_bar
         self.feature_options = {k: v for k, v in vars(options).items() if k != "prompt"}
+        self.normalize = kind == "moee-sum" if normalize is None else bool(normalize)
         self.num_truncated = 0  # texts cut to max_length since this encoder was made (run_mteb: per task)
         self._meta = None
 
@@ -148,6 +153,7 @@ class MoEEEncoder:
             alpha=self.alpha,
             batch_size=self.batch_size or kwargs.get("batch_size"),
             standardizer=self.standardizer,
+            normalize=self.normalize,
             show_progress_bar=bool(kwargs.get("show_progress_bar")) if self.show_progress_bar is None else self.show_progress_bar,
             **self.feature_options,
         )
@@ -225,6 +231,8 @@ class MoEEEncoder:
             settings["whole_prompts"] = True
         if self.standardizer is not None:
             settings["standardizer"] = standardizer_digest(self.standardizer)
+        if self.normalize != (self.kind == "moee-sum"):
+            settings["normalize"] = self.normalize
         defaults = FeatureOptions(allow_empty=True, max_length=self.embedder.max_seq_length, truncation="right")
         for key, value in self.feature_options.items():
             if value != getattr(defaults, key):

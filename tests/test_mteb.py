@@ -418,3 +418,19 @@ def test_over_long_documents_are_cut_to_the_models_length_and_counted(embedder):
     assert encoder.num_truncated == 1
     assert "max_length" not in encoder._experiment_kwargs()  # the default: not a setting of its own
     assert MoEEEncoder(embedder, "hs", max_length=64)._experiment_kwargs()["max_length"] == 64
+
+
+def test_moee_sum_rows_are_unit_length_for_mteb(embedder):
+    """For classification alpha should only balance HS and RW: moee-sum rows reach mteb at unit length."""
+    texts = [f"{s} {a}." for s in SUBJECTS[:2] for a in ACTIONS[:3]]
+    alpha = 3.0
+
+    def norms(kind, **options):
+        vectors = MoEEEncoder(embedder, kind, alpha=alpha, **options).encode(loader(texts), task_metadata=None, hf_split="test", hf_subset="default")
+        return np.linalg.norm(vectors, axis=1)
+
+    np.testing.assert_allclose(norms("moee-sum"), 1.0, atol=1e-6)
+    np.testing.assert_allclose(norms("moee-sum", normalize=False), math.sqrt(1 + alpha), atol=1e-5)
+    assert not np.allclose(norms("hs"), 1.0)  # other kinds as encode() gives them
+    assert "normalize" not in MoEEEncoder(embedder, "moee-sum")._experiment_kwargs()
+    assert MoEEEncoder(embedder, "moee-sum", normalize=False)._experiment_kwargs()["normalize"] is False
