@@ -35,65 +35,45 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(scale * torch.randn(param.shape, generator=generator) / fan_in**0.5)
 
 
-def olmoe_config(**overrides):
-    values = dict(
+# Small configs of each family transformers has: (config class, model class, its values; overrides go on top).
+HF_MODELS = {
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
         vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
         pad_token_id=None, eos_token_id=None, bos_token_id=None, experts_implementation="eager",
-    )
-    values.update(overrides)
-    return transformers.OlmoeConfig(**values)
-
-
-def qwen_config(**overrides):
-    values = dict(
+    )),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
         vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
         shared_expert_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
         num_experts=8, num_experts_per_tok=2, max_position_embeddings=64, experts_implementation="eager",
-    )
-    values.update(overrides)
-    return transformers.Qwen2MoeConfig(**values)
-
-
-def qwen3_config(**overrides):
-    values = dict(
+    )),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         vocab_size=300, hidden_size=64, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=3,
         norm_topk_prob=True, max_position_embeddings=64, experts_implementation="eager",
-    )
-    values.update(overrides)
-    return transformers.Qwen3MoeConfig(**values)
-
-
-def mixtral_config(**overrides):
-    values = dict(
+    )),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         vocab_size=300, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
         experts_implementation="eager",
-    )
-    values.update(overrides)
-    return transformers.MixtralConfig(**values)
-
-
-def deepseek_v2_config(**overrides):
-    values = dict(
+    )),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
         vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
         max_position_embeddings=64, experts_implementation="eager",
-    )
-    values.update(overrides)
-    return transformers.DeepseekV2Config(**values)
-
-
-def gpt_oss_config(**overrides):
-    values = dict(
+    )),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         vocab_size=300, hidden_size=64, intermediate_size=32, head_dim=16, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64,
         experts_implementation="eager",
-    )
-    values.update(overrides)
-    return transformers.GptOssConfig(**values)
+    )),
+}
+
+
+def hf_config(family: str, **overrides):
+    config_class, _, values = HF_MODELS[family]
+    return getattr(transformers, config_class)(**{**values, **overrides})
 
 
 def mxfp4_bytes(shape: tuple[int, ...], generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,16 +103,6 @@ def quantize_gpt_oss_experts(model, seed: int) -> dict[str, torch.Tensor]:
     return stored
 
 
-HF_CLASSES = {
-    "olmoe": (olmoe_config, "OlmoeForCausalLM"),
-    "qwen2_moe": (qwen_config, "Qwen2MoeForCausalLM"),
-    "qwen3_moe": (qwen3_config, "Qwen3MoeForCausalLM"),
-    "mixtral": (mixtral_config, "MixtralForCausalLM"),
-    "deepseek_v2": (deepseek_v2_config, "DeepseekV2ForCausalLM"),
-    "gpt_oss": (gpt_oss_config, "GptOssForCausalLM"),
-}
-
-
 def build_hf(family: str, directory: Path, seed: int = 0, shard_size: str = "60KB", fused: bool = False, mxfp4: bool = False,
              **overrides):
     """(transformers model in eval mode, checkpoint directory) for a family transformers has.
@@ -141,8 +111,7 @@ def build_hf(family: str, directory: Path, seed: int = 0, shard_size: str = "60K
     fused=True writes transformers 5's in-memory state dict instead: [E, 2I, D] gate_up_proj and
     [E, D, I] down_proj per layer, under mlp.experts, the fused layout some tools save.
     """
-    make_config, class_name = HF_CLASSES[family]
-    model = getattr(transformers, class_name)(make_config(**overrides))
+    model = getattr(transformers, HF_MODELS[family][1])(hf_config(family, **overrides))
     randomize(model, seed)
     if mxfp4:  # gpt-oss as released: experts as MXFP4 blocks and scales, the rest as saved
         released = quantize_gpt_oss_experts(model, seed)
@@ -179,7 +148,8 @@ def build_deepseek(directory: Path, seed: int = 0, shards: int = 3, **overrides)
     cfg = {**DEEPSEEK_SMALL, **overrides}
     moe_layers = deepseek_moe_layers(cfg)
     reference = transformers.Qwen2MoeForCausalLM(
-        qwen_config(
+        hf_config(
+            "qwen2_moe",
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
             moe_intermediate_size=cfg["moe_intermediate_size"],
             shared_expert_intermediate_size=cfg["n_shared_experts"] * cfg["moe_intermediate_size"],

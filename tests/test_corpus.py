@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from embed_fixtures import single_thread  # noqa: F401  (autouse: one torch thread for this module)
 from moee_ref import MoEEmbedder, cli, corpus, encode_official
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 
@@ -31,14 +32,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # Lengths from 1 to 12 words, out of order, so that the job's length order is not the input order.
 TEXTS = [" ".join(["word"] * (1 + (i * 7) % 12) + [f"number {i}"]) for i in range(40)]
 BATCH = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

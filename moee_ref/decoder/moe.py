@@ -57,15 +57,12 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> LayerRouting:
         logits = self.logits(x).float()
         probs = logits.softmax(dim=-1)
-        weights, ids = self.candidates(probs).topk(self.top_k, dim=-1)
+        weights, ids = expert_candidates(probs, self.num_groups, self.topk_group).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         elif self.scaling != 1.0:
             weights = weights * self.scaling
         return LayerRouting(logits, probs, ids, weights)
-
-    def candidates(self, probs: torch.Tensor) -> torch.Tensor:
-        return expert_candidates(probs, self.num_groups, self.topk_group)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # In at least float32 whatever the compute dtype: the logits decide the top-k and are the RW embedding,

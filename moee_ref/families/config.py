@@ -165,6 +165,27 @@ class ConfigReader:
             )
         return moe_layers
 
+    def dense_first_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The MoE layers of the DeepSeek families: i >= first_k_dense_replace with i % moe_layer_freq == 0, as
+        DeepSeek's released code reads them (transformers ignores moe_layer_freq)."""
+        first_dense = self.get("first_k_dense_replace", int, 0)
+        if not 0 <= first_dense <= num_layers:
+            raise self.error("first_k_dense_replace", f"must lie in [0, {num_layers}], got {first_dense}")
+        freq = self.positive("moe_layer_freq", 1)
+        moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
+        if not moe_layers:
+            raise self.error(
+                "first_k_dense_replace",
+                f"({first_dense}) with moe_layer_freq {freq} leaves no MoE layer among {num_layers}; at least one is needed",
+            )
+        return moe_layers
+
+    def non_negative(self, field: str, default: int = 0) -> int:
+        value = self.get(field, int, default)
+        if value < 0:
+            raise self.error(field, f"must be zero or positive, got {value}")
+        return value
+
     def sliding_window(self, num_layers: int, switch: str | None = "use_sliding_window") -> dict:
         """sliding_window and sliding_layers for ModelArgs: every layer slides when the window is on.
 

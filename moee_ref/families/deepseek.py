@@ -27,28 +27,16 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
     if cfg.get("pretraining_tp", int, 1) != 1:
         raise cfg.error("pretraining_tp", "must be 1 (tensor-parallel slicing of the weights is not supported)")
     common = cfg.common()
-    num_layers = common["num_layers"]
-    first_dense = cfg.get("first_k_dense_replace", int, 0)
-    if not 0 <= first_dense <= num_layers:
-        raise cfg.error("first_k_dense_replace", f"must lie in [0, {num_layers}], got {first_dense}")
-    freq = cfg.positive("moe_layer_freq", 1)
-    moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
-    if not moe_layers:
-        raise cfg.error(
-            "first_k_dense_replace",
-            f"({first_dense}) with moe_layer_freq {freq} leaves no MoE layer among {num_layers}; at least one is needed",
-        )
+    moe_layers = cfg.dense_first_layers(common["num_layers"])
     expert_size = cfg.positive("moe_intermediate_size")
-    n_shared = cfg.get("n_shared_experts", int, 0)
-    if n_shared < 0:
-        raise cfg.error("n_shared_experts", f"must be zero or positive, got {n_shared}")
+    n_shared = cfg.non_negative("n_shared_experts")
     return ModelArgs(
         family=MODEL_TYPE,
         num_experts=num_experts,
         top_k=top_k,
         expert_size=expert_size,
         moe_layers=moe_layers,
-        dense_size=cfg.positive("intermediate_size") if len(moe_layers) < num_layers else 0,
+        dense_size=cfg.positive("intermediate_size") if len(moe_layers) < common["num_layers"] else 0,
         # The shared experts are stored fused as one MLP n_shared times as wide.
         shared_expert_size=n_shared * expert_size,
         **common,
@@ -56,10 +44,14 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
 
 
 def layer_names(args: ModelArgs, layer: int) -> NameMap:
-    names = {**block_norms(args, layer), **attention(args, layer)}
+    return {**block_norms(args, layer), **attention(args, layer), **mlp_names(args, layer)}
+
+
+def mlp_names(args: ModelArgs, layer: int) -> NameMap:
+    """A layer's MLP as DeepSeek names it (DeepSeekMoE and DeepSeek-V2): dense, or routed plus shared experts."""
     if layer not in args.moe_layers:
-        return {**names, **dense_mlp(args, layer)}
-    names.update(routed_experts(args, layer))
+        return dense_mlp(args, layer)
+    names = routed_experts(args, layer)
     if args.shared_expert_size:
         ckpt = f"{LAYER.format(layer=layer)}.mlp.shared_experts"
         names.update(swiglu(ckpt, f"layers.{layer}.mlp.shared", args.hidden_size, args.shared_expert_size))

@@ -11,8 +11,8 @@ none of it is used.
 
 from ..decoder.args import LatentAttentionArgs, ModelArgs
 from .config import ConfigReader
-from .deepseek import BOS, EOS
-from .names import LAYER, NameMap, Tensor, block_norms, dense_mlp, routed_experts, swiglu
+from .deepseek import BOS, EOS, mlp_names
+from .names import LAYER, NameMap, Tensor, block_norms
 
 MODEL_TYPE = "deepseek_v2"
 OFFICIAL_RW = None  # the authors' code predates this family: no official mode
@@ -54,17 +54,9 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
     scale = head_dim**-0.5 * (yarn.magnitude(yarn.mscale_all_dim) ** 2 if yarn and yarn.mscale_all_dim else 1.0)
 
     num_layers = cfg.positive("num_hidden_layers")
-    first_dense = cfg.get("first_k_dense_replace", int, 0)
-    if not 0 <= first_dense <= num_layers:
-        raise cfg.error("first_k_dense_replace", f"must lie in [0, {num_layers}], got {first_dense}")
-    freq = cfg.positive("moe_layer_freq", 1)
-    moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
-    if not moe_layers:
-        raise cfg.error("first_k_dense_replace", f"({first_dense}) with moe_layer_freq {freq} leaves no MoE layer among {num_layers}")
+    moe_layers = cfg.dense_first_layers(num_layers)
     expert_size = cfg.positive("moe_intermediate_size")
-    n_shared = cfg.get("n_shared_experts", int, 0)
-    if n_shared < 0:
-        raise cfg.error("n_shared_experts", f"must be zero or positive, got {n_shared}")
+    n_shared = cfg.non_negative("n_shared_experts")
     scaling = cfg.get("routed_scaling_factor", float, 1.0)
     if scaling <= 0:
         raise cfg.error("routed_scaling_factor", f"must be positive, got {scaling}")
@@ -97,14 +89,7 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
 
 
 def layer_names(args: ModelArgs, layer: int) -> NameMap:
-    names = {**block_norms(args, layer), **latent_attention(args, layer)}
-    if layer not in args.moe_layers:
-        return {**names, **dense_mlp(args, layer)}
-    names.update(routed_experts(args, layer))
-    if args.shared_expert_size:
-        ckpt = f"{LAYER.format(layer=layer)}.mlp.shared_experts"
-        names.update(swiglu(ckpt, f"layers.{layer}.mlp.shared", args.hidden_size, args.shared_expert_size))
-    return names
+    return {**block_norms(args, layer), **latent_attention(args, layer), **mlp_names(args, layer)}
 
 
 def latent_attention(args: ModelArgs, layer: int) -> NameMap:

@@ -17,9 +17,7 @@ def args_from_config(cfg: ConfigReader) -> ModelArgs:
         raise cfg.error("use_sliding_window", "is true; sliding-window attention is not supported (the released model has it off)")
     common = cfg.common()
     moe_layers = cfg.sparse_step_layers(common["num_layers"])
-    shared_size = cfg.get("shared_expert_intermediate_size", int, 0)
-    if shared_size < 0:
-        raise cfg.error("shared_expert_intermediate_size", f"must be zero or positive, got {shared_size}")
+    shared_size = cfg.non_negative("shared_expert_intermediate_size")
     return ModelArgs(
         family=MODEL_TYPE,
         num_experts=num_experts,
