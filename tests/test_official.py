@@ -38,13 +38,13 @@ from moee_ref.embedding.standardize import Standardizer
 FAMILIES = ["olmoe", "qwen2_moe", "deepseek"]
 FEATURE_TOL = 1e-6
 STANDARDISED_TOL = 1e-5
-# A quoted word, an empty text (becomes "."), a question (no "." appended), an underscore.
+# A quoted word, an empty text (kept empty, as theirs), a question (no "." appended), an underscore.
 OFFICIAL_TEXTS = ['He said "hi" to me', "", "Where is the nearest station?", "snake_case names are fine"]
 
 
-def hand_batch(embedder, texts, prompt="none"):
+def hand_batch(embedder, texts, prompt="none", prefix=""):
     """(HS [B, D], RW [B, L*E], input_ids, attention_mask, position_ids) of one batch built the authors' way."""
-    sequences = [embedder.tokenizer.encode(apply_official_prompt(prompt, text)) for text in texts]
+    sequences = [embedder.tokenizer.encode(apply_official_prompt(prompt, text, prefix)) for text in texts]
     width = max(map(len, sequences))
     input_ids = torch.zeros(len(texts), width, dtype=torch.long)  # pad id 0
     mask = torch.zeros(len(texts), width, dtype=torch.long)
@@ -68,7 +68,7 @@ def unit_rows(x):
 
 def test_official_prompts_preprocess_and_wrap():
     assert apply_official_prompt("none", 'He said "hi" to me') == "\"He said 'hi' to me.\""
-    assert apply_official_prompt("none", "") == '"."'
+    assert apply_official_prompt("none", "") == '""'
     assert apply_official_prompt("none", "Where is it?") == '"Where is it?"'
     assert apply_official_prompt("none", "snake_case names") == '"snake case names."'
     assert apply_official_prompt("prompteol", "Cats sleep") == 'This sentence : "Cats sleep." means in one word:"'
@@ -164,12 +164,14 @@ def test_official_vectors_depend_on_the_batch_and_default_ones_do_not(olmoe):
         assert max_rel_error(default_two, olmoe.encode(TEXTS, kind, batch_size=4)) <= STANDARDISED_TOL
 
 
-def test_default_batch_size_is_the_authors_256(olmoe):
-    assert OFFICIAL_BATCH_SIZE == 256 and olmoe.batch_size == 16
-    texts = [f"{text} ({i})" for i, text in enumerate(TEXTS * 3)]  # 24 texts: one batch of 256, two of 16
+def test_default_batch_size_is_the_authors_evaluation_default_64(olmoe):
+    assert OFFICIAL_BATCH_SIZE == 64 and olmoe.batch_size == 16
+    texts = [f"{text} ({i})" for i, text in enumerate(TEXTS * 9)]  # 72 texts: batches of 64 + 8, or of 16
     default = encode_official(olmoe, texts, "rw")
-    np.testing.assert_array_equal(default, encode_official(olmoe, texts, "rw", batch_size=256))
+    assert olmoe.last_report.batch_size == 64
+    np.testing.assert_array_equal(default, encode_official(olmoe, texts, "rw", batch_size=64))
     assert np.abs(default - encode_official(olmoe, texts, "rw", batch_size=16)).max() > 0.1
+    assert olmoe.last_report.batch_size == 16
 
 
 # --- moee-concat and moee-sum -----------------------------------------------------------------
@@ -263,8 +265,8 @@ def test_a_constant_feature_within_a_batch_gives_zero_not_nan(olmoe):
 def test_options_of_the_default_mode_are_refused(olmoe, options):
     with pytest.raises(
         InputError,
-        match="mode='official' reproduces the authors' code and takes only kind, prompt, alpha, batch_size, "
-        "normalize and show_progress_bar; drop the other options",
+        match="mode='official' reproduces the authors' code and takes only kind, prompt, instruction, alpha, ensemble, "
+        "batch_size, normalize and show_progress_bar; drop the other options",
     ):
         encode_official(olmoe, TEXTS[:3], "moee-sum", **options)
 
@@ -325,3 +327,160 @@ def test_families_the_authors_code_does_not_cover_are_refused(family, tmp_path_f
                                          rf"deepseek only; {family} has no official numbers to match: use the default mode$"):
         encode_official(embedder, TEXTS, "moee-sum")
     assert embedder.encode(TEXTS, "moee-sum").shape == (len(TEXTS), embedder.dimension("moee-sum"))
+
+
+# --- 7. the empty text, instructions, the unstandardised ensemble, similarity -----------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_empty_text_is_fed_as_the_authors_feed_it(embedders, family):
+    embedder = embedders[family]
+    texts = ["A first text.", "", "The third one"]
+    hs, rw, *_ = hand_batch(embedder, texts, prompt="prompteol")
+    assert apply_official_prompt("prompteol", "") == 'This sentence : "" means in one word:"'
+    got = encode_official(embedder, texts, "hs", prompt="prompteol")
+    assert max_rel_error(got, hs) <= FEATURE_TOL
+    dot, *_ = hand_batch(embedder, ["A first text.", ".", "The third one"], prompt="prompteol")
+    assert np.abs(got[1] - dot[1]).max() > 1e-3  # "." (what moee-ref fed before) is another input
+
+
+def test_instructions_are_formatted_and_put_inside_the_template(olmoe):
+    from moee_ref.official_eval import instruction_prefix
+
+    assert instruction_prefix(None) == ""
+    assert instruction_prefix("") == "<|embed|>\n"
+    assert instruction_prefix(" Retrieve semantically similar text.: \n") == "<|user|>\nRetrieve semantically similar text.\n<|embed|>\n"
+    prefix = instruction_prefix("Say what_it means")
+    # before the sentence, preprocessed with it ("." after an empty sentence), underscores become spaces
+    assert apply_official_prompt("none", 'a "b"', prefix) == "\"<|user|>\nSay what it means\n<|embed|>\na 'b'\""
+    assert apply_official_prompt("none", "", prefix) == '"<|user|>\nSay what it means\n<|embed|>\n."'
+    texts = ["", *TEXTS[:3]]
+    for instruction in ("Say what_it means", ""):
+        hs, rw, *_ = hand_batch(olmoe, texts, prefix=instruction_prefix(instruction))
+        got = encode_official(olmoe, texts, "rw", instruction=instruction)
+        assert max_rel_error(got, sample_std_standardize(rw)) <= STANDARDISED_TOL
+        assert max_rel_error(encode_official(olmoe, texts, "hs", instruction=instruction), hs) <= FEATURE_TOL
+    with pytest.raises(InputError, match="^instruction must be a string or None, got int$"):
+        encode_official(olmoe, texts, "hs", instruction=3)
+
+
+def test_e5_instructions_by_task_and_side():
+    from moee_ref.mteb_wrapper import PAPER_TASKS
+    from moee_ref.official_eval import e5_instruction
+
+    for task in (t for group in PAPER_TASKS.values() for t in group):
+        assert e5_instruction(task)  # every task of the paper has one
+    assert e5_instruction("STS12") == e5_instruction("SICK-R") == "Retrieve semantically similar text."
+    assert e5_instruction("SciFact", "query").startswith("Given a scientific claim")
+    assert e5_instruction("SciFact", "document") == ""
+    assert e5_instruction("CQADupstackGamingRetrieval", "query") == e5_instruction("CQADupstackRetrieval", "query")
+    assert e5_instruction("SummEvalSummarization.v2") == e5_instruction("SummEval")
+    with pytest.raises(InputError, match="^the authors' evaluation has no E5 instruction for MTEB task 'Banking77Classification'"):
+        e5_instruction("Banking77Classification")
+
+
+@pytest.mark.parametrize("alpha", [0.5, 3.0])
+def test_the_unstandardised_ensemble_sums_raw_hs_and_rw(olmoe, alpha):
+    hs, rw, *_ = hand_batch(olmoe, TEXTS[:5])
+    got = encode_official(olmoe, TEXTS[:5], "moee-sum", alpha=alpha, ensemble="unstandardized")
+    expected = np.hstack([unit_rows(hs), math.sqrt(alpha) * unit_rows(rw)])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert np.abs(got - encode_official(olmoe, TEXTS[:5], "moee-sum", alpha=alpha)).max() > 0.1
+    with pytest.raises(InputError, match="^ensemble='raw' is not valid; choose one of standardized, unstandardized$"):
+        encode_official(olmoe, TEXTS[:5], "moee-sum", ensemble="raw")
+
+
+def test_official_similarity_is_sklearns_paired_cosine_with_zero_vectors_as_theirs():
+    from moee_ref.official import official_similarity
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    a[1] = 0.0
+    b[1] = 0.0  # two zero vectors: 1.0
+    a[2] = 0.0  # a zero vector against another: 0.5
+    got = official_similarity(a, b, "rw", hidden_size=3)
+    rows = [0, 3]
+    cosine = (a[rows] * b[rows]).sum(1) / np.linalg.norm(a[rows], axis=1) / np.linalg.norm(b[rows], axis=1)
+    np.testing.assert_allclose(got[rows], cosine, rtol=1e-12)
+    assert got[1] == 1.0 and got[2] == 0.5
+    pytest.importorskip("sklearn")
+    from sklearn.metrics.pairwise import paired_cosine_distances
+
+    np.testing.assert_allclose(got, 1 - paired_cosine_distances(a, b), rtol=1e-12)
+    # moee-sum: the HS parts' score plus alpha times the RW parts'
+    summed = official_similarity(a, b, "moee-sum", hidden_size=3, alpha=2.0)
+    parts = (1 - paired_cosine_distances(a[:, :3], b[:, :3])) + 2.0 * (1 - paired_cosine_distances(a[:, 3:], b[:, 3:]))
+    np.testing.assert_allclose(summed, parts, rtol=1e-12)
+
+
+# --- 8. against the authors' encode() redone on transformers --------------------------------------------
+
+
+def authors_encode(model, tokenizer, sentences, batch_size, instruction, template, emb_info, alpha=1.0):
+    """Their MOEE.encode and STS scoring as their code does it, on transformers' model and tokenizer (written
+    here from reading it): instruction glued on, split/join, the "." rule, quotes, template, "_", strip; padded
+    by the tokenizer with pad id 0 on the left; HS and router logits at the last position; standardisation
+    of each batch in torch; NaN as 0. Returns (embeddings, hs, rw) as their encode does."""
+    all_emb, all_hs, all_rw = [], [], []
+    for start in range(0, len(sentences), batch_size):
+        prompts = []
+        for sent in [instruction + s for s in sentences[start:start + batch_size]]:
+            sent = " ".join(sent.split(" ")) if sent.split(" ") != [] else "."
+            if len(sent) > 0 and sent[-1] not in ".?!\"'":
+                sent += "."
+            sent = sent.replace('"', "'")
+            prompts.append(template.replace("*sent 0*", sent).replace("_", " ").strip())
+        inputs = tokenizer(prompts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True, output_router_logits=True, use_cache=False)
+        rows = inputs["input_ids"].shape
+        hs = out.hidden_states[-1][:, -1, :]
+        rw = torch.cat([logits.reshape(*rows, -1)[:, -1, :] for logits in out.router_logits], dim=1)
+        emb = {"HS": hs, "RW": rw, "MoEE": torch.cat([hs, rw], dim=1)}[emb_info]
+        if emb_info != "HS":  # (torch warns of the batch of one's undefined std; NaN becomes 0 below)
+            emb = (emb - emb.mean(0, keepdim=True)) / (emb.std(0, keepdim=True) + 1e-8)
+            hs = (hs - hs.mean(0, keepdim=True)) / (hs.std(0, keepdim=True) + 1e-8)
+            rw = (rw - rw.mean(0, keepdim=True)) / (rw.std(0, keepdim=True) + 1e-8)
+        all_emb.append(emb), all_hs.append(hs), all_rw.append(rw)
+    return tuple(torch.nan_to_num(torch.cat(parts), nan=0.0, posinf=float("inf"), neginf=float("-inf")).numpy()
+                 for parts in (all_emb, all_hs, all_rw))
+
+
+@pytest.mark.filterwarnings("ignore:std\\(\\)")
+@pytest.mark.parametrize("instruction", [None, "Retrieve semantically similar text."])
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])  # transformers has both (DeepSeekMoE's RW are probabilities)
+def test_the_vectors_and_scores_are_those_of_the_authors_pipeline_on_transformers(embedders, family, instruction):
+    transformers = pytest.importorskip("transformers")
+    sklearn_pairwise = pytest.importorskip("sklearn.metrics.pairwise")
+    from moee_ref.official import official_similarity
+    from moee_ref.official_eval import instruction_prefix
+    from moee_ref.verify import load_reference
+
+    embedder = embedders[family]
+    source = embedder.model.source_dir
+    model = load_reference(source, embedder.args)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    tokenizer.pad_token_id = 0
+    tokenizer.padding_side = "left"
+    first = ["", 'He said "hi" to me', "Where is the nearest station?", "snake_case names are fine", "A cat sleeps"]
+    second = ["Someone is talking", "", "The station is near.", "names in snake case", "Dogs run"]
+    template = 'This sentence : "*sent 0*" means in one word:"'
+    settings = dict(prompt="prompteol", instruction=instruction, batch_size=2)  # 5 texts: the last batch is one text
+    for kind, emb_info in (("hs", "HS"), ("rw", "RW"), ("moee-concat", "MoEE")):
+        theirs, _, _ = authors_encode(model, tokenizer, first, 2, instruction_prefix(instruction), template, emb_info)
+        ours = encode_official(embedder, first, kind, **settings)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 if kind != "hs" else 1e-6, err_msg=kind)
+    np.testing.assert_array_equal(ours[4], 0.0)  # the batch of one
+
+    # their similarity ensemble (emb_info MoEE, standardised parts; emb_info HS, raw parts) and its STS scores
+    for ensemble, emb_info in (("standardized", "MoEE"), ("unstandardized", "HS")):
+        _, hs1, rw1 = authors_encode(model, tokenizer, first, 2, instruction_prefix(instruction), template, emb_info)
+        _, hs2, rw2 = authors_encode(model, tokenizer, second, 2, instruction_prefix(instruction), template, emb_info)
+        paired = sklearn_pairwise.paired_cosine_distances
+        theirs = (1 - paired(hs1, hs2)) + 0.5 * (1 - paired(rw1, rw2))
+        a = encode_official(embedder, first, "moee-sum", alpha=0.5, ensemble=ensemble, **settings)
+        b = encode_official(embedder, second, "moee-sum", alpha=0.5, ensemble=ensemble, **settings)
+        ours = official_similarity(a, b, "moee-sum", embedder.args.hidden_size, alpha=0.5)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5, err_msg=ensemble)
+        if ensemble == "standardized":  # the last pair's parts are zero on both sides: 1.0 + 0.5 * 1.0
+            assert theirs[4] == ours[4] == 1.5

@@ -115,7 +115,7 @@ def test_non_string_prompt_and_text_are_rejected():
 @pytest.mark.parametrize(
     "sentence, expected",
     [
-        ("", "."),
+        ("", ""),  # kept, as the authors' code keeps it ("".split(" ") is [""], not the [] it checks for)
         ("hello", "hello."),
         ("it's", "it's."),
         ("Done.", "Done."),
@@ -133,7 +133,8 @@ def test_official_preprocess(sentence, expected):
 
 
 def test_official_none_wraps_in_double_quotes():
-    assert apply_official_prompt("none", "") == '"."'
+    assert apply_official_prompt("none", "") == '""'
+    assert apply_official_prompt("prompteol", "") == 'This sentence : "" means in one word:"'
     assert apply_official_prompt("none", 'say "x"') == "\"say 'x'\""
 
 

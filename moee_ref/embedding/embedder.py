@@ -106,6 +106,7 @@ class EncodeReport:
     alpha_choice: AlphaChoice | None = None
     dtype: str | None = None  # the compute dtype that ran, and why it was chosen (kernels/precision.py)
     dtype_reason: str | None = None
+    batch_size: int | None = None  # the official mode's: its per-batch standardisation depends on it
     notes: list[str] = field(default_factory=list)
 
 

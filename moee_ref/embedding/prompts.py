@@ -129,29 +129,28 @@ def apply_prompt(template: str, text: str) -> str:
 def official_preprocess(sentence: str) -> str:
     """Clean a sentence as the authors' code does before prompting.
 
-    An empty sentence becomes "."; a period is appended unless the sentence
-    already ends in one of . ? ! " '; then every double quote becomes a single
-    quote (so it cannot close the template's own quotes).
-
-    Note: the authors' code *intends* the empty case ("." for an empty word
-    list) but, because ``"".split(" ")`` is ``[""]``, an empty string actually
-    passes through unchanged there. We follow the stated intent.
+    A period is appended unless the sentence already ends in one of . ? ! " ';
+    then every double quote becomes a single quote (so it cannot close the
+    template's own quotes). An empty sentence stays empty: their code means to
+    turn an empty word list into ".", but ``"".split(" ")`` is ``[""]``, not
+    ``[]``, so "" passes through -- and that is what their numbers were
+    computed from.
     """
     if not isinstance(sentence, str):
         raise InputError(f"sentence must be a string, got {type(sentence).__name__}")
-    if sentence == "":
-        sentence = "."
-    if sentence[-1] not in _OFFICIAL_SENTENCE_ENDINGS:
+    if sentence and sentence[-1] not in _OFFICIAL_SENTENCE_ENDINGS:
         sentence += "."
     return sentence.replace('"', "'")
 
 
-def apply_official_prompt(name: str, sentence: str) -> str:
+def apply_official_prompt(name: str, sentence: str, instruction: str = "") -> str:
     """Build the exact prompt string the authors' code feeds the model.
 
-    ``name`` is a built-in prompt name (case-insensitive). The sentence is
-    preprocessed, inserted, then underscores anywhere in the prompt become
-    spaces and surrounding whitespace is stripped -- as in the official code.
+    ``name`` is a built-in prompt name (case-insensitive). ``instruction`` is
+    put before the sentence and preprocessed with it, as their code does
+    (official_instructions.py formats it). The result is inserted, then
+    underscores anywhere in the prompt become spaces and surrounding
+    whitespace is stripped -- as in the official code.
     """
     if not isinstance(name, str):
         raise InputError(f"prompt name must be a string, got {type(name).__name__}")
@@ -161,5 +160,5 @@ def apply_official_prompt(name: str, sentence: str) -> str:
             f"unknown official prompt {name!r}; official-code mode only supports "
             f"the built-in names: {_valid_names()}"
         )
-    prompt = template.replace(PLACEHOLDER, official_preprocess(sentence))
+    prompt = template.replace(PLACEHOLDER, official_preprocess(instruction + sentence))
     return prompt.replace("_", " ").strip()
