@@ -13,6 +13,15 @@ in the paper; `prompts={"query": ..., "document": ...}` gives the texts mteb mar
 as queries or documents (retrieval, reranking) prompts of their own. Similarity is cosine; for moee-sum the vectors are
 [h/|h|; sqrt(alpha) r/|r|], so cosine ranks pairs as the paper's weighted sum.
 
+mode="official" runs the authors' pipeline instead (official.py): their prompt names, per-batch
+standardisation in batches of 64, "" kept, and instruction=None, a text, or "e5" (each task's E5
+instruction, official_eval.py, as their evaluation does by default). Similarity is then what their
+reranking, retrieval and summarization scorers compute: cosine, and for moee-sum the dot product of
+[h/|h|; sqrt(alpha) r/|r|], i.e. cos(HS) + alpha cos(RW) with a zero part scoring 0. mteb's STS and
+pair-classification scores are its own cosine of the vectors: the same ranking, except where a batch of one
+text made a part zero (their scorer gives it 0.5 or 1.0). Classification and clustering with moee-sum are
+refused: their code averages the label ids of two models there, which has no vector form.
+
 mteb itself is imported only when an encoder's metadata is built or
 run_mteb() runs, so this module imports without it.
 """
@@ -29,8 +38,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .embedding.embedder import KINDS, FeatureOptions, MoEEmbedder
+from .embedding.embedder import KINDS, FeatureOptions, MoEEmbedder, positive_int
 from .errors import InputError, MissingExtraError, MoEERefError
+from .official_eval import OFFICIAL_BATCH_SIZE, e5_instruction
 from .identity import checkpoint_identity, standardizer_digest
 from .embedding.conventions import check_prompts, named_prompt
 from .embedding.prompts import PLACEHOLDER, list_prompts, resolve_prompt
@@ -80,6 +90,9 @@ class MoEEEncoder:
         show_progress_bar: bool | None = None,
         prompts: dict[str, str] | None = None,
         normalize: bool | None = None,
+        mode: str = "default",
+        instruction: str | None = None,
+        ensemble: str | None = None,
         **feature_options,
     ):
         """normalize: unit-length rows; by default for moee-sum only, whose rows otherwise have length
@@ -89,7 +102,19 @@ class MoEEEncoder:
         show_progress_bar: fixed for every call (None: what mteb asks for, and no bar when it asks nothing).
         prompts: {"query": ..., "document": ...}, the prompt for the texts mteb marks with that prompt_type
         (retrieval, reranking), a prefix as sentence-transformers has it or a template or a built-in name;
-        every other text gets `prompt`. None: `prompt` for all, the paper's single template."""
+        every other text gets `prompt`. None: `prompt` for all, the paper's single template.
+        mode: "official" for the authors' pipeline (module docstring), with its instruction (None, a text, or "e5")
+        and ensemble ("standardized" or "unstandardized" HS and RW in moee-sum); it takes none of the options
+        above but prompt (one of their names), alpha, batch_size (default theirs, 64) and show_progress_bar."""
+        if mode not in ("default", "official"):
+            raise InputError(f"mode={mode!r} is not valid; choose default or official")
+        self.mode, self.instruction, self.ensemble = mode, instruction, ensemble
+        if mode == "official":
+            self._init_official(embedder, kind, prompt, alpha, batch_size, show_progress_bar, standardizer, prompts, normalize,
+                                feature_options)
+            return
+        if instruction is not None or ensemble is not None:
+            raise InputError("instruction and ensemble are options of mode='official'")
         if kind not in KINDS:
             raise InputError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
@@ -122,6 +147,38 @@ class MoEEEncoder:
         self.num_truncated = 0  # texts cut to max_length since this encoder was made (run_mteb: per task)
         self._meta = None
 
+    def _init_official(self, embedder, kind, prompt, alpha, batch_size, show_progress_bar, standardizer, prompts, normalize,
+                       feature_options):
+        from .official import check_official
+
+        given = [name for name, value in (("standardizer", standardizer), ("prompts", prompts), ("normalize", normalize))
+                 if value is not None] + sorted(feature_options)
+        if given:
+            raise InputError(f"mode='official' reproduces the authors' pipeline and takes no {', '.join(given)}")
+        self.ensemble = self.ensemble or "standardized"
+        check_official(embedder, kind, prompt, alpha, self.ensemble)
+        if self.instruction is not None and not isinstance(self.instruction, str):
+            raise InputError(f"instruction must be a string, 'e5' or None, got {type(self.instruction).__name__}")
+        self.embedder, self.kind, self.prompt, self.alpha = embedder, kind, prompt, float(alpha)
+        self.batch_size = OFFICIAL_BATCH_SIZE if batch_size is None else positive_int("batch_size", batch_size)
+        self.standardizer, self.prompts, self.normalize = None, {}, False
+        self.show_progress_bar = show_progress_bar
+        self.template = prompt or "none"
+        self.feature_options = {"rw_layers": None, "max_length": None}  # what the metadata reads
+        self.num_truncated = 0  # never: the authors' prompts are not truncated
+        self._meta = None
+
+    def _encode_official(self, texts, task_metadata, prompt_type, show_progress_bar) -> np.ndarray:
+        from .official import encode_official
+
+        instruction = self.instruction
+        if instruction == "e5":
+            if task_metadata is None:
+                raise InputError("instruction='e5' takes each task's E5 instruction, and mteb named no task")
+            instruction = e5_instruction(task_metadata.name, prompt_type)
+        return encode_official(self.embedder, texts, self.kind, prompt=self.prompt, instruction=instruction, alpha=self.alpha,
+                               ensemble=self.ensemble, batch_size=self.batch_size, show_progress_bar=show_progress_bar)
+
     # ------------------------------------------------------------ the protocol
 
     def encode(self, inputs, *, task_metadata=None, hf_split=None, hf_subset=None, prompt_type=None, **kwargs) -> np.ndarray:
@@ -140,8 +197,11 @@ class MoEEEncoder:
             texts.extend(batch["text"])
         # Without a prompt and without BOS/EOS an empty text gives the model no token at all: its vector is zero
         # (cosine 0 to everything) instead of an error.
-        tokenizer = self.embedder.tokenizer
         kind_of_text = getattr(prompt_type, "value", prompt_type)  # mteb's PromptType: "query" or "document"
+        show = bool(kwargs.get("show_progress_bar")) if self.show_progress_bar is None else self.show_progress_bar
+        if self.mode == "official":
+            return self._encode_official(texts, task_metadata, kind_of_text, show)
+        tokenizer = self.embedder.tokenizer
         prompt = named_prompt(self.prompts, kind_of_text, None, None) if kind_of_text in self.prompts else self.prompt
         no_tokens = resolve_prompt(prompt) == PLACEHOLDER and not (tokenizer.adds_bos or tokenizer.adds_eos)
         keep = [i for i, text in enumerate(texts) if not (no_tokens and text == "")]
@@ -154,19 +214,27 @@ class MoEEEncoder:
             batch_size=self.batch_size or kwargs.get("batch_size"),
             standardizer=self.standardizer,
             normalize=self.normalize,
-            show_progress_bar=bool(kwargs.get("show_progress_bar")) if self.show_progress_bar is None else self.show_progress_bar,
+            show_progress_bar=show,
             **self.feature_options,
         )
         self.num_truncated += self.embedder.last_report.num_truncated
         return vectors
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
-        """Cosine similarity matrix [len(embeddings1), len(embeddings2)] (a zero vector scores 0)."""
-        return _unit_rows(embeddings1) @ _unit_rows(embeddings2).T
+        """Cosine similarity matrix [len(embeddings1), len(embeddings2)] (a zero vector scores 0); in the official
+        mode's moee-sum the dot product, their cos(HS) + alpha cos(RW)."""
+        a, b = self._scored(embeddings1), self._scored(embeddings2)
+        return a @ b.T
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
-        """Cosine similarity of each row of embeddings1 with the same row of embeddings2."""
-        return (_unit_rows(embeddings1) * _unit_rows(embeddings2)).sum(-1)
+        """similarity() of each row of embeddings1 with the same row of embeddings2."""
+        return (self._scored(embeddings1) * self._scored(embeddings2)).sum(-1)
+
+    def _scored(self, x) -> torch.Tensor:
+        if self.mode == "official" and self.kind == "moee-sum":  # parts already unit (or zero) and weighted
+            x = torch.as_tensor(x).float()
+            return x.reshape(1, -1) if x.ndim == 1 else x
+        return _unit_rows(x)
 
     @property
     def mteb_model_meta(self):
@@ -205,13 +273,15 @@ class MoEEEncoder:
             framework=["PyTorch"],
             reference=REFERENCE,
             similarity_fn_name="cosine",
-            use_instructions=self.template != PLACEHOLDER,
+            use_instructions=self.instruction is not None if self.mode == "official" else self.template != PLACEHOLDER,
             training_datasets=None,
             experiment_kwargs=self._experiment_kwargs(),
         )
 
     def _experiment_kwargs(self) -> dict[str, Any]:
         """What distinguishes this configuration; mteb keeps each one's results in its own folder."""
+        if self.mode == "official":
+            return self._official_kwargs()
         names = {template: name for name, template in list_prompts()}
         prompt = names.get(self.template) or "custom-" + hashlib.sha256(self.template.encode()).hexdigest()[:8]
         settings: dict[str, Any] = {"prompt": prompt}
@@ -220,15 +290,6 @@ class MoEEEncoder:
             settings[f"{name}_prompt"] = names.get(template) or "custom-" + hashlib.sha256(template.encode()).hexdigest()[:8]
         if self.kind == "moee-sum":
             settings["alpha"] = self.alpha
-        # How the vectors were computed: each of these changes them, beyond float32 rounding.
-        model = self.embedder.model
-        settings["dtype"] = str(model.dtype).removeprefix("torch.")
-        if getattr(model, "int8", False):
-            settings["int8"] = True
-        if self.embedder.streamed:
-            settings["streamed"] = True
-        if not self.embedder.share_prefix:
-            settings["whole_prompts"] = True
         if self.standardizer is not None:
             settings["standardizer"] = standardizer_digest(self.standardizer)
         if self.normalize != (self.kind == "moee-sum"):
@@ -237,6 +298,28 @@ class MoEEEncoder:
         for key, value in self.feature_options.items():
             if value != getattr(defaults, key):
                 settings[key] = list(value) if key == "rw_layers" else value
+        return {**settings, **self._computed()}
+
+    def _official_kwargs(self) -> dict[str, Any]:
+        instruction = self.instruction
+        if instruction not in (None, "e5"):
+            instruction = "custom-" + hashlib.sha256(instruction.encode()).hexdigest()[:8]
+        settings: dict[str, Any] = {"mode": "official", "prompt": self.prompt or "none", "instruction": instruction or "none",
+                                    "batch_size": self.batch_size}
+        if self.kind == "moee-sum":
+            settings.update(alpha=self.alpha, ensemble=self.ensemble)
+        return {**settings, **self._computed()}
+
+    def _computed(self) -> dict[str, Any]:
+        """How the vectors were computed: each of these changes them, beyond float32 rounding."""
+        model = self.embedder.model
+        settings: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch.")}
+        if getattr(model, "int8", False):
+            settings["int8"] = True
+        if self.embedder.streamed:
+            settings["streamed"] = True
+        if not self.embedder.share_prefix:
+            settings["whole_prompts"] = True
         return settings
 
 
@@ -253,6 +336,9 @@ def run_mteb(
     standardizer=None,
     show_progress_bar: bool | None = None,
     prompts: dict[str, str] | None = None,
+    mode: str = "default",
+    instruction: str | None = None,
+    ensemble: str | None = None,
     **feature_options,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one MoEE configuration on MTEB tasks; {task: {"main_score", "main_score_name", "scores", ...}}.
@@ -261,15 +347,19 @@ def run_mteb(
     output_dir: where mteb writes its per-task result files (none are written without it).
     languages: keep only the subsets of named tasks that are wholly in these languages (["eng"]: the
     English-only evaluation of the paper, e.g. STS17's en-en alone).
-    standardizer, show_progress_bar, prompts: as MoEEEncoder takes them.
+    standardizer, show_progress_bar, prompts, mode, instruction, ensemble: as MoEEEncoder takes them.
     """
     mteb = require_mteb()
     encoder = MoEEEncoder(embedder, kind, prompt=prompt, alpha=alpha, batch_size=batch_size, standardizer=standardizer,
-                          show_progress_bar=show_progress_bar, prompts=prompts, **feature_options)
+                          show_progress_bar=show_progress_bar, prompts=prompts, mode=mode, instruction=instruction,
+                          ensemble=ensemble, **feature_options)
     cache = mteb.ResultCache(output_dir) if output_dir is not None else None
+    tasks = _tasks(mteb, task_names, languages)
+    if mode == "official":
+        _check_official(tasks, kind, instruction)  # before any data is loaded or text embedded
     unreachable = _unreachable_hub()  # probed once for all tasks: each probe may wait HUB_PROBE_SECONDS
     results = {}
-    for task in _tasks(mteb, task_names, languages):
+    for task in tasks:
         # Load the data here (an aggregate task: that of its parts) to report a clear error when it is unavailable.
         to_load = [part for part in getattr(task.metadata, "tasks", None) or [task] if not part.data_loaded]
         for part in to_load:
@@ -298,7 +388,25 @@ def run_mteb(
             "evaluation_time": result.evaluation_time,
             "num_truncated": encoder.num_truncated,  # texts cut to max_length (the model's length by default)
         }
+        if mode == "official":
+            results[task.metadata.name].update(mode="official", batch_size=encoder.batch_size, instruction=instruction,
+                                               ensemble=encoder.ensemble if kind == "moee-sum" else None)
     return results
+
+
+def _check_official(tasks, kind: str, instruction) -> None:
+    """The official mode's refusals, for all tasks at once."""
+    if kind == "moee-sum":
+        label_tasks = [t.metadata.name for t in tasks if t.metadata.type in ("Classification", "Clustering")]
+        if label_tasks:
+            raise InputError(
+                f"mode='official' cannot reproduce moee-sum on {', '.join(label_tasks)}: for classification and clustering "
+                "the authors' code averages the label ids that two models (one on HS, one on RW) predict, which is no "
+                "embedding; use kind hs, rw or moee-concat there, or the default mode's moee-sum"
+            )
+    if instruction == "e5":
+        for task in tasks:
+            e5_instruction(task.metadata.name)  # an InputError naming the task when their table has none
 
 
 def task_names_of(names: Iterable[str], task_types: Iterable[str] | None = None) -> list[str]:

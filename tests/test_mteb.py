@@ -434,3 +434,105 @@ def test_moee_sum_rows_are_unit_length_for_mteb(embedder):
     assert not np.allclose(norms("hs"), 1.0)  # other kinds as encode() gives them
     assert "normalize" not in MoEEEncoder(embedder, "moee-sum")._experiment_kwargs()
     assert MoEEEncoder(embedder, "moee-sum", normalize=False)._experiment_kwargs()["normalize"] is False
+
+
+# --- the authors' pipeline (mode="official") through mteb --------------------------------------------
+
+
+def test_official_sts_through_mteb_is_the_authors_ensemble(embedder):
+    from moee_ref.data import Pairs
+    from moee_ref.evaluate import evaluate_sts_official
+    from moee_ref.official import encode_official
+
+    options = dict(kind="moee-sum", prompt="prompteol", alpha=0.5, instruction="Retrieve semantically similar text.")
+    (entry,) = run_mteb(embedder, [LocalSTS()], batch_size=4, mode="official", **options).values()
+    assert (entry["mode"], entry["batch_size"], entry["ensemble"]) == ("official", 4, "standardized")
+    first, second = (list(side) for side in zip(*PAIRS))
+    a, b = (encode_official(embedder, side, batch_size=4, **options) for side in (first, second))
+    cosine = [float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))) for x, y in zip(a, b)]
+    assert entry["main_score"] == pytest.approx(spearman(cosine, GOLD), abs=1e-6)
+    # 30 pairs in batches of 4 leave no batch of one, so mteb's cosine ranks as their ensemble does
+    table = evaluate_sts_official(embedder, Pairs(first, second, GOLD), batch_size=4, **{k: v for k, v in options.items() if k != "kind"})
+    (summed,) = [row for row in table["rows"] if row["embedding"] == "moee-sum"]
+    assert entry["main_score"] == pytest.approx(summed["spearman"], abs=1e-6)
+    default = run_mteb(embedder, [LocalSTS()], batch_size=4, kind="moee-sum", prompt="prompteol", alpha=0.5)
+    assert default["MoEERefLocalSTS"]["main_score"] != pytest.approx(entry["main_score"], abs=1e-6)
+
+
+def test_official_similarity_is_their_score_for_each_kind(embedder):
+    summed = MoEEEncoder(embedder, "moee-sum", mode="official", alpha=2.0)
+    hidden = embedder.args.hidden_size
+    a = np.hstack([np.ones((2, hidden)) / math.sqrt(hidden), np.zeros((2, 4))]).astype(np.float32)  # RW part zero
+    b = np.hstack([np.ones((2, hidden)) / math.sqrt(hidden), math.sqrt(2.0) * np.eye(2, 4)]).astype(np.float32)
+    # cos(HS) + alpha cos(RW), a zero part scoring 0 as their torch cos_sim gives it (cosine of the vectors: 1/sqrt(3))
+    np.testing.assert_allclose(summed.similarity_pairwise(a, b).numpy(), [1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(summed.similarity(a, b).numpy(), np.ones((2, 2)), rtol=1e-6)
+    hs = MoEEEncoder(embedder, "hs", mode="official")
+    np.testing.assert_allclose(hs.similarity_pairwise(a, 3 * a).numpy(), [1.0, 1.0], rtol=1e-6)
+
+
+def test_official_retrieval_gives_queries_and_documents_their_e5_instructions(embedder, monkeypatch):
+    from moee_ref import official
+    from moee_ref.official_eval import e5_instruction
+
+    class SciFactShaped(mteb.mocks.MockRetrievalTask):
+        metadata = mteb.mocks.MockRetrievalTask.metadata.model_copy(update={"name": "SciFact"})
+
+    seen = []
+    real = official.encode_official
+
+    def spy(embedder_, texts, kind="moee-sum", **options):
+        seen.append(options["instruction"])
+        return real(embedder_, texts, kind, **options)
+
+    monkeypatch.setattr(official, "encode_official", spy)
+    (entry,) = run_mteb(embedder, [SciFactShaped()], kind="moee-sum", mode="official", instruction="e5").values()
+    assert math.isfinite(entry["main_score"]) and entry["instruction"] == "e5"
+    assert set(seen) == {e5_instruction("SciFact", "query"), ""}
+
+
+def test_official_mode_refusals(embedder):
+    with pytest.raises(InputError, match=r"^mode='official' cannot reproduce moee-sum on MoEERefLocalClassification: "
+                                         r"for classification and clustering the authors' code averages the label ids"):
+        run_mteb(embedder, [LocalClassification(), LocalSTS()], kind="moee-sum", mode="official")
+    score = run_mteb(embedder, [LocalClassification()], kind="hs", mode="official")["MoEERefLocalClassification"]["main_score"]
+    assert 0.0 <= score <= 1.0
+    with pytest.raises(InputError, match="^the authors' evaluation has no E5 instruction for MTEB task 'MoEERefLocalSTS'"):
+        run_mteb(embedder, [LocalSTS()], kind="hs", mode="official", instruction="e5")
+    with pytest.raises(InputError, match="^mode='official' reproduces the authors' pipeline and takes no prompts, max_length$"):
+        MoEEEncoder(embedder, "hs", mode="official", prompts={"query": "q: "}, max_length=8)
+    with pytest.raises(InputError, match="^mode='official' takes one of the authors' prompt names"):
+        MoEEEncoder(embedder, "hs", mode="official", prompt="Say {text}")
+    with pytest.raises(InputError, match="^instruction and ensemble are options of mode='official'$"):
+        MoEEEncoder(embedder, "hs", instruction="x")
+    with pytest.raises(InputError, match="^mode='fast' is not valid; choose default or official$"):
+        MoEEEncoder(embedder, "hs", mode="fast")
+
+
+def test_official_runs_are_filed_apart_from_default_ones(embedder):
+    default = MoEEEncoder(embedder, "moee-sum").mteb_model_meta.experiment_kwargs
+    official = MoEEEncoder(embedder, "moee-sum", mode="official").mteb_model_meta.experiment_kwargs
+    assert "mode" not in default
+    assert {k: official[k] for k in ("mode", "prompt", "instruction", "batch_size", "ensemble")} == {
+        "mode": "official", "prompt": "none", "instruction": "none", "batch_size": 64, "ensemble": "standardized"}
+    other = MoEEEncoder(embedder, "moee-sum", mode="official", instruction="e5", ensemble="unstandardized", batch_size=128)
+    kwargs = other.mteb_model_meta.experiment_kwargs
+    assert (kwargs["instruction"], kwargs["ensemble"], kwargs["batch_size"]) == ("e5", "unstandardized", 128)
+    custom = MoEEEncoder(embedder, "hs", mode="official", instruction="Find it").mteb_model_meta.experiment_kwargs
+    assert custom["instruction"].startswith("custom-") and "ensemble" not in custom
+
+
+def test_cli_official_mode_reaches_run_mteb(embedder, monkeypatch, capsys):
+    from moee_ref import cli, mteb_wrapper
+
+    seen = {}
+    monkeypatch.setattr(mteb_wrapper, "run_mteb", lambda embedder_, tasks, **kwargs: seen.update(kwargs) or {"STS12": {"main_score": 0.5}})
+    monkeypatch.setattr(cli, "load_embedder", lambda ns: embedder)
+    base = ["eval", "mteb", "--model", str(embedder.model.source_dir), "--tasks", "STS12"]
+    assert cli.main([*base, "--mode", "official", "--instruction", "e5"]) == 0
+    assert (seen["mode"], seen["instruction"], seen["ensemble"], seen["batch_size"]) == ("official", "e5", "standardized", 64)
+    assert "prompts" not in seen and "standardizer" not in seen
+    assert cli.main([*base, "--mode", "official", "--query-prompt", "q: "]) == 2
+    assert "--mode official reproduces the authors' code and takes no --query-prompt" in capsys.readouterr().err
+    assert cli.main([*base, "--instruction", "e5"]) == 2
+    assert "--instruction is an option of --mode official" in capsys.readouterr().err
