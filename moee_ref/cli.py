@@ -19,6 +19,9 @@ from .cli_common import (
     positive_int, stop_signals_unwind,
 )
 from .errors import MoEERefError
+from .official_eval import OFFICIAL_BATCH_SIZE
+
+DEFAULT_BATCH_SIZE = 16
 
 def feature_options(ns):
     from .embedding.embedder import FeatureOptions
@@ -64,6 +67,29 @@ def progress_wanted(ns) -> bool | None:
     return False if ns.no_progress else None
 
 
+def check_mode_flags(ns, options, others=()) -> bool:
+    """True for --mode official; refuses the flags the chosen mode has no use for (silently dropping one would give
+    vectors the user did not ask for). others: (flag, given) pairs of the command's own default-mode options."""
+    from .embedding.embedder import FeatureOptions
+
+    if ns.mode != "official":
+        given = [flag for flag, value in (("--instruction", ns.instruction), ("--ensemble", ns.ensemble)) if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} {'are options' if len(given) > 1 else 'is an option'} of --mode official")
+        if ns.batch_size is None:
+            ns.batch_size = DEFAULT_BATCH_SIZE
+        return False
+    defaults = vars(FeatureOptions())
+    given = ["--" + k.replace("_", "-") for k, v in vars(options).items() if k not in ("prompt", "allow_empty") and v != defaults[k]]
+    given += [flag for flag, value in (("--standardizer", ns.standardizer), ("--alpha auto", ns.alpha == "auto"), *others) if value]
+    if given:
+        raise UsageError(f"--mode official reproduces the authors' code and takes no {', '.join(given)}")
+    if ns.batch_size is None:
+        ns.batch_size = OFFICIAL_BATCH_SIZE
+    ns.ensemble = ns.ensemble or "standardized"
+    return True
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -80,17 +106,10 @@ def cmd_embed(ns) -> int:
 
     fmt = output_format(ns.output, ns.format)
     options = feature_options(ns)
-    official = ns.mode == "official"
-    if official:
-        # The authors' code has none of these; silently dropping one would give vectors the user did not ask for.
-        from .embedding.embedder import FeatureOptions
-
-        defaults = vars(FeatureOptions())
-        given = [k for k, v in vars(options).items() if k not in ("prompt", "allow_empty") and v != defaults[k]]
-        given += ["standardizer"] if ns.standardizer else []
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise UsageError(f"--mode official reproduces the authors' code and takes no {flags}")
+    official = check_mode_flags(ns, options)
+    if ns.instruction == "e5":
+        raise UsageError("--instruction e5 stands for each MTEB task's own instruction, and moee embed has no task: "
+                         "give the instruction's text (e.g. their STS one, 'Retrieve semantically similar text.')")
     if ns.engine == "ray":
         return embed_on_ray(ns, fmt, options)
     if ns.ray_address or ns.workers is not None or ns.cpus_per_worker is not None:
@@ -104,7 +123,8 @@ def cmd_embed(ns) -> int:
         settings = {"mode": ns.mode, "kind": ns.kind, "alpha": ns.alpha, "normalize": ns.normalize, "batch_size": ns.batch_size,
                     **{k: (list(v) if k == "rw_layers" and v is not None else v) for k, v in vars(options).items()},
                     "standardizer": standardizer_digest(standardizer) if standardizer else None,
-                    "whole_prompts": ns.no_shared_prefix}
+                    "whole_prompts": ns.no_shared_prefix,
+                    **({"instruction": ns.instruction, "ensemble": ns.ensemble} if official else {})}
         identity = {"input": {"texts": len(texts), "sha256": texts_digest(texts)}, "settings": settings}
         if job.manifest is not None:  # a resume: another model, input or options refused before the model is loaded
             job.check({"model": model_identity(resolve_source(ns.model)), **identity})
@@ -130,8 +150,9 @@ def cmd_embed(ns) -> int:
             if official:
                 from .official import encode_official
 
-                return encode_official(embedder, chunk, ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size,
-                                       normalize=ns.normalize, show_progress_bar=False)
+                return encode_official(embedder, chunk, ns.kind, prompt=ns.prompt, instruction=ns.instruction, alpha=ns.alpha,
+                                       ensemble=ns.ensemble, batch_size=ns.batch_size, normalize=ns.normalize,
+                                       show_progress_bar=False)
             feats = embedder.features(chunk, options, batch_size=ns.batch_size, show_progress_bar=False, row_names=rows)
             return np.concatenate([feats.hs, feats.rw], axis=1)
 
@@ -142,7 +163,8 @@ def cmd_embed(ns) -> int:
             vectors = np.zeros((len(texts), width), np.float32)
             vectors[order] = stacked
             report = EncodeReport(num_texts=len(texts), alpha=float(ns.alpha) if ns.kind == "moee-sum" else None,
-                                  dtype=identity["computed"]["dtype"], dtype_reason=getattr(model, "dtype_reason", None))
+                                  dtype=identity["computed"]["dtype"], dtype_reason=getattr(model, "dtype_reason", None),
+                                  batch_size=ns.batch_size)
         else:
             hidden = embedder.args.hidden_size
             hs = np.zeros((len(texts), hidden), np.float32)
@@ -160,7 +182,9 @@ def cmd_embed(ns) -> int:
         raise
     job.remove()
     alpha = f", alpha {report.alpha:.4g}" if report.alpha is not None else ""
-    print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims{alpha}) in {report.dtype} -> {ns.output}", file=sys.stderr)
+    batches = f", the authors' pipeline in batches of {report.batch_size}" if official else ""
+    print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims{alpha}) in {report.dtype}{batches} -> {ns.output}",
+          file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
@@ -247,17 +271,26 @@ def cmd_route(ns) -> int:
 
 def cmd_eval_sts(ns) -> int:
     from .data import read_pairs
-    from .evaluate import evaluate_sts, format_sts_table
+    from .evaluate import evaluate_sts, evaluate_sts_official, format_sts_table
 
     if ns.alpha == "auto":
         raise UsageError("--alpha sets the fixed alpha row; the auto row is always reported")
+    official = check_mode_flags(ns, feature_options(ns), [("--dev-pairs", ns.dev_pairs)])
+    if official and ns.instruction == "e5":
+        from .official_eval import STS
+
+        ns.instruction = STS  # the E5 instruction their evaluation gives every STS task
     pairs = read_pairs(ns.pairs, ns.format)
     dev = read_pairs(ns.dev_pairs, ns.format) if ns.dev_pairs else None
     embedder = load_embedder(ns)
-    result = evaluate_sts(
-        embedder, pairs, alpha=ns.alpha, dev_pairs=dev, options=feature_options(ns), batch_size=ns.batch_size,
-        standardizer=load_standardizers(ns.standardizer), show_progress_bar=progress_wanted(ns),
-    )
+    if official:
+        result = evaluate_sts_official(embedder, pairs, prompt=ns.prompt, instruction=ns.instruction, alpha=ns.alpha,
+                                       ensemble=ns.ensemble, batch_size=ns.batch_size, show_progress_bar=progress_wanted(ns))
+    else:
+        result = evaluate_sts(
+            embedder, pairs, alpha=ns.alpha, dev_pairs=dev, options=feature_options(ns), batch_size=ns.batch_size,
+            standardizer=load_standardizers(ns.standardizer), show_progress_bar=progress_wanted(ns),
+        )
     result["model"] = str(ns.model)
     result["prompt"] = ns.prompt or "none"
     print(json.dumps(result, indent=2) if ns.json else format_sts_table(result))
@@ -269,16 +302,19 @@ def cmd_eval_mteb(ns) -> int:
 
     if ns.alpha == "auto":
         raise UsageError("moee eval mteb takes a fixed --alpha")
+    prompts = {k: v for k, v in (("query", ns.query_prompt), ("document", ns.document_prompt)) if v is not None}
+    official = check_mode_flags(ns, feature_options(ns), [("--query-prompt", ns.query_prompt), ("--document-prompt", ns.document_prompt)])
     require_mteb()
     tasks = task_names_of(ns.tasks, ns.task_types)
     embedder = load_embedder(ns)
-    # MTEB data holds empty texts: the wrapper embeds them (allow_empty), as the API's MoEEEncoder does.
-    opts = {k: v for k, v in vars(feature_options(ns)).items() if k not in ("prompt", "allow_empty")}
-    results = run_mteb(
-        embedder, tasks, kind=ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size, output_dir=ns.output_dir,
-        languages=ns.languages, standardizer=load_standardizers(ns.standardizer), show_progress_bar=progress_wanted(ns),
-        prompts={k: v for k, v in (("query", ns.query_prompt), ("document", ns.document_prompt)) if v is not None}, **opts,
-    )
+    common = dict(kind=ns.kind, prompt=ns.prompt, alpha=ns.alpha, batch_size=ns.batch_size, output_dir=ns.output_dir,
+                  languages=ns.languages, show_progress_bar=progress_wanted(ns))
+    if official:
+        results = run_mteb(embedder, tasks, mode="official", instruction=ns.instruction, ensemble=ns.ensemble, **common)
+    else:
+        # MTEB data holds empty texts: the wrapper embeds them (allow_empty), as the API's MoEEEncoder does.
+        opts = {k: v for k, v in vars(feature_options(ns)).items() if k not in ("prompt", "allow_empty")}
+        results = run_mteb(embedder, tasks, standardizer=load_standardizers(ns.standardizer), prompts=prompts, **common, **opts)
     if ns.json:
         print(json.dumps(results, indent=2))
     else:
@@ -353,12 +389,22 @@ def add_memory(p) -> None:
     p.add_argument("--spill-dir", default=None, metavar="DIR", help="where the streamed mode spills activations over budget (default: the temp dir)")
 
 
+def add_official(p, e5: str | None = None) -> None:
+    """--mode and the official mode's own options (official.py)."""
+    p.add_argument("--mode", choices=["default", "official"], default="default", help="'official' reproduces the authors' code (see README)")
+    p.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="official mode: an instruction before every sentence, in their GritLM format" + (f" ('e5': {e5})" if e5 else ""))
+    p.add_argument("--ensemble", choices=["standardized", "unstandardized"], default=None,
+                   help="official mode: moee-sum of per-batch standardised HS and RW (default) or of the raw ones")
+
+
 def add_features(p, alpha_default="1.0") -> None:
     from .embedding.embedder import HS_LAYERS, POOLINGS, RW_VALUES
 
     p.add_argument("--prompt", default=None, help="built-in prompt name (see `moee prompts`) or a template with {text}; default none")
     p.add_argument("--alpha", type=parse_alpha, default=parse_alpha(alpha_default), help="moee-sum weight of RW: a number >= 0 or 'auto' (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"texts per forward pass (default {DEFAULT_BATCH_SIZE}; with --mode official {OFFICIAL_BATCH_SIZE}, the authors' evaluation default)")
     p.add_argument("--max-length", type=positive_int, default=None, help="token budget per text (default: the model's maximum)")
     p.add_argument("--truncation", choices=["left", "right"], default=None, help="cut over-long texts on this side (default: refuse them)")
     p.add_argument("--pooling", choices=POOLINGS, default="last", help="token pooling for HS and RW (default last)")
@@ -399,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=KINDS, default="moee-sum", help="embedding kind (default %(default)s)")
     p.add_argument("--normalize", action="store_true", help="scale every vector to unit length")
     p.add_argument("--allow-empty", action="store_true", help="embed empty lines (the prompt alone) instead of refusing them")
-    p.add_argument("--mode", choices=["default", "official"], default="default", help="'official' reproduces the authors' code (see README)")
+    add_official(p)
     add_features(p)
     add_memory(p)
     p.set_defaults(run=cmd_embed)
@@ -423,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dev-pairs", default=None, metavar="FILE", help="labelled development pairs: adds a row with the supervised alpha")
     q.add_argument("--format", choices=["tsv", "csv", "jsonl"], default=None, help="pair file format (default: from the name)")
     q.add_argument("--json", action="store_true", help="print JSON")
+    add_official(q, e5="their E5 STS instruction")
     add_features(q)
     add_memory(q)
     q.set_defaults(run=cmd_eval_sts)
@@ -436,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--document-prompt", default=None, metavar="P", help="prompt for the texts mteb marks as documents")
     q.add_argument("--output-dir", default=None, help="where mteb writes its result files")
     q.add_argument("--json", action="store_true", help="print JSON")
+    add_official(q, e5="each task's E5 instruction, as their evaluation does by default")
     add_features(q)
     q.set_defaults(run=cmd_eval_mteb)
 

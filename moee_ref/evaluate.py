@@ -66,6 +66,37 @@ def evaluate_sts(
     return {"pairs": len(pairs), "truncated": truncated, "rows": [asdict(r) for r in rows]}
 
 
+def evaluate_sts_official(
+    embedder: MoEEmbedder,
+    pairs: Pairs,
+    *,
+    prompt: str | None = None,
+    instruction: str | None = None,
+    alpha: float = 1.0,
+    ensemble: str = "standardized",
+    batch_size: int | None = None,
+    show_progress_bar: bool | None = None,
+) -> dict:
+    """The STS scores of the authors' evaluation: the first sentences, then the second ones, embedded in file order
+    in batches of batch_size (official.py), scored by their paired cosine; moee-sum is their similarity ensemble."""
+    from .official import official_batches, official_similarity
+
+    check_gold(pairs.scores, "pairs")
+    settings = dict(prompt=prompt, instruction=instruction, alpha=alpha, ensemble=ensemble, batch_size=batch_size,
+                    show_progress_bar=show_progress_bar)
+    first = official_batches(embedder, pairs.first, **settings)
+    second = official_batches(embedder, pairs.second, **settings)
+    gold = np.asarray(pairs.scores, dtype=np.float64)
+    rows = []
+    for kind in ("hs", "rw", "moee-concat", "moee-sum"):
+        a, b = first.vectors(kind, float(alpha), ensemble), second.vectors(kind, float(alpha), ensemble)
+        sims = official_similarity(a, b, kind, embedder.args.hidden_size, float(alpha))
+        fixed = kind == "moee-sum"
+        rows.append(ScoreRow(kind, float(alpha) if fixed else None, "fixed" if fixed else None, spearman(sims, gold), pearson(sims, gold)))
+    return {"pairs": len(pairs), "truncated": 0, "mode": "official", "batch_size": first.batch_size, "ensemble": ensemble,
+            "instruction": instruction, "rows": [asdict(r) for r in rows]}
+
+
 def check_gold(scores, what: str) -> None:
     """Correlations with constant gold scores are undefined: refuse them with the reason, not a table of nan."""
     if scores is None or len(scores) < 2:
@@ -81,4 +112,8 @@ def format_sts_table(result: dict) -> str:
         alpha = "" if r["alpha"] is None else f"{r['alpha']:.4g} ({r['alpha_rule']})"
         lines.append(f"{r['embedding']:<12} {alpha:>16}  {r['spearman']:8.4f}  {r['pearson']:8.4f}")
     lines.append(f"{result['pairs']} pairs" + (f", {result['truncated']} texts truncated" if result["truncated"] else ""))
+    if result.get("mode") == "official":
+        instruction = "no instruction" if result["instruction"] is None else f"instruction {result['instruction']!r}"
+        lines[-1] += (f"; the authors' pipeline: batches of {result['batch_size']}, {instruction}, "
+                      f"moee-sum of {result['ensemble']} HS and RW")
     return "\n".join(lines)

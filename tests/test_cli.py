@@ -538,7 +538,7 @@ def embed_jobs(runs, request, workdir):
              "--batch-size", "64", stdin="\n".join(MANY) + "\n")
     runs.add("embed gap", *base, "--input", d / "gap.txt", "--output", d / "keep.npy")
     runs.add("embed official", *base, *texts, "--output", d / "official.npy", "--mode", "official", "--prompt",
-             "prompteol", "--alpha", "2")
+             "prompteol", "--alpha", "2", "--instruction", "Find the topic")
 
 
 def test_embed_npy_matches_the_api(runs, workdir, olmoe):
@@ -590,9 +590,12 @@ def test_embed_failure_keeps_the_existing_output(runs, workdir):
 def test_embed_official_mode(runs, workdir, olmoe):
     d = workdir / "embed"
     result = ok(runs["embed official"])
-    assert result.stderr.splitlines() == [f"embedded 5 texts as moee-sum (128 dims, alpha 2) in {AUTO} -> {d / 'official.npy'}"]
+    assert result.stderr.splitlines() == [f"embedded 5 texts as moee-sum (128 dims, alpha 2) in {AUTO}, the authors' pipeline "
+                                          f"in batches of 64 -> {d / 'official.npy'}"]
     official = load_npy(d / "official.npy")
-    np.testing.assert_allclose(official, encode_official(olmoe, TEXTS, prompt="prompteol", alpha=2.0), rtol=0, atol=1e-6)
+    expected = encode_official(olmoe, TEXTS, prompt="prompteol", alpha=2.0, instruction="Find the topic")
+    np.testing.assert_allclose(official, expected, rtol=0, atol=1e-6)
+    assert np.abs(official - encode_official(olmoe, TEXTS, prompt="prompteol", alpha=2.0)).max() > 1e-2
     assert np.abs(official - olmoe.encode(TEXTS, prompt="prompteol", alpha=2.0)).max() > 1e-2
 
 
@@ -779,6 +782,31 @@ def test_eval_sts_json_rows_are_spearman_of_cosines(runs, qwen):
     for line, row in zip(table[1:6], rows):
         if row["alpha_rule"] != "fixed":
             assert line.split()[-2:] == [f"{row['spearman']:.4f}", f"{row['pearson']:.4f}"]
+
+
+def test_eval_sts_official_mode_is_the_authors_evaluation(ckpts, sts_files, qwen, capsys):
+    from moee_ref.data import read_pairs
+    from moee_ref.evaluate import evaluate_sts_official
+    from moee_ref.official_eval import STS
+
+    base = ("eval", "sts", "--model", ckpts["qwen2_moe"], "--pairs", sts_files / "pairs.tsv")
+    code, out, err = in_process(capsys, *base, "--mode", "official", "--prompt", "prompteol", "--instruction", "e5",
+                                "--alpha", "0.5", "--batch-size", "4", "--json")
+    assert (code, err) == (0, "")
+    result = json.loads(out)
+    expected = evaluate_sts_official(qwen, read_pairs(sts_files / "pairs.tsv"), prompt="prompteol", instruction=STS,
+                                     alpha=0.5, batch_size=4)
+    assert (result["mode"], result["batch_size"], result["instruction"], result["ensemble"]) == ("official", 4, STS, "standardized")
+    assert [r["embedding"] for r in result["rows"]] == ["hs", "rw", "moee-concat", "moee-sum"]
+    for got, want in zip(result["rows"], expected["rows"]):
+        assert got["spearman"] == pytest.approx(want["spearman"], abs=1e-9), got
+    code, out, _ = in_process(capsys, *base, "--mode", "official")
+    assert code == 0 and out.splitlines()[-1] == (f"{len(PAIRS)} pairs; the authors' pipeline: batches of 64, no instruction, "
+                                                  "moee-sum of standardized HS and RW")
+    code, _, err = in_process(capsys, *base, "--mode", "official", "--dev-pairs", sts_files / "dev.jsonl")
+    assert code == 2 and "--mode official reproduces the authors' code and takes no --dev-pairs" in err
+    code, _, err = in_process(capsys, *base, "--ensemble", "unstandardized", "--instruction", "x")
+    assert code == 2 and "--instruction and --ensemble are options of --mode official" in err
 
 
 # ----------------------------------------------------------------------------- verify
