@@ -181,18 +181,18 @@ def whole_prompts(embedder: MoEEmbedder, texts: list[str]):
 ALL_POSITIONS = FeatureOptions(prompt="prompteol", pooling="mean")
 
 
-def hf_features(model, tokenizer: Tokenizer, texts: list[str]):
+def hf_features(model, tokenizer: Tokenizer, texts: list[str], device: str = "cpu"):
     """HS and RW the way moee-ref defines them: same ids, left padding, positions counting real tokens only."""
     sequences, _ = tokenizer.tokenize([apply_prompt(resolve_prompt(OPTIONS.prompt), t) for t in texts])
     batch = tokenizer.pad(sequences, padding_side="left")
-    ids, mask = batch.input_ids, batch.attention_mask
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_router_logits=True, use_cache=False)
         rows, length = ids.shape
         hs = out.last_hidden_state[:, -1].float()
         rw = torch.cat([r.reshape(rows, length, -1)[:, -1].float().softmax(-1) for r in out.router_logits], dim=1)
-    return hs.numpy(), rw.numpy()
+    return hs.cpu().numpy(), rw.cpu().numpy()
 
 
 def make_sides(embedder, hf, impls: dict) -> dict:

@@ -72,3 +72,16 @@ def test_streamed_mode_is_cpu_only(model_dir):
         pytest.skip("no CUDA device: the streamed mode cannot be asked for one")
     with pytest.raises(InputError, match=r"^the layer-streamed mode \(memory_budget=\) runs on the CPU"):
         MoEEmbedder.from_pretrained(model_dir, device="cuda", memory_budget="1GB")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: bench_gpu.py would run its benchmark")
+def test_the_gpu_benchmark_stops_at_once_without_cuda(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
+    result = subprocess.run([sys.executable, str(script), "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"bench_gpu.py needs a CUDA device; torch {torch.__version__} sees none here")
+    assert list(tmp_path.iterdir()) == []  # nothing written before the check
