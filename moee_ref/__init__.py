@@ -1,5 +1,7 @@
 """moee-ref: reference MoE decoders whose routers give text embeddings for free (MoEE)."""
 
+# First, before anything imports torch: how its OpenMP threads wait (threads_wait.py).
+from .threads_wait import OPENMP_WAIT  # noqa: F401  (isort: skip)
 from .loading.checkpoint import load_model
 from .decoder import DecoderOutput, ModelArgs, MoEDecoder, Routing
 from .families import read_config
