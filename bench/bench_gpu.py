@@ -3,7 +3,8 @@
     python bench/bench_gpu.py                        # OLMoE dimensions, all 16 layers, cuda:0
     python bench/bench_gpu.py --layers 4 --batch-large 64
 
-For each side: load time (host files to the device), texts/s at --batch-large, ms per text at batch 1,
+For each side (timed as bench_precision.py times: every call ends with its vectors on the host, so
+nothing is left queued on the device): load time (host files to the device), texts/s at --batch-large, ms per text at batch 1,
 peak device memory, and the cosine of HS and RW rows between the two sides. The checkpoint (random
 weights, bf16, as bench_cpu.py builds it) is written once in --workdir and reused: OLMoE's 16 layers
 are 13.8 GB there. Both sides run in this process, one after the other, the first freed before the
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import time
 from functools import partial
@@ -26,31 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu import hf_features, load_hf  # noqa: E402
-from bench_precision import CONFIGS, OPTIONS, cosines, prompts  # noqa: E402
+from bench_precision import CONFIGS, OPTIONS, cosines, prompts, timed  # noqa: E402
 
 from moee_ref import MoEEmbedder  # noqa: E402
 from moee_ref.demo.checkpoints import write_random_checkpoint  # noqa: E402
 from moee_ref.families import FAMILIES  # noqa: E402
 from moee_ref.tokenizer import Tokenizer  # noqa: E402
-
-
-def timed(run, texts: list[str], batch1: int, reps: int):
-    """(last large-batch result, texts/s, median ms per text at batch 1); every call ends on the host."""
-    for _ in range(2):  # warm-up: CUDA context, kernels, allocator
-        run(texts)
-        run(texts[:1])
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        result = run(texts)
-        times.append(time.perf_counter() - start)
-    one = []
-    for text in texts[:batch1]:
-        start = time.perf_counter()
-        run([text])
-        one.append(time.perf_counter() - start)
-    return result, len(texts) / statistics.median(times), 1000 * statistics.median(one)
 
 
 def side(name: str, load, run, texts, batch1, reps) -> dict:

@@ -155,7 +155,7 @@ def _features(embedder, texts, prompt: str, prefix: str, batch_size: int, show_p
         positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         hs[start:end], rw[start:end] = embedder.run_batch(input_ids, batch.attention_mask, options, rw_positions,
                                                           position_ids=positions)
-    return hs, rw, starts if texts else [0]
+    return hs, rw, starts  # [0] for no text: no batch
 
 
 def official_combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float, ensemble: str = "standardized") -> np.ndarray:
