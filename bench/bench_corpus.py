@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import moee_ref  # noqa: F401  first, before torch: its OpenMP wait setting applies (moee_ref/threads_wait.py)
 import torch
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import moee_ref  # noqa: F401  first, before torch: its OpenMP wait setting applies (moee_ref/threads_wait.py)
 import numpy as np
 import torch
 

@@ -21,6 +21,7 @@ import argparse
 import os
 import time
 
+import moee_ref  # noqa: F401  first, before torch: its OpenMP wait setting applies (moee_ref/threads_wait.py)
 import torch
 
 from moee_ref.kernels.onednn import _ONEDNN_LINEAR, linear, pack_weight, packing_available

@@ -24,6 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
+import moee_ref  # noqa: F401  first, before torch: its OpenMP wait setting applies (moee_ref/threads_wait.py)
 import numpy as np
 import torch
 
