@@ -2,25 +2,39 @@
 
 For each mode, as `MoEEmbedder.from_pretrained` gives it (float32 packed for
 oneDNN, bf16 weights as stored, int8 with bf16 compute where bf16 is native):
-weight bytes, load time, texts/s at batch 32, ms per text at batch 1, and,
-against float32, the cosine of HS and RW rows and the share of top-k expert
-sets (token x MoE layer) that change, and batch invariance: the smallest cosine of
-a text's HS or RW alone against its row in the batch of all texts. Beside them, transformers in bf16 with
-sdpa attention (eager for gpt-oss, whose sinks have no sdpa path there), what a user would otherwise pick (needs the test extra).
+weight bytes, load time, peak RSS, texts/s at batch 32 and its share of the
+machine's bf16 matmul rate, ms per text at batch 1 against that mode's read
+floor (the bytes of the matrices the text touches, at the mode's size, over the
+read bandwidth measured right after), and, against the reference, the cosine of
+HS and RW rows and the share of top-k expert sets (token x MoE layer) that
+change, and batch invariance: the smallest cosine of a text's HS or RW alone
+against its row in the batch of all texts. Beside them, transformers in bf16
+with sdpa attention (eager for gpt-oss, whose sinks have no sdpa path there),
+what a user would otherwise pick (needs the test extra).
 
     python bench/bench_precision.py                          # OLMoE dimensions, 2 layers
     python bench/bench_precision.py --family deepseek --layers 3
+    python bench/bench_precision.py --layers 16              # OLMoE at full depth: 13.8 GB of shards
+
+Every mode runs in a process of its own, one after the other, so that each
+peak RSS is its own and full depth fits: OLMoE's 16 layers hold 13.8 GB in
+bf16 and 27.7 GB in float32. The reference is float32 when it fits in
+memory; where the loader refuses it, float64 layer-streamed on the first
+--reference-texts texts (the loader decides, before any weight is read).
 
 The checkpoint is built once in --workdir (random weights, bf16, as
-bench_cpu.py builds it) and reused. All modes run in this one process, one
-after the other, each freed before the next is loaded.
+bench_cpu.py builds it) and reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +43,7 @@ import numpy as np
 import torch
 
 from moee_ref import MoEEmbedder, read_config
+from moee_ref.errors import MoEERefError
 from moee_ref.demo.checkpoints import write_random_checkpoint
 from moee_ref.families import FAMILIES
 from moee_ref.embedding.embedder import FeatureOptions
@@ -73,39 +88,127 @@ def timed(run, texts: list[str], batch1: int, reps: int):
     return result, len(texts) / statistics.median(times), 1000 * statistics.median(one)
 
 
-def measure(directory: Path, dtype: torch.dtype, int8: bool, texts: list[str], batch1: int, reps: int) -> dict:
+MODES = {  # name: (dtype, int8); "transformers" and the float64 reference are their own cases
+    "float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "int8": ("auto", True)}
+STREAMED_REFERENCE_BUDGET = "6GiB"  # float64 layer-streamed: one layer of OLMoE in float64 is 3.4 GB
+
+
+def bench_helpers():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_cpu
+
+    return bench_cpu
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: int) -> tuple[dict, dict]:
+    """One moee-ref mode: timings, read floor inputs and FLOPs (as JSON), and its vectors and top-k sets."""
+    bench_cpu = bench_helpers()
+    dtype, int8 = MODES[mode]
     start = time.perf_counter()
     embedder = MoEEmbedder.from_pretrained(directory, dtype=dtype, int8=int8)
     load_s = time.perf_counter() - start
+    load_rss = peak_rss_gib()
     feats, rate, b1_ms = timed(lambda t: embedder.features(t, OPTIONS, batch_size=len(t)), texts, batch1, reps)
+    bandwidth = bench_cpu.read_bandwidth(torch.ones(2**28))  # right after the batch-1 timings, which it bounds
     # Batch invariance: each of the first texts alone against its row of the batch of all.
     alone = [embedder.features([t], OPTIONS) for t in texts[:batch1]]
     invariance = min(float(cosines(np.concatenate([a.hs for a in alone]), feats.hs[:batch1]).min()),
                      float(cosines(np.concatenate([a.rw for a in alone]), feats.rw[:batch1]).min()))
+    model, prefix = embedder.model, bench_cpu.shared_prefix_tokens(embedder)
+    touched = statistics.mean(bench_cpu.batch1_bytes(model, embedder.tokenizer, t, prefix) / 4 for t in texts[:batch1])
+    tokens = sum(bench_cpu.token_count(embedder.tokenizer, t) for t in texts)
+    stats = {"weight_bytes": model_bytes(model), "load_s": load_s, "load_peak_rss_gib": load_rss, "b32_texts_per_s": rate,
+             "b1_ms": b1_ms, "alone_vs_batched_cos_min": invariance, "dtype": str(model.dtype).removeprefix("torch."),
+             "b1_params_touched": touched, "bandwidth_gbs": bandwidth / 1e9,
+             "b32_gflop": bench_cpu.flops_done(model.args, tokens, len(texts), prefix) / 1e9}
+    topk, mask = topk_sets(embedder, texts)
+    return stats, {"hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": mask}
+
+
+def topk_sets(embedder: MoEEmbedder, texts: list[str]) -> np.ndarray:
+    """Sorted top-k expert ids [B, L_moe, T, k] of the texts as one batch (the texts themselves, no prompt)."""
     batch = embedder.tokenizer.encode_batch(texts)
     with torch.inference_mode():
-        topk = embedder.model(batch.input_ids, batch.attention_mask).topk_ids.sort(-1).values
-    result = {"weight_bytes": model_bytes(embedder.model), "load_s": load_s, "b32_texts_per_s": rate, "b1_ms": b1_ms,
-              "alone_vs_batched_cos_min": invariance, "hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": batch.attention_mask.bool()}
-    return result  # the model is freed with this frame, before the next mode loads
+        out = next(iter(embedder.model.run([(batch.input_ids, batch.attention_mask, None)])))
+    return out.topk_ids.sort(-1).values.numpy(), batch.attention_mask.bool().numpy()
 
 
-def measure_transformers(directory: Path, texts: list[str], batch1: int, reps: int) -> dict:
-    import sys
+def child_reference(directory: Path, texts: list[str]) -> tuple[dict, dict]:
+    """float64 layer-streamed on a few texts: the reference where float32 does not fit resident."""
+    embedder = MoEEmbedder.from_pretrained(directory, dtype=torch.float64, memory_budget=STREAMED_REFERENCE_BUDGET)
+    feats = embedder.features(texts, OPTIONS, batch_size=len(texts))
+    topk, mask = topk_sets(embedder, texts)
+    return {"texts": len(texts)}, {"hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": mask}
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_cpu import hf_features, load_hf
+
+def child_transformers(directory: Path, texts: list[str], batch1: int, reps: int) -> tuple[dict, dict]:
+    bench_cpu = bench_helpers()
     from moee_ref.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(directory)
+    bench_cpu.import_hf_classes(read_config(directory).family)  # imports are not load time
     start = time.perf_counter()
     # sdpa, what a user gets by default; gpt-oss's sinks have only transformers' eager attention
     attention = "eager" if read_config(directory).family == "gpt_oss" else "sdpa"
-    model = load_hf(directory, torch.bfloat16, attn_implementation=attention)
+    model = bench_cpu.load_hf(directory, torch.bfloat16, attn_implementation=attention)
     load_s = time.perf_counter() - start
-    (hs, rw), rate, b1_ms = timed(lambda t: hf_features(model, tokenizer, t), texts, batch1, reps)
-    result = {"weight_bytes": model_bytes(model), "load_s": load_s, "b32_texts_per_s": rate, "b1_ms": b1_ms, "hs": hs, "rw": rw}
-    return result
+    load_rss = peak_rss_gib()
+    (hs, rw), rate, b1_ms = timed(lambda t: bench_cpu.hf_features(model, tokenizer, t), texts, batch1, reps)
+    stats = {"weight_bytes": model_bytes(model), "load_s": load_s, "load_peak_rss_gib": load_rss,
+             "b32_texts_per_s": rate, "b1_ms": b1_ms}
+    return stats, {"hs": hs, "rw": rw}
+
+
+def run_child(args, mode: str, out: Path) -> dict:
+    """Run one mode in a fresh process; its stats, with its arrays from out (or "refused": the loader's reason)."""
+    command = [sys.executable, __file__, "--child", mode, "--child-out", str(out), "--family", args.family,
+               "--layers", str(args.layers), "--texts", str(args.texts), "--batch1", str(args.batch1),
+               "--reps", str(args.reps), "--workdir", args.workdir, "--reference-texts", str(args.reference_texts)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"the {mode} process failed (exit {done.returncode}; -9 is often the kernel's OOM killer):\n{done.stderr[-3000:]}")
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    if "refused" not in stats:
+        with np.load(out) as arrays:
+            stats.update({key: arrays[key] for key in arrays.files})
+    return stats
+
+
+def child_main(args, directory: Path) -> None:
+    texts = prompts(args.texts)
+    try:
+        if args.child == "transformers":
+            stats, arrays = child_transformers(directory, texts, args.batch1, args.reps)
+        elif args.child == "reference":
+            stats, arrays = child_reference(directory, texts[: args.reference_texts])
+        else:
+            stats, arrays = child_moee(directory, args.child, texts, args.batch1, args.reps)
+    except MoEERefError as error:  # the loader refused the mode before reading weights (it does not fit)
+        print(json.dumps({"refused": str(error).splitlines()[0]}))
+        return
+    stats["peak_rss_gib"] = peak_rss_gib()
+    np.savez(args.child_out, **arrays)
+    print(json.dumps(stats))
+
+
+def bf16_matmul_gflops(runs: int = 3) -> float:
+    """The best bf16 F.linear rate of a few shapes (the issue's 512 x 2048 x 8192, MoE-expert and attention shapes)."""
+    time_call = bench_helpers().time_call
+    best = 0.0
+    for m, k, n in ((512, 2048, 8192), (160, 2048, 2048), (512, 2048, 2048)):
+        a, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+        torch.nn.functional.linear(a, w)
+        inner = max(1, int(2e10 // (2 * m * k * n)))
+        seconds = min(time_call(lambda: [torch.nn.functional.linear(a, w) for _ in range(inner)]) for _ in range(runs)) / inner
+        best = max(best, 2 * m * k * n / seconds / 1e9)
+    return best
+
+
+BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "int8": 1}  # int8: its row scales and full-precision router are ~1%
 
 
 def main() -> None:
@@ -115,45 +218,90 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=32)
     parser.add_argument("--batch1", type=int, default=8, help="texts timed one at a time")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reference-texts", type=int, default=8, help="texts the float64 streamed reference embeds")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "moee-ref-bench"))
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers bf16 row")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    directory = Path(args.workdir) / f"{args.family}-{args.layers}layers-bf16"
+    if args.child:
+        return child_main(args, directory)
     config = json.loads((CONFIGS / f"{args.family}.json").read_text())
     config["num_hidden_layers"] = args.layers
     config.pop("quantization_config", None)  # the random checkpoint is written unquantized (gpt-oss's MXFP4 is not)
     if "layer_types" in config:  # gpt-oss: one entry per layer
         config["layer_types"] = config["layer_types"][: args.layers]
-    directory = Path(args.workdir) / f"{args.family}-{args.layers}layers-bf16"
     if not (directory / "config.json").is_file():
         write_random_checkpoint(directory, config, dtype="bfloat16", max_shard_bytes=2**30)
 
     auto, reason = resolve_dtype("auto")
-    texts = prompts(args.texts)
-    modes = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), f"int8 ({str(auto)[6:]})": (auto, True)}
-    results = {name: measure(directory, dtype, int8, texts, args.batch1, args.reps) for name, (dtype, int8) in modes.items()}
-    if not args.no_transformers:
-        results["transformers bf16"] = measure_transformers(directory, texts, args.batch1, args.reps)
-
-    ref = results["float32"]
-    real = ref["mask"][:, None, :].expand(-1, ref["topk"].shape[1], -1)
-    print(f"{args.family}, {args.layers} layers of the real dimensions, {len(texts)} texts (random weights), "
+    bf16_rate = bf16_matmul_gflops()
+    names = [*MODES, *([] if args.no_transformers else ["transformers bf16"])]
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in names:
+            results[name] = run_child(args, name.split()[0], Path(scratch) / f"{name.split()[0]}.npz")
+        if "refused" in results["float32"]:
+            ref_name, ref = "float64 streamed", run_child(args, "reference", Path(scratch) / "reference.npz")
+        else:
+            ref_name, ref = "float32", results["float32"]
+    rows = len(ref["hs"])
+    print(f"{args.family}, {args.layers} layers of the real dimensions, {args.texts} texts (random weights), "
           f"{torch.get_num_threads()} threads; auto dtype here: {str(auto)[6:]} ({reason}); "
-          f"int8 kernel for up to {int8_kernel_rows()} rows")
-    print(f"{'mode':<18} {'weights GiB':>11} {'load s':>7} {'b32 texts/s':>11} {'b1 ms':>7} {'b1 vs f32':>9} "
-          f"{'cos HS min':>10} {'cos RW min':>10} {'top-k sets changed':>18} {'alone vs batched cos':>20}")
-    summary = {"family": args.family, "layers": args.layers, "texts": len(texts), "auto": str(auto), "auto_reason": reason, "modes": {}}
+          f"int8 kernel for up to {int8_kernel_rows()} rows; bf16 matmul rate {bf16_rate:.0f} GFLOP/s; "
+          f"quality against {ref_name} on {rows} texts")
+    header = (f"{'mode':<18} {'weights GiB':>11} {'load s':>7} {'peak RSS GiB':>12} {'b32 texts/s':>11} {'b32 % bf16 rate':>15} "
+              f"{'b1 ms':>7} {'b1 floor ms':>11} {'b1 / floor':>10} {'cos HS min':>10} {'cos RW min':>10} "
+              f"{'top-k changed':>13} {'alone vs batched':>16}")
+    print(header)
+    summary = {"family": args.family, "layers": args.layers, "texts": args.texts, "auto": str(auto), "auto_reason": reason,
+               "bf16_matmul_gflops": bf16_rate, "reference": ref_name, "reference_texts": rows, "modes": {}}
     for name, r in results.items():
-        cos_hs, cos_rw = cosines(ref["hs"], r["hs"]), cosines(ref["rw"], r["rw"])
-        changed = float((ref["topk"] != r["topk"]).any(-1)[real].float().mean()) if "topk" in r else float("nan")
-        print(f"{name:<18} {r['weight_bytes'] / 2**30:>11.2f} {r['load_s']:>7.1f} {r['b32_texts_per_s']:>11.1f} {r['b1_ms']:>7.1f} "
-              f"{r['b1_ms'] / ref['b1_ms']:>9.2f} {cos_hs.min():>10.5f} {cos_rw.min():>10.5f} {100 * changed:>17.2f}% "
-              f"{r.get('alone_vs_batched_cos_min', float('nan')):>20.6f}")
-        summary["modes"][name] = {k: v for k, v in r.items() if k not in ("hs", "rw", "topk", "mask")} | {
-            "cos_hs_min": float(cos_hs.min()), "cos_rw_min": float(cos_rw.min()), "topk_sets_changed": changed}
+        if "refused" in r:
+            print(f"{name:<18} refused by the loader: {r['refused']}")
+            summary["modes"][name] = {"refused": r["refused"]}
+            continue
+        cos_hs, cos_rw = cosines(ref["hs"], r["hs"][:rows]), cosines(ref["rw"], r["rw"][:rows])
+        changed = float("nan")
+        if "topk" in r:
+            # Left-padded batches: a text's tokens are its row's last positions, whatever the batch's width.
+            width = min(ref["topk"].shape[2], r["topk"].shape[2])
+            ref_topk, topk, real = ref["topk"][..., -width:, :], r["topk"][:rows, :, -width:], ref["mask"][:, -width:]
+            differs = (ref_topk != topk).any(-1)  # [rows, L_moe, width]
+            changed = float(differs[np.broadcast_to(real[:, None, :], differs.shape)].mean())
+        floor_ms = 1e3 * r["b1_params_touched"] * BYTES_PER_PARAM[name.split()[0]] / (r["bandwidth_gbs"] * 1e9) if "bandwidth_gbs" in r else float("nan")
+        share = r["b32_gflop"] * r["b32_texts_per_s"] / args.texts / bf16_rate if "b32_gflop" in r else float("nan")
+        print(f"{name:<18} {r['weight_bytes'] / 2**30:>11.2f} {r['load_s']:>7.1f} {r['peak_rss_gib']:>12.2f} "
+              f"{r['b32_texts_per_s']:>11.2f} {100 * share:>14.0f}% {r['b1_ms']:>7.1f} {floor_ms:>11.1f} {r['b1_ms'] / floor_ms:>10.2f} "
+              f"{cos_hs.min():>10.5f} {cos_rw.min():>10.5f} {100 * changed:>12.2f}% {r.get('alone_vs_batched_cos_min', float('nan')):>16.6f}")
+        summary["modes"][name] = {k: v for k, v in r.items() if not isinstance(v, np.ndarray)} | {
+            "cos_hs_min": float(cos_hs.min()), "cos_rw_min": float(cos_rw.min()), "topk_sets_changed": changed,
+            "b1_floor_ms": floor_ms, "b32_share_of_bf16_rate": share}
+    print(ratios(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+def ratios(summary: dict) -> str:
+    """The issue's ratios, where both sides ran."""
+    modes = summary["modes"]
+    ok = {name: m for name, m in modes.items() if "refused" not in m}
+    lines = []
+    hf = ok.get("transformers bf16")
+    for name in ("bfloat16", "int8"):
+        if name in ok and hf:
+            m = ok[name]
+            lines.append(f"{name} against transformers bf16: b32 {m['b32_texts_per_s'] / hf['b32_texts_per_s']:.2f}x its rate, "
+                         f"b1 {m['b1_ms'] / hf['b1_ms']:.2f}x its time, load {m['load_s'] / hf['load_s']:.2f}x its time")
+    if "bfloat16" in ok and "int8" in ok:
+        b, i = ok["bfloat16"], ok["int8"]
+        lines.append(f"int8 against bfloat16: b1 {i['b1_ms'] / b['b1_ms']:.2f}x its time, load {i['load_s'] / b['load_s']:.2f}x")
+    if "float32" in ok and "int8" in ok:
+        lines.append(f"int8 against float32: b1 {ok['int8']['b1_ms'] / ok['float32']['b1_ms']:.2f}x its time")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
