@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from moee_ref import MoEEmbedder, read_config
-from moee_ref.errors import MoEERefError
+from moee_ref.loading.memory import InsufficientMemoryError
 from moee_ref.demo.checkpoints import write_random_checkpoint
 from moee_ref.families import FAMILIES
 from moee_ref.embedding.embedder import FeatureOptions
@@ -167,7 +167,8 @@ def run_child(args, mode: str, out: Path) -> dict:
     """Run one mode in a fresh process; its stats, with its arrays from out (or "refused": the loader's reason)."""
     command = [sys.executable, __file__, "--child", mode, "--child-out", str(out), "--family", args.family,
                "--layers", str(args.layers), "--texts", str(args.texts), "--batch1", str(args.batch1),
-               "--reps", str(args.reps), "--workdir", args.workdir, "--reference-texts", str(args.reference_texts)]
+               "--reps", str(args.reps), "--workdir", args.workdir, "--reference-texts", str(args.reference_texts),
+               *(["--dir", str(args.dir)] if getattr(args, "dir", None) else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"the {mode} process failed (exit {done.returncode}; -9 is often the kernel's OOM killer):\n{done.stderr[-3000:]}")
@@ -187,7 +188,7 @@ def child_main(args, directory: Path) -> None:
             stats, arrays = child_reference(directory, texts[: args.reference_texts])
         else:
             stats, arrays = child_moee(directory, args.child, texts, args.batch1, args.reps)
-    except MoEERefError as error:  # the loader refused the mode before reading weights (it does not fit)
+    except InsufficientMemoryError as error:  # the loader refused the mode before reading weights (it does not fit)
         print(json.dumps({"refused": str(error).splitlines()[0]}))
         return
     stats["peak_rss_gib"] = peak_rss_gib()
@@ -208,6 +209,18 @@ def bf16_matmul_gflops(runs: int = 3) -> float:
     return best
 
 
+def ensure_checkpoint(directory: Path, family: str, layers: int) -> Path:
+    """The family's released config with `layers` layers, random bf16 weights, written once into directory."""
+    if not (directory / "config.json").is_file():
+        config = json.loads((CONFIGS / f"{family}.json").read_text())
+        config["num_hidden_layers"] = layers
+        config.pop("quantization_config", None)  # the random checkpoint is written unquantized (gpt-oss's MXFP4 is not)
+        if "layer_types" in config:  # gpt-oss: one entry per layer
+            config["layer_types"] = config["layer_types"][:layers]
+        write_random_checkpoint(directory, config, dtype="bfloat16", max_shard_bytes=2**30)
+    return directory
+
+
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "int8": 1}  # int8: its row scales and full-precision router are ~1%
 
 
@@ -224,18 +237,14 @@ def main() -> None:
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers bf16 row")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)  # a checkpoint elsewhere (bench_llamacpp.py's)
     args = parser.parse_args()
 
-    directory = Path(args.workdir) / f"{args.family}-{args.layers}layers-bf16"
+    directory = Path(args.dir) if args.dir else Path(args.workdir) / f"{args.family}-{args.layers}layers-bf16"
     if args.child:
         return child_main(args, directory)
-    config = json.loads((CONFIGS / f"{args.family}.json").read_text())
-    config["num_hidden_layers"] = args.layers
-    config.pop("quantization_config", None)  # the random checkpoint is written unquantized (gpt-oss's MXFP4 is not)
-    if "layer_types" in config:  # gpt-oss: one entry per layer
-        config["layer_types"] = config["layer_types"][: args.layers]
-    if not (directory / "config.json").is_file():
-        write_random_checkpoint(directory, config, dtype="bfloat16", max_shard_bytes=2**30)
+    if not args.dir:
+        ensure_checkpoint(directory, args.family, args.layers)
 
     auto, reason = resolve_dtype("auto")
     bf16_rate = bf16_matmul_gflops()
