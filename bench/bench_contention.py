@@ -4,8 +4,8 @@
     python bench/bench_contention.py --busy 2
 
 Each row runs in a child process (the OpenMP runtime reads its wait setting once, as torch loads it):
-moee-ref's default (GOMP_SPINCOUNT=10000, moee_ref/threads_wait.py), OpenMP's own default (a spin of 300000),
-and OMP_WAIT_POLICY=PASSIVE. Each is timed quiet and with --busy processes spinning in pure Python
+moee-ref's default (GOMP_SPINCOUNT=3000, moee_ref/threads_wait.py), OpenMP's own default (a spin of 300000),
+OMP_WAIT_POLICY=PASSIVE and other spin counts. Each is timed quiet and with --busy processes spinning in pure Python
 beside it (their number against the cores is the CPU taken away), at batch 32 and at batch 1. The
 checkpoint is bench_precision.py's (random weights, bf16), built once in --workdir.
 """
@@ -24,9 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = {
-    "moee-ref default (spin 10000)": {},
+    "moee-ref default (spin 3000)": {},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
     "OpenMP default (spin 300000)": {"GOMP_SPINCOUNT": "300000"},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "GOMP_SPINCOUNT=5000": {"GOMP_SPINCOUNT": "5000"},
+    "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
 }
 
 
@@ -94,7 +97,7 @@ def main() -> None:
         rows[name] = row
         print(f"{name:<32} {row['quiet32']:>9.3f} {row['busy32']:>9.3f} {row['busy32'] / row['quiet32']:>6.2f} "
               f"{row['quiet1']:>9.3f} {row['busy1']:>9.3f} {row['busy1'] / row['quiet1']:>6.2f}  {', '.join(sorted(dtypes))}")
-    base = rows["moee-ref default (spin 10000)"]
+    base = rows["moee-ref default (spin 3000)"]
     print("busy / moee-ref default quiet, b32 and b1: " + "; ".join(
         f"{name}: {r['busy32'] / base['quiet32']:.2f}, {r['busy1'] / base['quiet1']:.2f}" for name, r in rows.items()))
 

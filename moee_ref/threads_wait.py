@@ -6,9 +6,9 @@ millisecond) before it sleeps. On a quiet machine that saves a wake-up per regio
 holds a core, the spinning thread burns the time slice the working thread on that core needed, and a
 region waits for its slowest thread: at 2 threads with one busy process beside them, batch 1 ran 10x and
 batch 32 3x slower than quiet, where the CPU taken away accounts for 2x at most (bench/bench_contention.py).
-A spin of 10000 iterations keeps the quiet speed and brings that to about 2.7x and 1.9x;
-OMP_WAIT_POLICY=PASSIVE (threads sleep at once) is proportional under contention and costs about a
-quarter at batch 1 when quiet.
+A spin of 3000 iterations brings that to about 1.9x at both (proportional: one of the two cores was
+taken) for about a tenth more time at batch 1 when quiet; 10000 kept the quiet speed but left batch 1
+at 2.5x to 2.7x, and OMP_WAIT_POLICY=PASSIVE (threads sleep at once) costs about a quarter quiet.
 
 libgomp reads these variables once, when it is loaded (with torch): this only takes effect where
 moee_ref is imported before torch (the `moee` command always is), and never overrides a value the user
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
-SPIN_COUNT = "10000"
+SPIN_COUNT = "3000"
 USER_SETTINGS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")
 
 

@@ -88,7 +88,7 @@ def test_the_gpu_benchmark_stops_at_once_without_cuda(tmp_path):
 
 
 @pytest.mark.parametrize("setup, env, expected", [
-    ("import moee_ref", {}, ("10000", "GOMP_SPINCOUNT=10000, set by moee-ref")),
+    ("import moee_ref", {}, ("3000", "GOMP_SPINCOUNT=3000, set by moee-ref")),
     ("import moee_ref", {"OMP_WAIT_POLICY": "PASSIVE"}, (None, "OMP_WAIT_POLICY=PASSIVE as set in the environment")),
     ("import torch, moee_ref", {}, (None, "OpenMP's default spin (torch was imported before moee_ref; set GOMP_SPINCOUNT "
                                          "before starting Python)")),
