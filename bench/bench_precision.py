@@ -90,7 +90,7 @@ def timed(run, texts: list[str], batch1: int, reps: int):
 
 MODES = {  # name: (dtype, int8); "transformers" and the float64 reference are their own cases
     "float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "int8": ("auto", True)}
-STREAMED_REFERENCE_BUDGET = "6GiB"  # float64 layer-streamed: one layer of OLMoE in float64 is 3.4 GB
+STREAMED_REFERENCE_BUDGET = "8GiB"  # float64 layer-streamed: one layer of OLMoE in float64 is 6.3 GiB as held
 
 
 def bench_helpers():
@@ -113,6 +113,7 @@ def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: 
     load_s = time.perf_counter() - start
     load_rss = peak_rss_gib()
     feats, rate, b1_ms = timed(lambda t: embedder.features(t, OPTIONS, batch_size=len(t)), texts, batch1, reps)
+    peak_rss = peak_rss_gib()  # of load and embedding, before the 1 GiB array of the bandwidth measurement
     bandwidth = bench_cpu.read_bandwidth(torch.ones(2**28))  # right after the batch-1 timings, which it bounds
     # Batch invariance: each of the first texts alone against its row of the batch of all.
     alone = [embedder.features([t], OPTIONS) for t in texts[:batch1]]
@@ -124,7 +125,7 @@ def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: 
     stats = {"weight_bytes": model_bytes(model), "load_s": load_s, "load_peak_rss_gib": load_rss, "b32_texts_per_s": rate,
              "b1_ms": b1_ms, "alone_vs_batched_cos_min": invariance, "dtype": str(model.dtype).removeprefix("torch."),
              "b1_params_touched": touched, "bandwidth_gbs": bandwidth / 1e9,
-             "b32_gflop": bench_cpu.flops_done(model.args, tokens, len(texts), prefix) / 1e9}
+             "b32_gflop": bench_cpu.flops_done(model.args, tokens, len(texts), prefix) / 1e9, "peak_rss_gib": peak_rss}
     topk, mask = topk_sets(embedder, texts)
     return stats, {"hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": mask}
 
@@ -191,7 +192,7 @@ def child_main(args, directory: Path) -> None:
     except InsufficientMemoryError as error:  # the loader refused the mode before reading weights (it does not fit)
         print(json.dumps({"refused": str(error).splitlines()[0]}))
         return
-    stats["peak_rss_gib"] = peak_rss_gib()
+    stats.setdefault("peak_rss_gib", peak_rss_gib())
     np.savez(args.child_out, **arrays)
     print(json.dumps(stats))
 
