@@ -55,6 +55,7 @@ SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 # What the released checkpoint's tokenizer_config.json says of its special tokens, for a bare tokenizer.json.
 TOKENIZER_CONFIGS = {"olmoe-tokenizer": {"pad_token": "<|padding|>", "eos_token": "<|endoftext|>", "add_bos_token": False}}
 GGUF_TYPES = ("f32", "bf16", "q8_0")  # llama.cpp's converter writes these itself (--outtype)
+GGUF_SIZE = {"f32": 2.0, "bf16": 1.0, "q8_0": 34 / 64}  # of the bf16 checkpoint's bytes (q8_0: 34 bytes a block of 32)
 
 
 def gguf_file(directory: Path, kind: str) -> Path:
@@ -190,12 +191,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for mode in modes:
             results[f"moee-ref {mode}"] = bench_precision.run_child(child_args, mode, Path(scratch) / f"{mode}.npz")
+        stored = sum(f.stat().st_size for f in plain.glob("*.safetensors"))  # bf16
         for kind in kinds:
-            gguf = convert(directory, kind, Path(args.llama_cpp))
-            if gguf.stat().st_size > available:
-                left_out.append(f"llama.cpp {kind}: its GGUF holds {gguf.stat().st_size / 2**30:.1f} GiB, "
+            size = stored * GGUF_SIZE[kind]  # judged before converting: an f32 GGUF of 16 OLMoE layers is 27.7 GB
+            if size > available:
+                left_out.append(f"llama.cpp {kind}: its GGUF would hold about {size / 2**30:.1f} GiB, "
                                 f"more than the {available / 2**30:.1f} GiB available ({source})")
                 continue
+            gguf = convert(directory, kind, Path(args.llama_cpp))
             results[f"llama.cpp {kind}"] = run_llama(args, gguf, Path(scratch) / f"llama-{kind}.npz")
     report(args, results, left_out, llama_cpp.__version__)
 
