@@ -147,7 +147,7 @@ class MoEEmbedder:
         memory_limit: the bytes this process may use, instead of what the system reports;
         a mode that needs more is refused before any weight is read (loading/memory.py).
         device: "auto" (the default: the first CUDA device where torch has one, else the CPU), "cpu",
-        "cuda" or "cuda:N". The layer-streamed mode runs on the CPU only.
+        "cuda" or "cuda:N". The layer-streamed mode reads to the host and moves one layer at a time there.
 
         memory_budget (e.g. "8GB"): layer-streamed corpus mode for models larger
         than memory (loading/streamed.py); each encode() call then reads every layer once.
@@ -164,14 +164,11 @@ class MoEEmbedder:
         dtype, reason = resolve_dtype(dtype, device)
         if packed is None:
             packed = memory_budget is None and dtype == torch.float32 and not int8 and packing_available() and device.type == "cpu"
-        if memory_budget is not None and device.type != "cpu":
-            raise InputError(f"the layer-streamed mode (memory_budget=) runs on the CPU; drop memory_budget to run resident on {device}, "
-                             "or pass device='cpu'")
         if memory_budget is not None:
             from ..loading.streamed import StreamedModel
 
             model = StreamedModel(source, dtype, memory_budget=memory_budget, int8=int8, spill_dir=spill_dir, packed=packed,
-                                  memory_limit=memory_limit)
+                                  memory_limit=memory_limit, device=device)
         else:
             from ..loading.checkpoint import load_model
 

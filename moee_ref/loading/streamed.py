@@ -30,7 +30,7 @@ import torch
 from ..decoder.batch import check_batches
 from ..decoder.layers import RMSNorm
 from ..decoder.model import Block, DecoderOutput, LayerPass, PrefixPass, run_layers
-from ..errors import InputError, MoEERefError
+from ..errors import CheckpointError, InputError, MoEERefError
 from ..families.names import leaves
 from ..progress import progress
 from ..kernels import quantize_block_, use_kernels
@@ -127,9 +127,14 @@ class StreamedModel:
 
     def __init__(self, source, dtype: torch.dtype = torch.float32, *, memory_budget, int8: bool = False,
                  spill_dir: str | None = None, prefetch: bool = True, packed: bool = False,
-                 memory_limit: str | int | None = None):
+                 memory_limit: str | int | None = None, device: str | torch.device = "cpu"):
+        """device: where the layers compute. Weights are read to the host and each layer moved there as it
+        comes; the activations stay in the host's store (memory_budget) and go to the device for each layer."""
         check_int8(dtype, int8)
         check_packing(packed, dtype, int8)
+        self.device = torch.device(device)
+        if packed and self.device.type != "cpu":
+            raise CheckpointError("packed=True is oneDNN's CPU layout; stream with packed=False on a CUDA device")
         self.source_dir, self.args, self.reader, groups = checked_checkpoint(source)
         self.embed_group, self.layer_groups = groups[0], groups[1:-1]
         self.norm_group = {k: v for k, v in groups[-1].items() if k != "lm_head.weight"}
@@ -176,6 +181,8 @@ class StreamedModel:
         # What this run will take: a budget is a ceiling, and the activations of a small corpus stay below it.
         activations = sum(b * t for b, t in batch_shapes) * self.args.hidden_size * self.element
         use = need["weights"] + need["working"] + RUNTIME_OVERHEAD + min(activations, room)
+        if self.device.type != "cpu":
+            self._check_device(need, tokens=max(b * t for b, t in batch_shapes))
         available, source = memory_available(self.memory_limit)
         if use > available:
             budget = streamed_budget(need["smallest"], available, step=2**20)
@@ -186,6 +193,18 @@ class StreamedModel:
                 f"{format_bytes(available, up=False)} this process may use ({source}); nothing was read. {fix}"
             )
         return room
+
+    def _check_device(self, need: dict[str, int], tokens: int) -> None:
+        """The device holds the layer computing, the next one moved there while it computes, and one batch."""
+        layers = (2 if self.prefetch else 1) * max(self.layer_bytes)
+        device_need = layers + need["working"] + tokens * self.args.hidden_size * self.element + RUNTIME_OVERHEAD
+        available, source = memory_available(None, self.device)
+        if device_need > available:
+            raise InsufficientMemoryError(
+                f"the layer-streamed mode on {self.device} needs about {format_bytes(device_need)} of device memory "
+                f"(two layers of {format_bytes(max(self.layer_bytes))} and one batch), more than the "
+                f"{format_bytes(available, up=False)} there ({source}); nothing was read. Lower --batch-size, add --int8, "
+                "or pass device='cpu' (--device cpu)")
 
     # ------------------------------------------------------------------ layers
 
@@ -203,7 +222,7 @@ class StreamedModel:
         self._build(group, block)
         if self.int8:
             quantize_block_(block)
-        return block.eval().requires_grad_(False)
+        return block.eval().requires_grad_(False).to(self.device)  # read to the host, moved a layer at a time
 
     # ------------------------------------------------------------------ forward
 
@@ -241,13 +260,16 @@ class StreamedModel:
         with self.reader.reading() as shards:
             table = shards.read(table_name)
             for i, ((ids, mask, keep), shifted) in enumerate(zip(batches, continues)):
+                device = self.device  # every tensor of a pass is made there; only x goes back to the host's store
                 batch = StoredPass.start(
-                    self.args, table[ids].to(self.dtype), mask, keep=keep, prefix_length=len(prefix_ids) if shifted else 0,
-                    position_ids=None if position_ids is None else position_ids[i],
+                    self.args, table[ids].to(self.dtype).to(device), mask.to(device), keep=None if keep is None else keep.to(device),
+                    prefix_length=len(prefix_ids) if shifted else 0,
+                    position_ids=None if position_ids is None else position_ids[i].to(device),
                 )
                 passes.append(batch.stored_in(store, i))
             # The shared prefix goes through the layers beside the batches; its keys and values are all they read.
-            prefix = None if prefix_ids is None else PrefixPass.start(self.args, prefix_ids, table[torch.tensor([prefix_ids])].to(self.dtype))
+            prefix = None if prefix_ids is None else PrefixPass.start(
+                self.args, prefix_ids, table[torch.tensor([prefix_ids])].to(self.dtype).to(self.device))
         self.stats.weight_bytes_read += self._source_bytes(self.embed_group)
         del table
 
@@ -255,6 +277,7 @@ class StreamedModel:
             run_layers(self._blocks(show_progress_bar), passes, prefix)
             norm = RMSNorm(self.args.hidden_size, self.args.rms_norm_eps)
             self._build({"weight": self.norm_group["norm.weight"]}, norm)
+            norm.to(self.device)
             return [batch.finish(norm, self.args.moe_layers) for batch in passes]
 
     def _blocks(self, show_progress_bar: bool):
@@ -280,18 +303,18 @@ class StoredPass(LayerPass):
     """A LayerPass whose hidden states live in the activation store between layers (in memory or spilled)."""
 
     def stored_in(self, store: "ActivationStore", index: int) -> "StoredPass":
-        store.put(index, self.__dict__.pop("x"))
+        store.put(index, self.__dict__.pop("x").cpu())  # the store is the host's (on the CPU, .cpu() is no copy)
         self.store, self.index = store, index
         return self
 
     @property
     def x(self) -> torch.Tensor:
-        return self.store.get(self.index)
+        return self.store.get(self.index).to(self.cos.device)  # to the device the pass computes on
 
     @x.setter
     def x(self, value: torch.Tensor) -> None:
         if "store" in self.__dict__:
-            self.store.put(self.index, value)
+            self.store.put(self.index, value.cpu())
         else:  # while the dataclass is built, before the pass is given its store
             self.__dict__["x"] = value
 
