@@ -104,3 +104,34 @@ def test_streamed_on_a_device_too_small_is_refused_before_reading(model_dir, mon
                                                       r"\(--device cpu\)$"):
         model.run([(ids, mask, None)])
     assert built == [] and model.stats.weight_bytes_read == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: bench_gpu.py would run its benchmark")
+def test_the_gpu_benchmark_stops_at_once_without_cuda(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
+    result = subprocess.run([sys.executable, str(script), "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"bench_gpu.py needs a CUDA device; torch {torch.__version__} sees none here")
+    assert list(tmp_path.iterdir()) == []  # nothing written before the check
+
+
+@pytest.mark.parametrize("setup, env, expected", [
+    ("import moee_ref", {}, ("3000", "GOMP_SPINCOUNT=3000, set by moee-ref")),
+    ("import moee_ref", {"OMP_WAIT_POLICY": "PASSIVE"}, (None, "OMP_WAIT_POLICY=PASSIVE as set in the environment")),
+    ("import torch, moee_ref", {}, (None, "OpenMP's default spin (torch was imported before moee_ref; set GOMP_SPINCOUNT "
+                                         "before starting Python)")),
+], ids=["first", "user-set", "after-torch"])
+def test_openmp_threads_spin_briefly_where_it_can_take_effect(setup, env, expected):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
+    code = f"{setup}; import json, os; print(json.dumps([os.environ.get('GOMP_SPINCOUNT'), moee_ref.OPENMP_WAIT]))"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    assert tuple(json.loads(out.stdout)) == expected
