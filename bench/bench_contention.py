@@ -75,15 +75,9 @@ def main() -> None:
     if args.child:
         return child(args.child, args.batch, args.reps)
 
-    from bench_precision import CONFIGS
+    from bench_precision import ensure_checkpoint
 
-    from moee_ref.demo.checkpoints import write_random_checkpoint
-
-    directory = Path(args.workdir) / f"olmoe-{args.layers}layers-bf16"
-    if not (directory / "config.json").is_file():
-        config = json.loads((CONFIGS / "olmoe.json").read_text())
-        config["num_hidden_layers"] = args.layers
-        write_random_checkpoint(directory, config, dtype="bfloat16", max_shard_bytes=2**30)
+    directory = ensure_checkpoint(Path(args.workdir) / f"olmoe-{args.layers}layers-bf16", "olmoe", args.layers)
     cores = len(os.sched_getaffinity(0))
     print(f"olmoe, {args.layers} layers of the real dimensions, {cores} cores, {args.busy} busy process(es) beside it; "
           "seconds per call (median of --reps)")

@@ -26,10 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu import hf_features, load_hf  # noqa: E402
-from bench_precision import CONFIGS, OPTIONS, cosines, prompts, timed  # noqa: E402
+from bench_precision import CONFIGS, OPTIONS, cosines, ensure_checkpoint, prompts, timed  # noqa: E402
 
 from moee_ref import MoEEmbedder  # noqa: E402
-from moee_ref.demo.checkpoints import write_random_checkpoint  # noqa: E402
 from moee_ref.families import FAMILIES  # noqa: E402
 from moee_ref.tokenizer import Tokenizer  # noqa: E402
 
@@ -67,16 +66,11 @@ def main() -> int:
               "The CPU benchmarks are bench_cpu.py and bench_precision.py.", file=sys.stderr)
         return 2
 
-    config = json.loads((CONFIGS / f"{args.family}.json").read_text())
-    layers = args.layers or config["num_hidden_layers"]
-    config["num_hidden_layers"] = layers
-    config.pop("quantization_config", None)  # written unquantized
-    if "layer_types" in config:
-        config["layer_types"] = config["layer_types"][:layers]
+    layers = args.layers or json.loads((CONFIGS / f"{args.family}.json").read_text())["num_hidden_layers"]
     directory = Path(args.workdir) / f"{args.family}-{layers}layers-bf16"
     if not (directory / "config.json").is_file():
         print(f"writing a random {args.family} checkpoint of {layers} layers to {directory} ...", file=sys.stderr)
-        write_random_checkpoint(directory, config, dtype="bfloat16", max_shard_bytes=2**30)
+    ensure_checkpoint(directory, args.family, layers)
     texts = prompts(args.texts or args.batch_large)
     tokenizer = Tokenizer.from_dir(directory)
     attention = "eager" if args.family == "gpt_oss" else "sdpa"  # gpt-oss's sinks: eager only in transformers

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -107,13 +106,13 @@ def child_llama(gguf: Path, texts: list[str], batch1: int, reps: int, out: Path,
         n_batch=4096, n_ubatch=4096, n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
         type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
     load_s = time.perf_counter() - start
-    load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    load_rss = bench_precision.peak_rss_gib()
     tokens = [len(model.tokenize(p.encode())) for p in prompted]
     hs, rate, b1_ms = bench_precision.timed(lambda batch: np.asarray(model.embed(batch), dtype=np.float32), prompted, batch1, reps)
     np.savez(out, hs=hs)
     return {"load_s": load_s, "load_peak_rss_gib": load_rss, "b32_texts_per_s": rate, "b1_ms": b1_ms,
             "tokens": tokens, "gguf_bytes": gguf.stat().st_size,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gib": bench_precision.peak_rss_gib()}
 
 
 def run_llama(args, gguf: Path, out: Path) -> dict:

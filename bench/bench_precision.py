@@ -130,8 +130,9 @@ def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: 
     return stats, {"hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": mask}
 
 
-def topk_sets(embedder: MoEEmbedder, texts: list[str]) -> np.ndarray:
-    """Sorted top-k expert ids [B, L_moe, T, k] of the texts as one batch (the texts themselves, no prompt)."""
+def topk_sets(embedder: MoEEmbedder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted top-k expert ids [B, L_moe, T, k] of the texts as one batch (the texts themselves, no prompt),
+    and the batch's attention mask [B, T]."""
     batch = embedder.tokenizer.encode_batch(texts)
     with torch.inference_mode():
         out = next(iter(embedder.model.run([(batch.input_ids, batch.attention_mask, None)])))

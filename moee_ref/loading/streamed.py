@@ -195,14 +195,14 @@ class StreamedModel:
         return room
 
     def _check_device(self, need: dict[str, int], tokens: int) -> None:
-        """The device holds the layer computing, the next one moved there while it computes, and one batch."""
+        """The device holds the layer computing, the next one moved there while it computes (prefetch), and one batch."""
         layers = (2 if self.prefetch else 1) * max(self.layer_bytes)
         device_need = layers + need["working"] + tokens * self.args.hidden_size * self.element + RUNTIME_OVERHEAD
         available, source = memory_available(None, self.device)
         if device_need > available:
             raise InsufficientMemoryError(
                 f"the layer-streamed mode on {self.device} needs about {format_bytes(device_need)} of device memory "
-                f"(two layers of {format_bytes(max(self.layer_bytes))} and one batch), more than the "
+                f"({'two layers' if self.prefetch else 'one layer'} of {format_bytes(max(self.layer_bytes))} and one batch), more than the "
                 f"{format_bytes(available, up=False)} there ({source}); nothing was read. Lower --batch-size, add --int8, "
                 "or pass device='cpu' (--device cpu)")
 
@@ -259,8 +259,8 @@ class StreamedModel:
         passes = []
         with self.reader.reading() as shards:
             table = shards.read(table_name)
+            device = self.device  # every tensor of a pass is made there; only x goes back to the host's store
             for i, ((ids, mask, keep), shifted) in enumerate(zip(batches, continues)):
-                device = self.device  # every tensor of a pass is made there; only x goes back to the host's store
                 batch = StoredPass.start(
                     self.args, table[ids].to(self.dtype).to(device), mask.to(device), keep=None if keep is None else keep.to(device),
                     prefix_length=len(prefix_ids) if shifted else 0,
