@@ -118,14 +118,7 @@ def child_llama(gguf: Path, texts: list[str], batch1: int, reps: int, out: Path,
 def run_llama(args, gguf: Path, out: Path) -> dict:
     command = [sys.executable, __file__, "--child", str(gguf), "--child-out", str(out), "--texts", str(args.texts),
                "--batch1", str(args.batch1), "--reps", str(args.reps), *(["--no-extra-buffers"] if args.no_extra_buffers else [])]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"the llama.cpp process for {gguf.name} failed (exit {done.returncode}; -9 is often the OOM killer):\n"
-                 f"{done.stderr[-3000:]}")
-    stats = json.loads(done.stdout.strip().splitlines()[-1])
-    with np.load(out) as arrays:
-        stats["hs"] = arrays["hs"]
-    return stats
+    return bench_precision.child_result(command, f"the llama.cpp process for {gguf.name}", out)
 
 
 def tokenizer_dir(path: Path, workdir: Path) -> Path:

@@ -171,9 +171,14 @@ def run_child(args, mode: str, out: Path) -> dict:
                "--layers", str(args.layers), "--texts", str(args.texts), "--batch1", str(args.batch1),
                "--reps", str(args.reps), "--workdir", args.workdir, "--reference-texts", str(args.reference_texts),
                *(["--dir", str(args.dir)] if getattr(args, "dir", None) else [])]
+    return child_result(command, f"the {mode} process", out)
+
+
+def child_result(command: list[str], what: str, out: Path) -> dict:
+    """Run a child that prints its stats as a JSON last line and saves its arrays in out; both, as one dict."""
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"the {mode} process failed (exit {done.returncode}; -9 is often the kernel's OOM killer):\n{done.stderr[-3000:]}")
+        sys.exit(f"{what} failed (exit {done.returncode}; -9 is often the kernel's OOM killer):\n{done.stderr[-3000:]}")
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     if "refused" not in stats:
         with np.load(out) as arrays:
