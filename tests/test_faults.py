@@ -20,6 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+# One torch thread here as in the subprocesses (OMP_NUM_THREADS=1): the same sums in the same order, so that a
+# resumed run's bytes can be compared with a run made here (on an AVX2 CPU two threads summed differently).
+from embed_fixtures import single_thread  # noqa: F401  (an autouse fixture)
 from moee_ref import MoEEmbedder, cli, load_model
 from moee_ref.errors import CheckpointError, ConfigError, InputError, NumericalError, UnknownOptionError
 from moee_ref.cli_common import stop_signals_unwind

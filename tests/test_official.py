@@ -438,6 +438,9 @@ def authors_encode(model, tokenizer, sentences, batch_size, instruction, templat
         rw = torch.cat([logits.reshape(*rows, -1)[:, -1, :] for logits in out.router_logits], dim=1)
         emb = {"HS": hs, "RW": rw, "MoEE": torch.cat([hs, rw], dim=1)}[emb_info]
         if emb_info != "HS":  # (torch warns of the batch of one's undefined std; NaN becomes 0 below)
+            # Their formula in float64, as moee-ref computes it: in float32 a feature whose two values in a batch
+            # nearly coincide loses its digits to cancellation (2.5e-4 of a standardised value on an AVX2 CPU).
+            emb, hs, rw = emb.double(), hs.double(), rw.double()
             emb = (emb - emb.mean(0, keepdim=True)) / (emb.std(0, keepdim=True) + 1e-8)
             hs = (hs - hs.mean(0, keepdim=True)) / (hs.std(0, keepdim=True) + 1e-8)
             rw = (rw - rw.mean(0, keepdim=True)) / (rw.std(0, keepdim=True) + 1e-8)
