@@ -6,11 +6,15 @@ in full precision: routing decisions are what the embedding is made of.
 A model in int8 holds about a quarter of its float32 weight bytes.
 
 The matmul (`int8_linear`) reads the int8 bytes themselves where it can:
-with bf16 activations on the CPU and few rows (an expert's handful of tokens
-at batch 1), torch's weight-only int8 kernel streams a quarter of float32's
-bytes. Its time grows with every row, though, so above INT8_KERNEL_ROWS the
-weight is converted to the compute dtype and the matmul runs there, the
-scales applied to its output (one pass fewer than dequantizing the weight).
+for few rows on the CPU (an expert's handful of tokens at batch 1), torch's
+weight-only int8 kernel streams a quarter of float32's bytes. It takes bf16
+rows and widens them in registers, so it needs no bf16 dot products: float32
+rows are rounded to bf16 for it, on a CPU without bf16 units too (there it
+ran 0.44x to 0.62x oneDNN-packed float32's time for 1 to 4 rows, and
+converting the weight 0.85x to 1.6x; bench/README.md). Its time grows with
+every row, though, so above INT8_KERNEL_ROWS the weight is converted to the
+compute dtype and the matmul runs there, the scales applied to its output
+(one pass fewer than dequantizing the weight).
 """
 
 from __future__ import annotations
@@ -48,18 +52,21 @@ _INT8_MM = getattr(torch, "_weight_int8pack_mm", None)
 def int8_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (values * scale[:, None]).T + bias for int8 values [out, in] and float32 scales [out]."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < len(rows) <= int8_kernel_rows():
-        out = _INT8_MM(rows, values, scale.to(x.dtype)).reshape(*x.shape[:-1], -1)
+    if x.dtype in KERNEL_INPUTS and x.device.type == "cpu" and 0 < len(rows) <= int8_kernel_rows():
+        # float32 rows are rounded to bf16 on the way in, and the bf16 result widened back
+        out = _INT8_MM(rows.to(torch.bfloat16), values, scale.to(torch.bfloat16)).to(x.dtype).reshape(*x.shape[:-1], -1)
     else:
         out = linear(x, values.to(x.dtype)) * scale.to(x.dtype)
     return out if bias is None else out + bias
 
 
-# Up to this many rows torch's int8 kernel beats converting the weight (timed on a 2048 x 1024 matrix with
-# bf16 rows, 2 threads: the crossover fell between 8 and 16 rows from run to run; bench/README.md). A fixed
-# number, not a timing made at start-up: which path a row takes changes its bf16 rounding, and the same text
+# Up to this many rows torch's int8 kernel beats converting the weight (timed on 2048 x 1024 and 2048 x 2048
+# matrices, 2 threads: the crossover fell between 8 and 16 rows from run to run, with bf16 rows against bf16 on
+# a CPU with AMX and with float32 rows against packed float32 on one with AVX2 only; bench/README.md). A fixed
+# number, not a timing made at start-up: which path a row takes changes its rounding, and the same text
 # must get the same vector in every process.
 INT8_KERNEL_ROWS = 8
+KERNEL_INPUTS = (torch.bfloat16, torch.float32)  # float16 and float64 rows convert the weight instead
 
 
 def int8_kernel_rows() -> int:
