@@ -22,7 +22,11 @@ holds them): bf16 F.linear with bf16 rows; torch's weight-only int8 kernel
 the weight converted to bf16 and multiplied (its path above that); and, for the
 record, oneDNN's int8 x int8 matmul with the rows quantized per row
 (`onednn.qlinear_pointwise`: int8 activations, which the int8 mode does not
-use). Each is also given as its time against bf16's.
+use). Each is also given as its time against bf16's. On a CPU that computes
+bf16 slowly (dtype "auto" chooses float32 there) the yardstick is the float32
+mode's packed matmul instead, and int8 is converted to float32: that is what
+the int8 mode computes in there, with its float32 rows rounded to bf16 for the
+int8 kernel.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 
 from moee_ref.kernels.int8 import quantize_rows
 from moee_ref.kernels.onednn import _ONEDNN_LINEAR, linear, pack_weight, packing_available
+from moee_ref.kernels.precision import resolve_dtype
 
 
 def best_seconds(fn, reps: int) -> float:
@@ -66,16 +71,23 @@ def int8_activations_matmul():
     return pack, matmul
 
 
-def precision_paths(weights: list[torch.Tensor]) -> dict:
-    """name: (matrices, fn, bytes per weight) for the bf16 and int8 kernels."""
-    bf16 = [w.bfloat16() for w in weights]
+YARDSTICKS = {torch.bfloat16: "bf16 F.linear (bf16 mode)", torch.float32: "oneDNN, packed weights (moee-ref)"}
+
+
+def precision_paths(weights: list[torch.Tensor], compute: torch.dtype) -> dict:
+    """name: (matrices, fn, bytes per weight) for the bf16 and int8 kernels; int8 converted to `compute`."""
     int8 = [quantize_rows(w) for w in weights]
-    paths = {"bf16 F.linear (bf16 mode)": (bf16, lambda x, w: torch.nn.functional.linear(x.bfloat16(), w), 2)}
+    paths = {}
+    if compute == torch.bfloat16:
+        paths[YARDSTICKS[compute]] = ([w.bfloat16() for w in weights], lambda x, w: torch.nn.functional.linear(x.bfloat16(), w), 2)
+    else:
+        paths[YARDSTICKS[compute]] = ([pack_weight(w) for w in weights], linear, 4)
     if hasattr(torch, "_weight_int8pack_mm"):
         paths["int8 weight-only kernel"] = (
             [(v, s.bfloat16()) for v, s in int8], lambda x, w: torch._weight_int8pack_mm(x.bfloat16(), *w), 1)
-    paths["int8 converted to bf16, then bf16"] = (
-        int8, lambda x, w: torch.nn.functional.linear(x.bfloat16(), w[0].to(torch.bfloat16)) * w[1].bfloat16(), 1)
+    name = "bf16" if compute == torch.bfloat16 else "float32"
+    paths[f"int8 converted to {name}, then {name}"] = (
+        int8, lambda x, w: torch.nn.functional.linear(x.to(compute), w[0].to(compute)) * w[1].to(compute), 1)
     pack, matmul = int8_activations_matmul()
     if pack is not None:
         paths["int8 x int8, rows quantized (oneDNN)"] = ([pack(v, s) for v, s in int8], matmul, 1)
@@ -107,25 +119,27 @@ def main() -> None:
         if packing_available():
             paths["oneDNN, plain weights"] = (weights, lambda x, w: _ONEDNN_LINEAR(x, w, None, "none", [], ""), 4)
             paths["oneDNN, packed weights (moee-ref)"] = ([pack_weight(w) for w in weights], linear, 4)
+    compute = resolve_dtype("auto")[0]  # bf16 where this CPU computes it natively, else float32
+    yardstick = YARDSTICKS[compute]
     if precisions & {"bf16", "int8"}:
-        paths.update({name: path for name, path in precision_paths(weights).items()
-                      if name.split()[0] in precisions or name.startswith("bf16")})  # bf16: the int8 rows' yardstick
+        paths.update({name: path for name, path in precision_paths(weights, compute).items()
+                      if name.split()[0] in precisions or name == yardstick})  # the yardstick of the int8 rows
 
     print(f"{args.experts} fp32 matrices [{args.out} x {args.inputs}] ({total / 2**30:.2f} GiB), "
-          f"{args.threads} threads, best of {args.reps}")
+          f"{args.threads} threads, best of {args.reps}; auto dtype here: {str(compute).removeprefix('torch.')}")
     for rows in row_counts:
         xs = [torch.randn(rows, args.inputs) for _ in range(args.experts)]
         bandwidth = big.numel() * 4 / best_seconds(big.sum, args.reps)
         print(f"{rows} rows each; read bandwidth, 1 GiB fp32 sum: {bandwidth / 1e9:.1f} GB/s")
-        bf16_seconds = None
+        yardstick_seconds = None
         for name, (matrices, fn, width) in paths.items():
             for x, w in zip(xs, matrices):  # warm-up: kernels built for these shapes
                 fn(x, w)
             seconds = best_seconds(lambda: [fn(x, w) for x, w in zip(xs, matrices)], args.reps)
-            bf16_seconds = seconds if name.startswith("bf16") else bf16_seconds
+            yardstick_seconds = seconds if name == yardstick else yardstick_seconds
             rate = total / 4 * width / seconds
             gflops = 2 * rows * total / 4 / seconds / 1e9
-            against = f", {seconds / bf16_seconds:.2f}x bf16's time" if bf16_seconds and not name.startswith("bf16") else ""
+            against = f", {seconds / yardstick_seconds:.2f}x {yardstick.split(' (')[0]}'s time" if yardstick_seconds and name != yardstick else ""
             print(f"  {name:38s} {1e3 * seconds / args.experts:6.3f} ms a matrix, {rate / 1e9:6.1f} GB/s of weights as held"
                   f" = {rate / bandwidth:4.0%} of the sum's bandwidth ({gflops:.0f} GFLOP/s){against}")
         print(f"  read bandwidth again: {big.numel() * 4 / best_seconds(big.sum, args.reps) / 1e9:.1f} GB/s")

@@ -10,17 +10,28 @@ HS and RW rows and the share of top-k expert sets (token x MoE layer) that
 change, and batch invariance: the smallest cosine of a text's HS or RW alone
 against its row in the batch of all texts. Beside them, transformers in bf16
 with sdpa attention (eager for gpt-oss, whose sinks have no sdpa path there),
-what a user would otherwise pick (needs the test extra).
+what a user would otherwise pick (needs the test extra). On a CPU that
+computes bf16 slowly (emulated: "auto" chooses float32 there) the bf16 modes
+would only measure the emulation, so the rows are float32, int8 (float32
+compute) and transformers in float32 with sdpa, and the rate column is the
+float32 matmul rate's share.
 
     python bench/bench_precision.py                          # OLMoE dimensions, 2 layers
     python bench/bench_precision.py --family deepseek --layers 3
     python bench/bench_precision.py --layers 16              # OLMoE at full depth: 13.8 GB of shards
+    python bench/bench_precision.py --interleave float32,int8  # batch 1 only, the modes in turn, one process
 
 Every mode runs in a process of its own, one after the other, so that each
 peak RSS is its own and full depth fits: OLMoE's 16 layers hold 13.8 GB in
 bf16 and 27.7 GB in float32. The reference is float32 when it fits in
 memory; where the loader refuses it, float64 layer-streamed on the first
 --reference-texts texts (the loader decides, before any weight is read).
+
+--interleave loads the modes named side by side in one process (they must fit
+together) and times their batch-1 calls in turn, text by text: on a host
+whose speed drifts between processes (one ran the same float32 batch-1 call
+at 270 and 371 ms an hour apart) their ratio is then measured in the same
+moments.
 
 The checkpoint is built once in --workdir (random weights, bf16, as
 bench_cpu.py builds it) and reused.
@@ -48,6 +59,7 @@ from moee_ref.demo.checkpoints import write_random_checkpoint
 from moee_ref.families import FAMILIES
 from moee_ref.embedding.embedder import FeatureOptions
 from moee_ref.kernels.int8 import int8_kernel_rows
+from moee_ref.kernels.onednn import linear, pack_weight, packing_available
 from moee_ref.kernels.precision import resolve_dtype
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"
@@ -139,6 +151,22 @@ def topk_sets(embedder: MoEEmbedder, texts: list[str]) -> tuple[np.ndarray, np.n
     return out.topk_ids.sort(-1).values.numpy(), batch.attention_mask.bool().numpy()
 
 
+def interleaved_b1(directory: Path, modes: list[str], texts: list[str], reps: int) -> dict[str, float]:
+    """Median ms per text at batch 1 of each mode, all loaded together and called in turn for every text."""
+    embedders = {mode: MoEEmbedder.from_pretrained(directory, dtype=MODES[mode][0], int8=MODES[mode][1]) for mode in modes}
+    for embedder in embedders.values():  # warm-up: kernels built for these shapes
+        for text in texts[:2]:
+            embedder.features([text], OPTIONS)
+    times = {mode: [] for mode in modes}
+    for _ in range(reps):
+        for text in texts:
+            for mode, embedder in embedders.items():
+                start = time.perf_counter()
+                embedder.features([text], OPTIONS)
+                times[mode].append(time.perf_counter() - start)
+    return {mode: 1000 * statistics.median(t) for mode, t in times.items()}
+
+
 def child_reference(directory: Path, texts: list[str]) -> tuple[dict, dict]:
     """float64 layer-streamed on a few texts: the reference where float32 does not fit resident."""
     embedder = MoEEmbedder.from_pretrained(directory, dtype=torch.float64, memory_budget=STREAMED_REFERENCE_BUDGET)
@@ -147,7 +175,7 @@ def child_reference(directory: Path, texts: list[str]) -> tuple[dict, dict]:
     return {"texts": len(texts)}, {"hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": mask}
 
 
-def child_transformers(directory: Path, texts: list[str], batch1: int, reps: int) -> tuple[dict, dict]:
+def child_transformers(directory: Path, texts: list[str], batch1: int, reps: int, dtype: torch.dtype) -> tuple[dict, dict]:
     bench_cpu = bench_helpers()
     from moee_ref.tokenizer import Tokenizer
 
@@ -156,7 +184,7 @@ def child_transformers(directory: Path, texts: list[str], batch1: int, reps: int
     start = time.perf_counter()
     # sdpa, what a user gets by default; gpt-oss's sinks have only transformers' eager attention
     attention = "eager" if read_config(directory).family == "gpt_oss" else "sdpa"
-    model = bench_cpu.load_hf(directory, torch.bfloat16, attn_implementation=attention)
+    model = bench_cpu.load_hf(directory, dtype, attn_implementation=attention)
     load_s = time.perf_counter() - start
     load_rss = peak_rss_gib()
     (hs, rw), rate, b1_ms = timed(lambda t: bench_cpu.hf_features(model, tokenizer, t), texts, batch1, reps)
@@ -166,8 +194,11 @@ def child_transformers(directory: Path, texts: list[str], batch1: int, reps: int
 
 
 def run_child(args, mode: str, out: Path) -> dict:
-    """Run one mode in a fresh process; its stats, with its arrays from out (or "refused": the loader's reason)."""
+    """Run one mode in a fresh process; its stats, with its arrays from out (or "refused": the loader's reason).
+    mode: a MODES name, "reference", or "transformers DTYPE"."""
+    mode, _, hf_dtype = mode.partition(" ")
     command = [sys.executable, __file__, "--child", mode, "--child-out", str(out), "--family", args.family,
+               *(["--hf-dtype", hf_dtype] if hf_dtype else []),
                "--layers", str(args.layers), "--texts", str(args.texts), "--batch1", str(args.batch1),
                "--reps", str(args.reps), "--workdir", args.workdir, "--reference-texts", str(args.reference_texts),
                *(["--dir", str(args.dir)] if getattr(args, "dir", None) else [])]
@@ -190,7 +221,7 @@ def child_main(args, directory: Path) -> None:
     texts = prompts(args.texts)
     try:
         if args.child == "transformers":
-            stats, arrays = child_transformers(directory, texts, args.batch1, args.reps)
+            stats, arrays = child_transformers(directory, texts, args.batch1, args.reps, getattr(torch, args.hf_dtype))
         elif args.child == "reference":
             stats, arrays = child_reference(directory, texts[: args.reference_texts])
         else:
@@ -203,16 +234,22 @@ def child_main(args, directory: Path) -> None:
     print(json.dumps(stats))
 
 
-def bf16_matmul_gflops(runs: int = 3) -> float:
-    """The best bf16 F.linear rate of a few shapes (the issue's 512 x 2048 x 8192, MoE-expert and attention shapes)."""
+def matmul_gflops(dtype: torch.dtype = torch.bfloat16, runs: int = 3) -> float:
+    """The best F.linear rate in dtype of a few shapes (the issue's 512 x 2048 x 8192, MoE-expert and attention
+    shapes); in float32 the best of plain and oneDNN-packed weights, as the float32 mode runs packed."""
     time_call = bench_helpers().time_call
     best = 0.0
     for m, k, n in ((512, 2048, 8192), (160, 2048, 2048), (512, 2048, 2048)):
-        a, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
-        torch.nn.functional.linear(a, w)
-        inner = max(1, int(2e10 // (2 * m * k * n)))
-        seconds = min(time_call(lambda: [torch.nn.functional.linear(a, w) for _ in range(inner)]) for _ in range(runs)) / inner
-        best = max(best, 2 * m * k * n / seconds / 1e9)
+        a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        calls = [lambda: torch.nn.functional.linear(a, w)]
+        if dtype == torch.float32 and packing_available():
+            packed = pack_weight(w)
+            calls.append(lambda: linear(a, packed))
+        for call in calls:
+            call()
+            inner = max(1, int(2e10 // (2 * m * k * n)))
+            seconds = min(time_call(lambda: [call() for _ in range(inner)]) for _ in range(runs)) / inner
+            best = max(best, 2 * m * k * n / seconds / 1e9)
     return best
 
 
@@ -241,9 +278,11 @@ def main() -> None:
     parser.add_argument("--reference-texts", type=int, default=8, help="texts the float64 streamed reference embeds")
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "moee-ref-bench"))
     parser.add_argument("--json", default=None)
-    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers bf16 row")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
+    parser.add_argument("--interleave", default=None, help="comma-separated modes: batch 1 only, in turn, in one process")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hf-dtype", default="bfloat16", help=argparse.SUPPRESS)
     parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)  # a checkpoint elsewhere (bench_llamacpp.py's)
     args = parser.parse_args()
 
@@ -252,14 +291,28 @@ def main() -> None:
         return child_main(args, directory)
     if not args.dir:
         ensure_checkpoint(directory, args.family, args.layers)
+    if args.interleave:
+        modes = args.interleave.split(",")
+        if not set(modes) <= set(MODES):
+            parser.error(f"--interleave takes {', '.join(MODES)}, not {args.interleave!r}")
+        b1 = interleaved_b1(directory, modes, prompts(args.batch1), args.reps)
+        print(f"{args.family}, {args.layers} layers, batch 1, {args.batch1} texts x {args.reps} in turn, "
+              f"{torch.get_num_threads()} threads; auto dtype here: {str(resolve_dtype('auto')[0]).removeprefix('torch.')}")
+        for mode, ms in b1.items():
+            print(f"{mode:<10} {ms:7.1f} ms = {ms / b1[modes[0]]:.2f}x {modes[0]}'s time")
+        return
 
     auto, reason = resolve_dtype("auto")
-    bf16_rate = bf16_matmul_gflops()
-    names = [*MODES, *([] if args.no_transformers else ["transformers bf16"])]
+    native = auto == torch.bfloat16  # else bf16 is emulated here: its rows would time the emulation
+    rate_name = "bf16" if native else "float32"
+    matmul_rate = matmul_gflops(auto)
+    names = [name for name in MODES if native or name != "bfloat16"]
+    names += [] if args.no_transformers else [f"transformers {str(auto).removeprefix('torch.')}"]  # in auto's dtype
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
-            results[name] = run_child(args, name.split()[0], Path(scratch) / f"{name.split()[0]}.npz")
+            results[name] = run_child(args, name if name.startswith("transformers") else name.split()[0],
+                                      Path(scratch) / f"{name.split()[0]}.npz")
         if "refused" in results["float32"]:
             ref_name, ref = "float64 streamed", run_child(args, "reference", Path(scratch) / "reference.npz")
         else:
@@ -267,17 +320,17 @@ def main() -> None:
     rows = len(ref["hs"])
     print(f"{args.family}, {args.layers} layers of the real dimensions, {args.texts} texts (random weights), "
           f"{torch.get_num_threads()} threads; auto dtype here: {str(auto)[6:]} ({reason}); "
-          f"int8 kernel for up to {int8_kernel_rows()} rows; bf16 matmul rate {bf16_rate:.0f} GFLOP/s; "
+          f"int8 kernel for up to {int8_kernel_rows(auto)} rows; {rate_name} matmul rate {matmul_rate:.0f} GFLOP/s; "
           f"quality against {ref_name} on {rows} texts")
-    header = (f"{'mode':<18} {'weights GiB':>11} {'load s':>7} {'peak RSS GiB':>12} {'b32 texts/s':>11} {'b32 % bf16 rate':>15} "
+    header = (f"{'mode':<20} {'weights GiB':>11} {'load s':>7} {'peak RSS GiB':>12} {'b32 texts/s':>11} {f'b32 % {rate_name} rate':>15} "
               f"{'b1 ms':>7} {'b1 floor ms':>11} {'b1 / floor':>10} {'cos HS min':>10} {'cos RW min':>10} "
               f"{'top-k changed':>13} {'alone vs batched':>16}")
     print(header)
     summary = {"family": args.family, "layers": args.layers, "texts": args.texts, "auto": str(auto), "auto_reason": reason,
-               "bf16_matmul_gflops": bf16_rate, "reference": ref_name, "reference_texts": rows, "modes": {}}
+               "matmul_dtype": rate_name, "matmul_gflops": matmul_rate, "reference": ref_name, "reference_texts": rows, "modes": {}}
     for name, r in results.items():
         if "refused" in r:
-            print(f"{name:<18} refused by the loader: {r['refused']}")
+            print(f"{name:<20} refused by the loader: {r['refused']}")
             summary["modes"][name] = {"refused": r["refused"]}
             continue
         cos_hs, cos_rw = cosines(ref["hs"], r["hs"][:rows]), cosines(ref["rw"], r["rw"][:rows])
@@ -289,13 +342,13 @@ def main() -> None:
             differs = (ref_topk != topk).any(-1)  # [rows, L_moe, width]
             changed = float(differs[np.broadcast_to(real[:, None, :], differs.shape)].mean())
         floor_ms = 1e3 * r["b1_params_touched"] * BYTES_PER_PARAM[name.split()[0]] / (r["bandwidth_gbs"] * 1e9) if "bandwidth_gbs" in r else float("nan")
-        share = r["b32_gflop"] * r["b32_texts_per_s"] / args.texts / bf16_rate if "b32_gflop" in r else float("nan")
-        print(f"{name:<18} {r['weight_bytes'] / 2**30:>11.2f} {r['load_s']:>7.1f} {r['peak_rss_gib']:>12.2f} "
+        share = r["b32_gflop"] * r["b32_texts_per_s"] / args.texts / matmul_rate if "b32_gflop" in r else float("nan")
+        print(f"{name:<20} {r['weight_bytes'] / 2**30:>11.2f} {r['load_s']:>7.1f} {r['peak_rss_gib']:>12.2f} "
               f"{r['b32_texts_per_s']:>11.2f} {100 * share:>14.0f}% {r['b1_ms']:>7.1f} {floor_ms:>11.1f} {r['b1_ms'] / floor_ms:>10.2f} "
               f"{cos_hs.min():>10.5f} {cos_rw.min():>10.5f} {100 * changed:>12.2f}% {r.get('alone_vs_batched_cos_min', float('nan')):>16.6f}")
         summary["modes"][name] = {k: v for k, v in r.items() if not isinstance(v, np.ndarray)} | {
             "cos_hs_min": float(cos_hs.min()), "cos_rw_min": float(cos_rw.min()), "topk_sets_changed": changed,
-            "b1_floor_ms": floor_ms, "b32_share_of_bf16_rate": share}
+            "b1_floor_ms": floor_ms, "b32_share_of_matmul_rate": share}
     print(ratios(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -306,11 +359,12 @@ def ratios(summary: dict) -> str:
     modes = summary["modes"]
     ok = {name: m for name, m in modes.items() if "refused" not in m}
     lines = []
-    hf = ok.get("transformers bf16")
-    for name in ("bfloat16", "int8"):
-        if name in ok and hf:
+    hf_name = next((name for name in ok if name.startswith("transformers")), None)
+    hf = ok.get(hf_name)
+    for name in (hf_name.split()[-1], "int8") if hf else ():  # the mode of transformers' dtype, and int8
+        if name in ok:
             m = ok[name]
-            lines.append(f"{name} against transformers bf16: b32 {m['b32_texts_per_s'] / hf['b32_texts_per_s']:.2f}x its rate, "
+            lines.append(f"{name} against {hf_name}: b32 {m['b32_texts_per_s'] / hf['b32_texts_per_s']:.2f}x its rate, "
                          f"b1 {m['b1_ms'] / hf['b1_ms']:.2f}x its time, load {m['load_s'] / hf['load_s']:.2f}x its time")
     if "bfloat16" in ok and "int8" in ok:
         b, i = ok["bfloat16"], ok["int8"]

@@ -216,7 +216,7 @@ def test_shared_prefix_with_int8_and_float64_weights(tmp_path_factory, monkeypat
     from moee_ref.kernels import int8
 
     if not kernel:
-        monkeypatch.setattr(int8, "int8_kernel_rows", lambda: 0)
+        monkeypatch.setattr(int8, "int8_kernel_rows", lambda dtype: 0)
     embedder = build_embedder(tmp_path_factory, "qwen2_moe", seed=22, **load)
     embedder.share_prefix = False
     plain = embedder.features(TEXTS, PROMPTEOL, batch_size=3)

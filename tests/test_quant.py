@@ -109,7 +109,10 @@ def test_quantize_rows_stacked_and_bf16():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_linear_equals_dequantized_linear(bias):
+def test_int8_linear_equals_dequantized_linear(bias, monkeypatch):
+    from moee_ref.kernels import int8
+
+    monkeypatch.setattr(int8, "int8_kernel_rows", lambda dtype: 0)  # the weight converted: float32's rounding (the kernel's below)
     torch.manual_seed(2)
     linear = nn.Linear(40, 24, bias=bias)
     with torch.no_grad():
@@ -155,7 +158,7 @@ def test_int8_routed_experts_equal_dequantized_experts(monkeypatch):
     close = q(x, ids, weights)
     assert float((close - expected).abs().max() / expected.abs().max()) <= 2e-2
     # Without the kernel every matmul converts the weight: the dequantized experts up to float32 reassociation.
-    monkeypatch.setattr(int8, "int8_kernel_rows", lambda: 0)
+    monkeypatch.setattr(int8, "int8_kernel_rows", lambda dtype: 0)
     torch.testing.assert_close(q(x, ids, weights), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -171,7 +174,7 @@ def test_int8_kernel_reads_int8_for_few_rows(rows, monkeypatch):
     if kernel is None:
         pytest.skip("this torch has no _weight_int8pack_mm")
     monkeypatch.setattr(int8, "_INT8_MM", lambda *a: calls.append(a[0].shape) or kernel(*a))
-    monkeypatch.setattr(int8, "int8_kernel_rows", lambda: 16)
+    monkeypatch.setattr(int8, "int8_kernel_rows", lambda dtype: 16 if dtype in int8.INT8_KERNEL_ROWS else 0)
     generator = torch.Generator().manual_seed(5)
     values, scale = quantize_rows(torch.randn(48, 64, generator=generator))
     x = torch.randn(rows, 64, generator=generator).bfloat16()

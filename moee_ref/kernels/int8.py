@@ -52,7 +52,7 @@ _INT8_MM = getattr(torch, "_weight_int8pack_mm", None)
 def int8_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (values * scale[:, None]).T + bias for int8 values [out, in] and float32 scales [out]."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.dtype in KERNEL_INPUTS and x.device.type == "cpu" and 0 < len(rows) <= int8_kernel_rows():
+    if x.device.type == "cpu" and 0 < len(rows) <= int8_kernel_rows(x.dtype):
         # float32 rows are rounded to bf16 on the way in, and the bf16 result widened back
         out = _INT8_MM(rows.to(torch.bfloat16), values, scale.to(torch.bfloat16)).to(x.dtype).reshape(*x.shape[:-1], -1)
     else:
@@ -60,18 +60,19 @@ def int8_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias
     return out if bias is None else out + bias
 
 
-# Up to this many rows torch's int8 kernel beats converting the weight (timed on 2048 x 1024 and 2048 x 2048
-# matrices, 2 threads: the crossover fell between 8 and 16 rows from run to run, with bf16 rows against bf16 on
-# a CPU with AMX and with float32 rows against packed float32 on one with AVX2 only; bench/README.md). A fixed
-# number, not a timing made at start-up: which path a row takes changes its rounding, and the same text
-# must get the same vector in every process.
-INT8_KERNEL_ROWS = 8
-KERNEL_INPUTS = (torch.bfloat16, torch.float32)  # float16 and float64 rows convert the weight instead
+# Up to this many rows of each compute dtype torch's int8 kernel beats converting the weight, timed with 2
+# threads (bench/README.md). bf16 rows, against a bf16 matmul on a CPU with AMX: the crossover fell between 8 and
+# 16 rows from run to run. float32 rows, on a CPU with AVX2 only: about level with converting at 16 rows on one
+# matrix, and in the model (OLMoE's dimensions, batch 1) 16 rows ran 0.82x float32's time where 8 ran 0.98x,
+# converting a weight to float32 writing four bytes a weight. Fixed numbers, not timings made at start-up: which
+# path a row takes changes its rounding, and the same text must get the same vector in every process.
+# float16 and float64 rows always convert the weight.
+INT8_KERNEL_ROWS = {torch.bfloat16: 8, torch.float32: 16}
 
 
-def int8_kernel_rows() -> int:
-    """The most rows sent to torch's weight-only int8 kernel (0 where this torch has none)."""
-    return INT8_KERNEL_ROWS if _INT8_MM is not None else 0
+def int8_kernel_rows(dtype: torch.dtype = torch.bfloat16) -> int:
+    """The most rows of `dtype` sent to torch's weight-only int8 kernel (0 where this torch has none)."""
+    return INT8_KERNEL_ROWS.get(dtype, 0) if _INT8_MM is not None else 0
 
 
 class Int8Linear(nn.Module):
