@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from moee_ref import MoEEmbedder, read_config
-from moee_ref.loading.memory import InsufficientMemoryError
+from moee_ref.loading.memory import InsufficientMemoryError, format_bytes, memory_available
 from moee_ref.demo.checkpoints import write_random_checkpoint
 from moee_ref.families import FAMILIES
 from moee_ref.embedding.embedder import FeatureOptions
@@ -180,6 +180,13 @@ def child_transformers(directory: Path, texts: list[str], batch1: int, reps: int
     from moee_ref.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(directory)
+    # transformers checks no memory: refused here, as moee-ref's loader refuses, rather than killed by the kernel
+    stored = sum(f.stat().st_size for f in directory.glob("*.safetensors"))  # bf16 shards (ensure_checkpoint)
+    need, (available, figure) = stored * dtype.itemsize // 2 + 2**30, memory_available()
+    if need > available:
+        raise InsufficientMemoryError(f"transformers in {str(dtype).removeprefix('torch.')} needs at least {format_bytes(need)} "
+                                      f"(its weights and 1 GiB), more than the {format_bytes(available, up=False)} "
+                                      f"this process may use ({figure})")
     bench_cpu.import_hf_classes(read_config(directory).family)  # imports are not load time
     start = time.perf_counter()
     # sdpa, what a user gets by default; gpt-oss's sinks have only transformers' eager attention
