@@ -62,19 +62,26 @@ def test_needs_grow_with_dtype_and_shrink_with_int8(model_dir):
     assert 4 * weights + 2**30 < f32 < 4 * weights + 2**30 + 3 * 4 * weights // 10
 
 
-def test_api_refuses_before_reading_and_names_the_modes_that_fit(model_dir, no_reads):
+@pytest.mark.parametrize("native", [True, False])
+def test_api_refuses_before_reading_and_names_the_modes_that_fit(model_dir, no_reads, monkeypatch, native):
+    """bf16 is offered first where the CPU computes it natively; elsewhere after int8, saying it is slow there."""
+    from moee_ref.loading import memory
+
+    why = "oneDNN reports no bf16 path on this CPU"
+    monkeypatch.setattr(memory, "bf16_native", lambda device: (native, "native" if native else why))
     f32 = need(model_dir, torch.float32)
     bf16 = need(model_dir, torch.bfloat16)
     limit = (f32 + bf16) // 2  # bf16 fits, float32 does not
     with pytest.raises(InsufficientMemoryError) as caught:
         load_model(model_dir, dtype=torch.float32, memory_limit=limit)
     message = str(caught.value)
-    assert message.startswith(
-        f"loading {model_dir} resident float32 needs about {format_bytes(f32)}, more than the {format_bytes(limit, up=False)} "
-        "this process may use (the memory limit given); nothing was read. Modes that fit: "
-        f"resident bfloat16 (about {format_bytes(bf16)}): dtype=torch.bfloat16 or --dtype bfloat16; "
-    ), message
-    assert "resident int8 (float32 compute)" in message and "int8=True or --dtype float32 --int8" in message
+    opening = (f"loading {model_dir} resident float32 needs about {format_bytes(f32)}, more than the {format_bytes(limit, up=False)} "
+               "this process may use (the memory limit given); nothing was read. Modes that fit: ")
+    bf16_mode = f"resident bfloat16 (about {format_bytes(bf16)}{'' if native else '; slow here: ' + why}): dtype=torch.bfloat16 or --dtype bfloat16; "
+    int8_mode = "resident int8 (float32 compute) (about "
+    assert message.startswith(opening + (bf16_mode if native else int8_mode)), message
+    assert bf16_mode in message and "int8=True or --dtype float32 --int8" in message
+    assert (message.index(bf16_mode) < message.index(int8_mode)) == native
     assert message.endswith("If the memory will be there (other processes about to end), pass memory_limit= or --memory-limit.")
     assert isinstance(caught.value, MemoryError)
 

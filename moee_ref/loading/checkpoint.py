@@ -322,7 +322,7 @@ def load_model(
     need = resident_need(groups, reader, dtype, int8, packed)
     if need > available:
         mode = Mode(dtype, int8, need=need)
-        raise refusal(str(source), mode, available, source_of_figure, modes_that_fit(groups, reader, dtype, available))
+        raise refusal(str(source), mode, available, source_of_figure, modes_that_fit(groups, reader, dtype, available, device))
 
     with torch.device("meta"):
         model = use_kernels(MoEDecoder(args, with_lm_head=lm_head), dtype, packed)

@@ -23,6 +23,7 @@ import torch
 from ..errors import InputError, MoEERefError
 from ..families.names import leaves, shape_of
 from ..kernels.int8 import QUANTIZE_ROWS
+from ..kernels.precision import bf16_native
 
 # What is neither weights nor read buffers: torch's own runtime, the tokenizer, one batch's activations.
 # Measured peak RSS minus weight bytes was 0.3-1.0 GiB over the benchmarks' models (bench/README.md).
@@ -222,10 +223,13 @@ class Mode:
     int8: bool = False
     memory_budget: int | None = None
     need: int = 0
+    caveat: str = ""  # said after its size where the mode fits but runs slowly here
 
     def sized(self) -> str:
-        """describe() with the bytes it needs (a streamed mode's budget says them already)."""
-        return self.describe() if self.memory_budget is not None else f"{self.describe()} (about {format_bytes(self.need)})"
+        """describe() with the bytes it needs (a streamed mode's budget says them already), and any caveat."""
+        size = "" if self.memory_budget is not None else f"about {format_bytes(self.need)}"
+        said = "; ".join(part for part in (size, self.caveat) if part)
+        return f"{self.describe()} ({said})" if said else self.describe()
 
     def describe(self) -> str:
         name = str(self.dtype).removeprefix("torch.")
@@ -264,14 +268,17 @@ def streamed_budget(minimum: int, available: int, step: int = 2**28) -> int | No
     return budget if budget >= minimum else None
 
 
-def modes_that_fit(groups, reader, dtype: torch.dtype, available: int) -> list[Mode]:
+def modes_that_fit(groups, reader, dtype: torch.dtype, available: int, device: torch.device | str = "cpu") -> list[Mode]:
     """The other ways to load this checkpoint that fit `available`, in the order a user would try them:
-    resident bf16, resident int8, layer-streamed (in dtype, then int8)."""
+    resident bf16, resident int8, layer-streamed (in dtype, then int8). Where the device computes bf16
+    slowly (emulated), resident bf16 comes after int8 and says so."""
     compute = torch.float32 if dtype == torch.float64 else dtype  # int8 has no float64 mode
-    tried = []
+    tried = [Mode(compute, int8=True, need=resident_need(groups, reader, compute, True, False))]
     if dtype not in (torch.bfloat16, torch.float16):
-        tried.append(Mode(torch.bfloat16, need=resident_need(groups, reader, torch.bfloat16, False, False)))
-    tried.append(Mode(compute, int8=True, need=resident_need(groups, reader, compute, True, False)))
+        native, why = bf16_native(device)
+        bf16 = Mode(torch.bfloat16, need=resident_need(groups, reader, torch.bfloat16, False, False),
+                    caveat="" if native else f"slow here: {why}")
+        tried.insert(0 if native else 1, bf16)
     fitting = [mode for mode in tried if mode.need <= available]
     for int8, streamed_dtype in ((False, dtype), (True, compute)):
         minimum = streamed_weights_need(groups[1:-1], reader, streamed_dtype, int8) + STREAMED_ALLOWANCE
