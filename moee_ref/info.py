@@ -117,7 +117,8 @@ def format_facts(facts: dict[str, Any]) -> str:
         lines.append(f"compute dtype       {compute['auto_dtype']} by default here ({compute['reason']})")
     fit = facts.get("memory_fit")
     if fit:
-        modes = ", ".join(f"{m['mode']} {human_bytes(m['need_bytes'])}{'' if m['fits'] else ' (does not fit)'}" for m in fit["modes"])
+        modes = ", ".join(f"{m['mode']} {human_bytes(m['need_bytes'])}{'' if m['fits'] else ' (does not fit)'}"
+                          f"{' (slow here: no native bf16)' if m.get('slow') else ''}" for m in fit["modes"])
         lines.append(f"memory needed       {modes}; this process may use {human_bytes(fit['available_bytes'])} ({fit['source']})")
     tok = facts.get("tokenizer")
     if tok:

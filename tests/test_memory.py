@@ -175,3 +175,19 @@ def test_memory_available_reports_its_source():
     assert memory_available("3GB") == (3 * 2**30, "the memory limit given")
     available, source = memory_available()
     assert available > 0 and source in ("MemAvailable", "the cgroup memory limit", "no memory figure on this system")
+
+
+@pytest.mark.parametrize("auto", [torch.bfloat16, torch.float32])
+def test_info_lists_int8_in_the_auto_dtype_and_marks_emulated_bf16(model_dir, no_reads, monkeypatch, auto):
+    """`moee info`'s memory line: int8 in the compute dtype "auto" picks here; bf16 marked slow where it is emulated."""
+    from moee_ref.info import format_facts, model_facts
+
+    monkeypatch.setattr(checkpoint, "resolve_dtype", lambda dtype, device="cpu": (auto, "why"))
+    fit = checkpoint.memory_fit(model_dir, memory_limit="64GB")
+    name = str(auto).removeprefix("torch.")
+    assert [m["mode"] for m in fit["modes"]] == ["resident float32", "resident bfloat16", f"resident int8 ({name} compute)"]
+    assert [m["slow"] for m in fit["modes"]] == [False, auto == torch.float32, False]
+    assert fit["modes"][2]["need_bytes"] == need(model_dir, auto, int8=True, lm_head=False)
+    facts = {**model_facts(read_config(model_dir)), "memory_fit": fit}
+    line = next(line for line in format_facts(facts).splitlines() if line.startswith("memory needed"))
+    assert ("resident bfloat16" in line) and (("(slow here: no native bf16)" in line) == (auto == torch.float32))

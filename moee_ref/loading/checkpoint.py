@@ -400,13 +400,17 @@ def choose_mode(source: str | os.PathLike, dtype: torch.dtype, memory_limit: str
 
 
 def memory_fit(source: str | os.PathLike, memory_limit: str | int | None = None) -> dict:
-    """For `moee info`: the bytes each resident mode of an embedding load needs, and what this process may use."""
+    """For `moee info`: the bytes each resident mode of an embedding load needs, and what this process may use.
+    int8 in the compute dtype "auto" picks here; "slow" marks bf16 where this CPU emulates it."""
     _, _, reader, groups = checked_checkpoint(source, lm_head=False)
     available, figure = memory_available(memory_limit)
+    auto, _ = resolve_dtype("auto")
     modes = []
-    for dtype, int8 in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
-        mode = Mode(dtype, int8, need=resident_need(groups, reader, dtype, int8, dtype == torch.float32 and packing_available()))
-        modes.append({"mode": mode.describe(), "need_bytes": mode.need, "fits": mode.need <= available})
+    for dtype, int8 in ((torch.float32, False), (torch.bfloat16, False), (auto, True)):
+        packed = dtype == torch.float32 and not int8 and packing_available()  # as from_pretrained loads it
+        mode = Mode(dtype, int8, need=resident_need(groups, reader, dtype, int8, packed))
+        slow = dtype == torch.bfloat16 and not int8 and auto != torch.bfloat16
+        modes.append({"mode": mode.describe(), "need_bytes": mode.need, "fits": mode.need <= available, "slow": slow})
     return {"available_bytes": available, "source": figure, "modes": modes}
 
 
