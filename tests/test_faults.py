@@ -83,10 +83,7 @@ SIGNAL_SCRIPT = textwrap.dedent("""
             sent.append(True)
             for _ in range(times):
                 os.kill(os.getpid(), sig)
-                # Short sleeps: a signal that lands on another thread (the layer read-ahead) waits for the main
-                # thread's next bytecode, and one long sleep let a loaded machine merge the two signals into one.
-                for _ in range(50):
-                    time.sleep(0.01)
+                time.sleep(0.5)  # the handler runs during the sleep
             if times > 1 or where == "output":
                 raise AssertionError("the signal did not stop the job at once")
         return real(*args, **kwargs)
