@@ -77,6 +77,9 @@ SIGNAL_SCRIPT = textwrap.dedent("""
 
     where, sig, times = sys.argv[1], getattr(signal, sys.argv[2]), int(sys.argv[3])
     sent = []
+    # As started from a terminal, where Ctrl-C is live: a suite run as a background job of a script inherits SIGINT
+    # ignored, and moee embed rightly leaves an ignored signal ignored (nohup).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def hit(*args, **kwargs):
         if not sent:
