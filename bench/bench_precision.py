@@ -30,7 +30,7 @@ memory; where the loader refuses it, float64 layer-streamed on the first
 --interleave loads the modes named side by side in one process (they must fit
 together) and times their batch-1 calls in turn, text by text: on a host
 whose speed drifts between processes (one ran the same float32 batch-1 call
-at 270 and 371 ms an hour apart) their ratio is then measured in the same
+at 270 and 371 ms minutes apart) their ratio is then measured in the same
 moments.
 
 The checkpoint is built once in --workdir (random weights, bf16, as
