@@ -74,14 +74,22 @@ def int8_activations_matmul():
 YARDSTICKS = {torch.bfloat16: "bf16 F.linear (bf16 mode)", torch.float32: "oneDNN, packed weights (moee-ref)"}
 
 
-def precision_paths(weights: list[torch.Tensor], compute: torch.dtype) -> dict:
-    """name: (matrices, fn, bytes per weight) for the bf16 and int8 kernels; int8 converted to `compute`."""
+def packed_fp32_path(weights: list[torch.Tensor]) -> tuple:
+    """The float32 mode's matmul: oneDNN with the weights packed."""
+    return [pack_weight(w) for w in weights], linear, 4
+
+
+def precision_paths(weights: list[torch.Tensor], compute: torch.dtype, have: dict) -> dict:
+    """name: (matrices, fn, bytes per weight) for the bf16 and int8 kernels, after the yardstick they are timed
+    against (taken from `have`, the paths already built, where it is there); int8 converted to `compute`."""
     int8 = [quantize_rows(w) for w in weights]
-    paths = {}
-    if compute == torch.bfloat16:
-        paths[YARDSTICKS[compute]] = ([w.bfloat16() for w in weights], lambda x, w: torch.nn.functional.linear(x.bfloat16(), w), 2)
+    yardstick = YARDSTICKS[compute]
+    if yardstick in have:
+        paths = {yardstick: have[yardstick]}
+    elif compute == torch.bfloat16:
+        paths = {yardstick: ([w.bfloat16() for w in weights], lambda x, w: torch.nn.functional.linear(x.bfloat16(), w), 2)}
     else:
-        paths[YARDSTICKS[compute]] = ([pack_weight(w) for w in weights], linear, 4)
+        paths = {yardstick: packed_fp32_path(weights)}
     if hasattr(torch, "_weight_int8pack_mm"):
         paths["int8 weight-only kernel"] = (
             [(v, s.bfloat16()) for v, s in int8], lambda x, w: torch._weight_int8pack_mm(x.bfloat16(), *w), 1)
@@ -118,11 +126,11 @@ def main() -> None:
         paths["F.linear (torch's default: MKL)"] = (weights, torch.nn.functional.linear, 4)
         if packing_available():
             paths["oneDNN, plain weights"] = (weights, lambda x, w: _ONEDNN_LINEAR(x, w, None, "none", [], ""), 4)
-            paths["oneDNN, packed weights (moee-ref)"] = ([pack_weight(w) for w in weights], linear, 4)
+            paths[YARDSTICKS[torch.float32]] = packed_fp32_path(weights)
     compute = resolve_dtype("auto")[0]  # bf16 where this CPU computes it natively, else float32
     yardstick = YARDSTICKS[compute]
     if precisions & {"bf16", "int8"}:
-        paths.update({name: path for name, path in precision_paths(weights, compute).items()
+        paths.update({name: path for name, path in precision_paths(weights, compute, paths).items()
                       if name.split()[0] in precisions or name == yardstick})  # the yardstick of the int8 rows
 
     print(f"{args.experts} fp32 matrices [{args.out} x {args.inputs}] ({total / 2**30:.2f} GiB), "

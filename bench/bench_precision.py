@@ -318,8 +318,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
-            results[name] = run_child(args, name if name.startswith("transformers") else name.split()[0],
-                                      Path(scratch) / f"{name.split()[0]}.npz")
+            results[name] = run_child(args, name, Path(scratch) / f"{name.split()[0]}.npz")
         if "refused" in results["float32"]:
             ref_name, ref = "float64 streamed", run_child(args, "reference", Path(scratch) / "reference.npz")
         else:

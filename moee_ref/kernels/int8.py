@@ -70,7 +70,7 @@ def int8_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias
 INT8_KERNEL_ROWS = {torch.bfloat16: 8, torch.float32: 16}
 
 
-def int8_kernel_rows(dtype: torch.dtype = torch.bfloat16) -> int:
+def int8_kernel_rows(dtype: torch.dtype) -> int:
     """The most rows of `dtype` sent to torch's weight-only int8 kernel (0 where this torch has none)."""
     return INT8_KERNEL_ROWS.get(dtype, 0) if _INT8_MM is not None else 0
 
