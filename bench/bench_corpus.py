@@ -27,7 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from moee_ref import MoEEmbedder, cli  # noqa: E402
+from moee_ref import MoEEmbedder  # noqa: E402
+from moee_ref.cli import main as cli
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint  # noqa: E402
 from moee_ref.loading import checkpoint as checkpoint_module  # noqa: E402
 
@@ -74,7 +75,7 @@ def main() -> None:
         rows.append((f"moee embed, --chunk-size {args.batch_size} (one batch)", job("batch", "--chunk-size", str(args.batch_size))))
         # A job interrupted half-way: its first half saved (chunks of half the corpus), then resumed.
         half = args.texts // 2 // args.batch_size * args.batch_size
-        from moee_ref import outputs
+        from moee_ref.io import outputs
 
         real = outputs.write_embeddings
         outputs.write_embeddings = lambda *a, **k: (_ for _ in ()).throw(OSError("stop here"))

@@ -147,7 +147,7 @@ def load_hf(directory: Path, dtype: torch.dtype = torch.float32, **impl):
     transformers.logging.disable_progress_bar()
     margs = read_config(directory)
     if HF_CLASSES[margs.family] is None:
-        from moee_ref.verify import load_reference
+        from moee_ref.evaluation.verify import load_reference
 
         model = load_reference(directory, margs).model.to(dtype)  # its lm_head is built too, then dropped here
         if impl:

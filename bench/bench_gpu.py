@@ -30,7 +30,7 @@ from bench_precision import CONFIGS, OPTIONS, cosines, ensure_checkpoint, prompt
 
 from moee_ref import MoEEmbedder  # noqa: E402
 from moee_ref.families import FAMILIES  # noqa: E402
-from moee_ref.tokenizer import Tokenizer  # noqa: E402
+from moee_ref.loading.tokenizer import Tokenizer  # noqa: E402
 
 
 def side(name: str, load, run, texts, batch1, reps) -> dict:

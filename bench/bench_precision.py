@@ -177,7 +177,7 @@ def child_reference(directory: Path, texts: list[str]) -> tuple[dict, dict]:
 
 def child_transformers(directory: Path, texts: list[str], batch1: int, reps: int, dtype: torch.dtype) -> tuple[dict, dict]:
     bench_cpu = bench_helpers()
-    from moee_ref.tokenizer import Tokenizer
+    from moee_ref.loading.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(directory)
     # transformers checks no memory: refused here, as moee-ref's loader refuses, rather than killed by the kernel

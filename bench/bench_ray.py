@@ -42,7 +42,7 @@ def main() -> None:
         model = write_random_checkpoint(work / "olmoe", MEDIUM, seed=4)
         texts = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(3 + (i * 13) % 40)) for i in range(args.texts)]
         (work / "texts.txt").write_text("\n".join(texts) + "\n")
-        base = [sys.executable, "-m", "moee_ref.cli", "embed", "--model", str(model), "--input", str(work / "texts.txt"),
+        base = [sys.executable, "-m", "moee_ref.cli.main", "embed", "--model", str(model), "--input", str(work / "texts.txt"),
                 "--dtype", "float32", "--batch-size", str(args.batch_size), "--no-progress"]
         runs = [("local job, 1 thread", ["--output", str(work / "local.npy")]),
                 ("ray, 1 worker x 1 CPU", ["--output", str(work / "ray1.npy"), "--engine", "ray", "--workers", "1"]),

@@ -7,8 +7,8 @@ from .decoder import DecoderOutput, ModelArgs, MoEDecoder, Routing
 from .families import read_config
 from .embedding.embedder import MoEEmbedder
 from .embedding.standardize import Standardizer
-from .official import encode_official
-from .tokenizer import Tokenizer
+from .embedding.official import encode_official
+from .loading.tokenizer import Tokenizer
 from .errors import CheckpointError, ConfigError, InputError, ModelNotFoundError, MoEERefError, UnknownOptionError, UnsafeCheckpointError
 
 __all__ = [

@@ -5,6 +5,8 @@ derive from MoEERefError, so a caller (and the `moee` command line) can catch
 the expected failures in one place and let real bugs surface as tracebacks.
 """
 
+import signal
+
 
 class MoEERefError(Exception):
     """Base class of every expected moee-ref error."""
@@ -40,3 +42,12 @@ class UnknownOptionError(InputError, TypeError):
 
 class NumericalError(MoEERefError, ArithmeticError):
     """The model's outputs hold NaN or infinite values (damaged weights, a bad config, or overflow)."""
+
+
+class Stopped(BaseException):
+    """A stop signal arrived. Raised in the main thread like KeyboardInterrupt for Ctrl-C, so that every
+    `finally` runs: the temporary output and the spill directory are removed before the process ends."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..stats import pearson, rankdata
+from .stats import pearson, rankdata
 
 ALPHA_MAX = 1e3
 ALPHA_MIN_POSITIVE = 1e-3

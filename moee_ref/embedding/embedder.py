@@ -34,8 +34,8 @@ from ..kernels.precision import resolve_device, resolve_dtype
 from .conventions import check_precision, check_prompts, converted, named_prompt, quantized, truncated
 from .prompts import apply_prompt, list_prompts, resolve_prompt
 from .standardize import Standardizer
-from ..stats import cosine_rows
-from ..tokenizer import Tokenizer, check_texts
+from .stats import cosine_rows
+from ..loading.tokenizer import Tokenizer, check_texts
 
 KINDS = ("hs", "rw", "moee-concat", "moee-sum")
 POOLINGS = ("last", "mean")

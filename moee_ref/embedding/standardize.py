@@ -24,7 +24,7 @@ import numpy as np
 from numpy.lib.npyio import NpzFile  # the type np.load returns for an .npz archive
 
 from ..errors import InputError
-from ..outputs import atomic_path
+from ..io.outputs import atomic_path
 
 FORMAT_VERSION = 1
 DEFAULT_EPS = 1e-8
