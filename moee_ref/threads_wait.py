@@ -4,11 +4,9 @@ Between two parallel regions (every matmul, norm and expert at batch 1 is one) a
 libgomp, which torch's CPU builds use, spins for GOMP_SPINCOUNT iterations (300000 by default, about a
 millisecond) before it sleeps. On a quiet machine that saves a wake-up per region. When another process
 holds a core, the spinning thread burns the time slice the working thread on that core needed, and a
-region waits for its slowest thread: at 2 threads with one busy process beside them, batch 1 ran 10x and
-batch 32 3x slower than quiet, where the CPU taken away accounts for 2x at most (bench/bench_contention.py).
-A spin of 3000 iterations brings that to about 1.9x at both (proportional: one of the two cores was
-taken) for about a tenth more time at batch 1 when quiet; 10000 kept the quiet speed but left batch 1
-at 2.5x to 2.7x, and OMP_WAIT_POLICY=PASSIVE (threads sleep at once) costs about a quarter quiet.
+region waits for its slowest thread, so a long spin makes a shared machine far slower than the core taken
+away explains. A short spin keeps most of the quiet speed and makes contention cost what it takes; the
+measurements behind the value are bench/bench_contention.py's, in bench/README.md.
 
 libgomp reads these variables once, when it is loaded (with torch): this only takes effect where
 moee_ref is imported before torch (the `moee` command always is), and never overrides a value the user

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..evaluation.analysis import DEFAULT_SAMPLE_PAIRS, DEFAULT_THRESHOLD, ERROR_GROUP_TITLES, ERROR_GROUPS
-from .common import Parser, UsageError, comma_list, int_at_least, load_embedder, positive_int
+from .common import Parser, UsageError, add_spec_flags, comma_list, int_at_least, load_embedder, positive_int
 
 # --------------------------------------------------------------------------- argument types
 
@@ -128,7 +128,7 @@ def read_pairs_optional_scores(path: str, fmt: str | None = None):
 # --------------------------------------------------------------------------- prompts
 
 
-def cmd_prompts(ns) -> int:
+def cmd_analyze_prompts(ns) -> int:
     from ..evaluation.analysis import plot_prompt_robustness, prompt_robustness
 
     if ns.pairs == "-":
@@ -276,8 +276,7 @@ def add_analyze_commands(commands, add_model) -> None:
     def common(q) -> None:
         add_model(q)
         q.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass (default %(default)s)")
-        q.add_argument("--max-length", type=positive_int, default=None, help="token budget per text (default: the model's maximum)")
-        q.add_argument("--truncation", choices=["left", "right"], default=None, help="cut over-long texts on this side (default: refuse them)")
+        add_spec_flags(q, "max_length", "truncation")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
         q.add_argument("--json", action="store_true", help="print JSON (undefined values are null)")
 
@@ -293,7 +292,7 @@ def add_analyze_commands(commands, add_model) -> None:
     q.add_argument("--format", choices=["tsv", "csv", "jsonl"], default=None, help="pair file format (default: from the name)")
     q.add_argument("--prompts", type=_parse_prompt_names, default=None, metavar="NAME,...", help="built-in prompt names (default: all ten, see `moee prompts`)")
     q.add_argument("--png", metavar="FILE", default=None, help="heatmap and per-prompt spread (needs the plot extra)")
-    q.set_defaults(run=cmd_prompts)
+    q.set_defaults(run=cmd_analyze_prompts)
 
     q = analyses.add_parser(
         "complementarity",

@@ -56,33 +56,28 @@ class UsageError(Exception):
 
 def load_embedder(ns):
     """The embedder the options ask for. Where they name no mode (no --dtype, --int8 or --memory-budget), the
-    first mode that fits this process's memory: the auto dtype resident, then int8, then layer-streamed."""
+    first mode that fits this process's memory (from_pretrained's fit="auto"), said on stderr."""
     import sys
 
     from ..embedding.embedder import MoEEmbedder
     from ..embedding.prompts import resolve_prompt
-    from ..kernels.precision import resolve_device, resolve_dtype
-    from ..loading.checkpoint import choose_mode
 
     if getattr(ns, "prompt", None) is not None and getattr(ns, "mode", "default") == "default":
         resolve_prompt(ns.prompt)  # an unknown prompt is reported before minutes of loading, not after
-    device = resolve_device(ns.device)
-    int8, budget = getattr(ns, "int8", False), getattr(ns, "memory_budget", None)
-    if ns.dtype is None and not int8 and budget is None and device.type == "cpu":
-        mode, note = choose_mode(ns.model, resolve_dtype("auto", device)[0], ns.memory_limit)
-        if note:
-            print(f"moee: {note}", file=sys.stderr)
-        int8, budget = mode.int8, mode.memory_budget
-    return MoEEmbedder.from_pretrained(
+    embedder = MoEEmbedder.from_pretrained(
         ns.model,
-        dtype=ns.dtype or "auto",  # resolved there again (the probe runs once), so the report keeps its reason
-        int8=int8,
-        memory_budget=budget,
+        dtype=ns.dtype or "auto",
+        int8=getattr(ns, "int8", False),
+        memory_budget=getattr(ns, "memory_budget", None),
         spill_dir=getattr(ns, "spill_dir", None),
         share_prefix=not getattr(ns, "no_shared_prefix", False),
         memory_limit=ns.memory_limit,
-        device=device,
+        device=ns.device,
+        fit="auto" if ns.dtype is None else None,
     )
+    if embedder.load_note:
+        print(f"moee: {embedder.load_note}", file=sys.stderr)
+    return embedder
 
 
 def int_at_least(minimum: int):
@@ -114,3 +109,65 @@ def add_model(p) -> None:
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
                    help="memory this process may use, e.g. 12GB, instead of what the system reports (a shared node); "
                         "a mode that needs more is refused, or another chosen, before any weight is read")
+
+
+# ------------------------------------------------------------------ the EmbedSpec's flags
+
+
+def parse_alpha(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number >= 0 or 'auto', got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"alpha must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 1,2,5; got {text!r}") from None
+
+
+def spec_flags() -> dict[str, tuple[tuple[str, ...], dict]]:
+    """One flag per EmbedSpec field (embedding/spec.py), with one meaning in every command that takes it."""
+    from ..embedding.kinds import KINDS
+    from ..embedding.spec import ENSEMBLES, HS_LAYERS, MODES, POOLINGS, RW_VALUES
+
+    return {
+        "kind": (("--kind",), dict(choices=list(KINDS), default="moee-sum", help="embedding kind (default %(default)s)")),
+        "prompt": (("--prompt",), dict(default=None, help="built-in prompt name (see `moee prompts`) or a template with {text}; default none")),
+        "alpha": (("--alpha",), dict(type=parse_alpha, default=1.0,
+                                     help="moee-sum weight of RW: a number >= 0 or 'auto' (default %(default)s)")),
+        "pooling": (("--pooling",), dict(choices=POOLINGS, default="last", help="token pooling for HS and RW (default last)")),
+        "hs_layer": (("--hs-layer",), dict(choices=HS_LAYERS, default="last", help="HS from the last layer or the mean of all layers")),
+        "rw_values": (("--rw-values",), dict(choices=RW_VALUES, default="probs", help="routing weights as probabilities or raw logits")),
+        "rw_layers": (("--rw-layers",), dict(type=parse_layers, default=None, metavar="L1,L2,...", help="MoE layers to use for RW (default all)")),
+        "max_length": (("--max-length",), dict(type=positive_int, default=None,
+                                               help="token budget per prompted text (default: the model's maximum); "
+                                                    "what is over it is refused unless --truncation says which side to cut")),
+        "truncation": (("--truncation",), dict(choices=["left", "right"], default=None,
+                                               help="cut over-long texts on this side, the text never the prompt (default: refuse them)")),
+        "allow_empty": (("--allow-empty",), dict(action="store_true", help="embed empty lines (the prompt alone) instead of refusing them")),
+        "normalize": (("--normalize",), dict(action="store_true", help="scale every vector to unit length")),
+        "standardizers": (("--standardizer",), dict(dest="standardizer", action="append", default=None, metavar="FILE.npz",
+                                                    help="fitted standardizer for the hs or rw component (repeatable)")),
+        "mode": (("--mode",), dict(choices=MODES, default="default", help="'official' reproduces the authors' code (see README)")),
+        "instruction": (("--instruction",), dict(default=None, metavar="TEXT",
+                                                 help="official mode: an instruction before every sentence, in their GritLM format")),
+        "ensemble": (("--ensemble",), dict(choices=ENSEMBLES, default=None,
+                                           help="official mode: moee-sum of per-batch standardised HS and RW (default) or of the raw ones")),
+    }
+
+
+def add_spec_flags(p, *names: str, **changes) -> None:
+    """Add the flags of these EmbedSpec fields; changes: {field: {argparse keyword: value}} for one command
+    (another default or help text, never another meaning)."""
+    table = spec_flags()
+    for name in names:
+        flags, keywords = table[name]
+        p.add_argument(*flags, **{**keywords, **changes.get(name, {})})

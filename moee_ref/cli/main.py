@@ -15,8 +15,9 @@ import traceback
 from pathlib import Path
 
 from .common import (
-    EXIT_ERROR, EXIT_MISMATCH, EXIT_USAGE, Parser, Stopped, UsageError, add_model, comma_list, load_embedder,
-    positive_int, stop_signals_unwind,
+    EXIT_ERROR, EXIT_MISMATCH, EXIT_USAGE, Parser, Stopped, UsageError, add_model, add_spec_flags, comma_list, load_embedder,
+    spec_flags,
+    parse_alpha, parse_layers, positive_int, stop_signals_unwind,
 )
 from ..errors import MoEERefError
 from ..embedding.official_tasks import OFFICIAL_BATCH_SIZE
@@ -36,25 +37,6 @@ def feature_options(ns):
         truncation=ns.truncation,
         allow_empty=getattr(ns, "allow_empty", False),
     )
-
-
-def parse_alpha(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"alpha must be a number >= 0 or 'auto', got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"alpha must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def parse_layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 1,2,5; got {text!r}") from None
 
 
 def load_standardizers(paths):
@@ -94,19 +76,14 @@ def check_mode_flags(ns, options, others=()) -> bool:
 
 
 def cmd_embed(ns) -> int:
-    """A corpus job (corpus.py): chunks saved as they complete beside the output, --resume to continue one."""
-    import numpy as np
-
-    from ..jobs.corpus import CorpusJob, check_disk, disk_needed, model_identity, texts_digest
+    """A corpus job (jobs/corpus.py): chunks saved as they complete beside the output, --resume to continue one."""
     from ..io.inputs import read_texts
-    from ..embedding.embedder import EncodeReport, Features, show_progress
-    from ..loading.identity import standardizer_digest
-    from ..loading.checkpoint import resolve_source
-    from ..io.outputs import output_format, write_embeddings
+    from ..io.outputs import output_format
+    from ..jobs.corpus import embed_corpus
 
     fmt = output_format(ns.output, ns.format)
     options = feature_options(ns)
-    official = check_mode_flags(ns, options)
+    check_mode_flags(ns, options)
     if ns.instruction == "e5":
         raise UsageError("--instruction e5 stands for each MTEB task's own instruction, and moee embed has no task: "
                          "give the instruction's text (e.g. their STS one, 'Retrieve semantically similar text.')")
@@ -116,78 +93,29 @@ def cmd_embed(ns) -> int:
         raise UsageError("--ray-address, --workers and --cpus-per-worker are options of --engine ray")
     if ns.chunk_size is not None and ns.chunk_size % ns.batch_size:
         raise UsageError(f"--chunk-size {ns.chunk_size} is not a multiple of --batch-size {ns.batch_size} (a chunk is whole batches)")
-    job = CorpusJob(ns.output, resume=ns.resume, chunk_size=ns.chunk_size)  # the output checked before hours of work
-    try:
-        texts = read_texts(ns.input, ns.field)
-        standardizer = load_standardizers(ns.standardizer)
-        settings = {"mode": ns.mode, "kind": ns.kind, "alpha": ns.alpha, "normalize": ns.normalize, "batch_size": ns.batch_size,
-                    **{k: (list(v) if k == "rw_layers" and v is not None else v) for k, v in vars(options).items()},
-                    "standardizer": standardizer_digest(standardizer) if standardizer else None,
-                    "whole_prompts": ns.no_shared_prefix,
-                    **({"instruction": ns.instruction, "ensemble": ns.ensemble} if official else {})}
-        identity = {"input": {"texts": len(texts), "sha256": texts_digest(texts)}, "settings": settings}
-        if job.manifest is not None:  # a resume: another model, input or options refused before the model is loaded
-            job.check({"model": model_identity(resolve_source(ns.model)), **identity})
-        embedder = load_embedder(ns)
-        model = embedder.model
-        identity = {"model": model_identity(model.source_dir), **identity}
-        # What loading decided (the auto dtype, int8 or streamed where memory is short): each changes the vectors.
-        identity["computed"] = {"dtype": str(model.dtype).removeprefix("torch."), "int8": bool(getattr(model, "int8", False)),
-                                "streamed": embedder.streamed, "device": str(getattr(model, "device", "cpu"))}
-        job.check({"computed": identity["computed"]})
-        if official:
-            order, truncated, width = list(range(len(texts))), 0, embedder.dimension(ns.kind)
-        else:
-            order, truncated = embedder.corpus_order(texts, options)
-            width = embedder.dimension("moee-concat", options.rw_layers)
-        dim = embedder.dimension(ns.kind, None if official else options.rw_layers)
-        check_disk(job.output.parent, disk_needed(len(order), width, len(texts), dim, fmt, sum(len(t.encode()) for t in texts)))
-        job.start(identity, len(order), "vectors" if official else "features", width)
-
-        def compute(start: int, end: int):
-            rows = order[start:end]
-            chunk = [texts[i] for i in rows]
-            if official:
-                from ..embedding.official import encode_official
-
-                return encode_official(embedder, chunk, ns.kind, prompt=ns.prompt, instruction=ns.instruction, alpha=ns.alpha,
-                                       ensemble=ns.ensemble, batch_size=ns.batch_size, normalize=ns.normalize,
-                                       show_progress_bar=False)
-            feats = embedder.features(chunk, options, batch_size=ns.batch_size, show_progress_bar=False, row_names=rows)
-            return np.concatenate([feats.hs, feats.rw], axis=1)
-
-        chunks = job.run(len(order), ns.batch_size, compute, streamed=embedder.streamed,
-                         show_progress=show_progress(progress_wanted(ns), len(texts)))
-        stacked = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
-        if official:
-            vectors = np.zeros((len(texts), width), np.float32)
-            vectors[order] = stacked
-            report = EncodeReport(num_texts=len(texts), alpha=float(ns.alpha) if ns.kind == "moee-sum" else None,
-                                  dtype=identity["computed"]["dtype"], dtype_reason=getattr(model, "dtype_reason", None),
-                                  batch_size=ns.batch_size)
-        else:
-            hidden = embedder.args.hidden_size
-            hs = np.zeros((len(texts), hidden), np.float32)
-            rw = np.zeros((len(texts), width - hidden), np.float32)
-            hs[order], rw[order] = stacked[:, :hidden], stacked[:, hidden:]  # texts with no token stay zero
-            vectors = embedder.vectors_from_features(Features(hs, rw, truncated), ns.kind, options, alpha=ns.alpha,
-                                                     batch_size=ns.batch_size, normalize=ns.normalize, standardizer=standardizer)
-            report = embedder.last_report
-        write_embeddings(ns.output, vectors, fmt, texts if fmt in ("jsonl", "parquet") else None)
-    except (Stopped, KeyboardInterrupt) as exc:
-        exc.detail = job.stopped_detail()
-        raise
-    except BaseException:
-        job.failed()
-        raise
-    job.remove()
+    spec = embed_spec(ns, options)
+    texts = read_texts(ns.input, ns.field)
+    result = embed_corpus(texts, spec, source=ns.model, load=lambda: load_embedder(ns), output=ns.output, fmt=fmt,
+                          batch_size=ns.batch_size, resume=ns.resume, chunk_size=ns.chunk_size,
+                          whole_prompts=ns.no_shared_prefix, show_progress=progress_wanted(ns))
+    report = result.report
     alpha = f", alpha {report.alpha:.4g}" if report.alpha is not None else ""
-    batches = f", the authors' pipeline in batches of {report.batch_size}" if official else ""
-    print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims{alpha}) in {report.dtype}{batches} -> {ns.output}",
+    batches = f", the authors' pipeline in batches of {report.batch_size}" if spec.official else ""
+    print(f"embedded {len(texts)} texts as {ns.kind} ({result.vectors.shape[1]} dims{alpha}) in {report.dtype}{batches} -> {ns.output}",
           file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def embed_spec(ns, options):
+    """The EmbedSpec of a command's options; the official mode takes its own settings, not the feature options."""
+    from ..embedding.spec import EmbedSpec
+
+    common = dict(kind=ns.kind, alpha=ns.alpha, normalize=ns.normalize, standardizers=load_standardizers(ns.standardizer))
+    if ns.mode == "official":
+        return EmbedSpec(**common, prompt=ns.prompt, mode="official", instruction=ns.instruction, ensemble=ns.ensemble).check()
+    return EmbedSpec(**common, **vars(options)).check()
 
 
 def embed_on_ray(ns, fmt: str, options) -> int:
@@ -204,15 +132,14 @@ def embed_on_ray(ns, fmt: str, options) -> int:
                          "embedded apart, so nothing chosen over the whole corpus; every worker holds the model)")
     require_ray()
     check_output_path(ns.output)  # before the cluster and the model, not after
+    spec = embed_spec(ns, options).replace(standardizers=())  # each worker reads the standardizer files itself
     texts = read_texts(ns.input, ns.field)
     workers, cpus = ns.workers or 1, ns.cpus_per_worker or 1
-    opts = {k: v for k, v in vars(options).items() if k != "prompt"}
     with ray_runtime(ns.ray_address, workers * cpus, progress_wanted(ns) is not False and len(texts) >= 256):
         dataset = embed_dataset(
-            texts_dataset(texts, 4 * workers), ns.model, kind=ns.kind, workers=workers, cpus_per_worker=cpus,
+            texts_dataset(texts, 4 * workers), ns.model, spec=spec, workers=workers, cpus_per_worker=cpus,
             batch_size=ns.batch_size, dtype=ns.dtype or "auto", int8=ns.int8, share_prefix=not ns.no_shared_prefix,
-            prompt=ns.prompt, alpha=ns.alpha, normalize=ns.normalize, standardizer_paths=ns.standardizer,
-            udf_kwargs={"errors_as_rows": True}, **opts,
+            standardizer_paths=ns.standardizer, udf_kwargs={"errors_as_rows": True},
         )
         vectors = gather(dataset, len(texts))
     write_embeddings(ns.output, vectors, fmt, texts if fmt in ("jsonl", "parquet") else None)
@@ -224,22 +151,18 @@ def embed_on_ray(ns, fmt: str, options) -> int:
 def cmd_route(ns) -> int:
     import torch
 
-    from ..kernels.precision import resolve_device
-    from ..loading.checkpoint import load_model
-    from ..embedding.embedder import last_real_position
+    from ..embedding.embedder import FeatureOptions, MoEEmbedder, last_real_position
     from .info import format_routing_table, routing_table
-    from ..embedding.prompts import apply_prompt, resolve_prompt
-    from ..loading.tokenizer import Tokenizer
 
     if ns.png:
         from ..evaluation.plot import check_picture_path
 
         check_picture_path(ns.png)  # before the model is loaded
-    model = load_model(ns.model, dtype=ns.dtype or "auto", memory_limit=ns.memory_limit, device=resolve_device(ns.device))
-    tokenizer = Tokenizer.from_dir(model.source_dir)
-    template = resolve_prompt(ns.prompt)
-    prompted = [apply_prompt(template, t) for t in ns.texts]
-    batch = tokenizer.encode_batch(prompted, max_length=ns.max_length, truncation_side="left" if ns.max_length else "right")
+    options = FeatureOptions(prompt=ns.prompt, max_length=ns.max_length, truncation=ns.truncation).check()
+    embedder = MoEEmbedder.from_pretrained(ns.model, dtype=ns.dtype or "auto", memory_limit=ns.memory_limit, device=ns.device)
+    model, tokenizer = embedder.model, embedder.tokenizer
+    sequences, _ = embedder.token_ids(ns.texts, options)  # the prompt applied and cut as `moee embed` does
+    batch = tokenizer.pad(sequences, padding_side="left")
     with torch.inference_mode():
         out = model(batch.input_ids, batch.attention_mask)
     last = last_real_position(batch.attention_mask)
@@ -391,27 +314,16 @@ def add_memory(p) -> None:
 
 def add_official(p, e5: str | None = None) -> None:
     """--mode and the official mode's own options (official.py)."""
-    p.add_argument("--mode", choices=["default", "official"], default="default", help="'official' reproduces the authors' code (see README)")
-    p.add_argument("--instruction", default=None, metavar="TEXT",
-                   help="official mode: an instruction before every sentence, in their GritLM format" + (f" ('e5': {e5})" if e5 else ""))
-    p.add_argument("--ensemble", choices=["standardized", "unstandardized"], default=None,
-                   help="official mode: moee-sum of per-batch standardised HS and RW (default) or of the raw ones")
+    instruction = spec_flags()["instruction"][1]["help"] + (f" ('e5': {e5})" if e5 else "")
+    add_spec_flags(p, "mode", "instruction", "ensemble", instruction={"help": instruction})
 
 
-def add_features(p, alpha_default="1.0") -> None:
-    from ..embedding.embedder import HS_LAYERS, POOLINGS, RW_VALUES
-
-    p.add_argument("--prompt", default=None, help="built-in prompt name (see `moee prompts`) or a template with {text}; default none")
-    p.add_argument("--alpha", type=parse_alpha, default=parse_alpha(alpha_default), help="moee-sum weight of RW: a number >= 0 or 'auto' (default %(default)s)")
+def add_features(p, alpha_default=1.0) -> None:
+    """The feature options of the EmbedSpec and how a run is batched and shown."""
+    add_spec_flags(p, "prompt", "alpha", alpha={"default": alpha_default})
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"texts per forward pass (default {DEFAULT_BATCH_SIZE}; with --mode official {OFFICIAL_BATCH_SIZE}, the authors' evaluation default)")
-    p.add_argument("--max-length", type=positive_int, default=None, help="token budget per text (default: the model's maximum)")
-    p.add_argument("--truncation", choices=["left", "right"], default=None, help="cut over-long texts on this side (default: refuse them)")
-    p.add_argument("--pooling", choices=POOLINGS, default="last", help="token pooling for HS and RW (default last)")
-    p.add_argument("--hs-layer", choices=HS_LAYERS, default="last", help="HS from the last layer or the mean of all layers")
-    p.add_argument("--rw-values", choices=RW_VALUES, default="probs", help="routing weights as probabilities or raw logits")
-    p.add_argument("--rw-layers", type=parse_layers, default=None, metavar="L1,L2,...", help="MoE layers to use for RW (default all)")
-    p.add_argument("--standardizer", action="append", default=None, metavar="FILE.npz", help="fitted standardizer for the hs or rw component (repeatable)")
+    add_spec_flags(p, "max_length", "truncation", "pooling", "hs_layer", "rw_values", "rw_layers", "standardizers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-shared-prefix", "--whole-prompts", dest="no_shared_prefix", action="store_true",
                    help="run every prompt from its first token (default: the shared prefix all prompts start with "
@@ -419,8 +331,6 @@ def add_features(p, alpha_default="1.0") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..embedding.embedder import KINDS
-
     parser = Parser(prog="moee", description="MoE embeddings (HS, RW, MoEE) from OLMoE, Qwen1.5-MoE and DeepSeekMoE checkpoints.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
@@ -442,9 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="a running Ray cluster (default: start a local Ray runtime)")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="Ray actors, each with the model (default 1)")
     p.add_argument("--cpus-per-worker", type=positive_int, default=None, metavar="K", help="CPUs and torch threads per actor (default 1)")
-    p.add_argument("--kind", choices=KINDS, default="moee-sum", help="embedding kind (default %(default)s)")
-    p.add_argument("--normalize", action="store_true", help="scale every vector to unit length")
-    p.add_argument("--allow-empty", action="store_true", help="embed empty lines (the prompt alone) instead of refusing them")
+    add_spec_flags(p, "kind", "normalize", "allow_empty")
     add_official(p)
     add_features(p)
     add_memory(p)
@@ -456,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="prompt name or template with {text}")
     p.add_argument("--all-tokens", action="store_true", help="every token, not only the last")
     p.add_argument("--top", type=positive_int, default=None, help="show only the N heaviest experts of the top-k")
-    p.add_argument("--max-length", type=positive_int, default=None, help="keep only the last N tokens")
+    add_spec_flags(p, "max_length", "truncation", truncation={
+        "default": "left", "help": "cut over-long texts on this side, the text never the prompt (route's default: left, "
+                                   "keeping the end whose routing it shows)"})
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--png", metavar="FILE", default=None, help="layer x expert heatmap of the first text's last token (needs the plot extra)")
     p.set_defaults(run=cmd_route)
@@ -478,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tasks", required=True, type=comma_list, help="comma-separated MTEB task names, e.g. STS12,SICK-R; 'paper' for the paper's set")
     q.add_argument("--task-types", default=None, type=comma_list, metavar="TYPES", help="keep the tasks of these types, e.g. STS,Clustering")
     q.add_argument("--languages", default=None, type=comma_list, metavar="CODES", help="keep the subsets wholly in these languages, e.g. eng")
-    q.add_argument("--kind", choices=KINDS, default="moee-sum", help="embedding kind (default %(default)s)")
+    add_spec_flags(q, "kind")
     q.add_argument("--query-prompt", default=None, metavar="P", help="prompt for the texts mteb marks as queries (a prefix, template or name)")
     q.add_argument("--document-prompt", default=None, metavar="P", help="prompt for the texts mteb marks as documents")
     q.add_argument("--output-dir", default=None, help="where mteb writes its result files")

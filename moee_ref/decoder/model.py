@@ -14,6 +14,8 @@ its way; the resident model, `encode_prefix` and the layer-streamed mode
 
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -227,7 +229,10 @@ class MoEDecoder(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if separate_head else None
         self.with_lm_head = with_lm_head
         self.source_dir = None  # set by the loader: where config, tokenizer and weights were found
+        self.int8 = self.packed = False  # set by the loader: how the weights are held (kernels/)
+        self.dtype_reason: str | None = None  # set by the loader: why this compute dtype (kernels/precision.py)
         self._prefix: SharedPrefix | None = None  # the last prefix `run` encoded, reused while its ids stay
+        self._prefix_lock = threading.Lock()  # threads embedding with one model share that cache
 
     @property
     def dtype(self) -> torch.dtype:
@@ -316,6 +321,7 @@ class MoEDecoder(nn.Module):
 
     def shared_prefix(self, ids) -> SharedPrefix:
         """encode_prefix(ids), computed once while the same ids come again."""
-        if self._prefix is None or self._prefix.ids != tuple(ids):
-            self._prefix = self.encode_prefix(list(ids))
-        return self._prefix
+        with self._prefix_lock:
+            if self._prefix is None or self._prefix.ids != tuple(ids):
+                self._prefix = self.encode_prefix(list(ids))
+            return self._prefix

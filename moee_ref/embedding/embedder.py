@@ -3,12 +3,9 @@
     embedder = MoEEmbedder.from_pretrained("allenai/OLMoE-1B-7B-0924")
     vectors = embedder.encode(texts, kind="moee-sum", prompt="prompteol", alpha=1.0)
 
-Kinds (section 3 of the paper):
-  hs           final normed hidden state at the last real token
-  rw           router softmax at the last real token of every MoE layer, concatenated
-  moee-concat  [HS; RW]
-  moee-sum     [h/|h|; sqrt(alpha) r/|r|]: its dot product is cos(HS) + alpha cos(RW),
-               the paper's weighted sum of similarities, as one vector per text
+MoEEmbedder holds the model and tokenizer and computes each text's HS and RW (features()); encode()
+builds an EmbedSpec (spec.py) and runs the pipeline (pipeline.py). The kinds and how HS and RW are
+pooled and combined are in kinds.py.
 
 In the default mode an embedding depends only on its text and the options:
 texts are sorted by length and batched to cut padding, and padding never
@@ -18,96 +15,33 @@ public code instead.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import os
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
-from ..errors import InputError, NumericalError, UnknownOptionError
-from ..kernels import packing_available
-from ..kernels.precision import resolve_device, resolve_dtype
+from . import pipeline
+from .alpha import AlphaChoice
 from .conventions import check_precision, check_prompts, converted, named_prompt, quantized, truncated
+from .kinds import KINDS, combine, get_kind, normalize_rows, pool
+from .pipeline import EncodeReport, Features, alpha_over_all_pairs, apply_standardizers, choose_alpha  # noqa: F401  (their API)
 from .prompts import apply_prompt, list_prompts, resolve_prompt
+from .spec import (  # noqa: F401  (HS_LAYERS, POOLINGS, RW_VALUES: importable here as before)
+    HS_LAYERS, POOLINGS, RW_VALUES, EmbedSpec, FeatureOptions, keyword_names, positive_int, refuse_unknown,
+)
 from .standardize import Standardizer
 from .stats import cosine_rows
+from ..errors import InputError, NumericalError
+from ..kernels import packing_available
+from ..kernels.precision import resolve_device, resolve_dtype
 from ..loading.tokenizer import Tokenizer, check_texts
+from ..progress import show_progress
 
-KINDS = ("hs", "rw", "moee-concat", "moee-sum")
-POOLINGS = ("last", "mean")
-HS_LAYERS = ("last", "mean")
-RW_VALUES = ("probs", "logits")
-TRUNCATION = (None, "left", "right")
-AUTO_PROGRESS_MIN_TEXTS = 256  # below this a progress bar is noise
-MAX_AUTO_ALPHA_PAIRS = 20000
 # Two plain texts: the tokens both their prompts start with are the template's shared prefix. A text can
 # still merge into the prefix's last token (a quote after PromptEOL's quote), so each batch is checked.
 PREFIX_PROBES = ("a", "1")
 MIN_SHARED_PREFIX = 2  # a single shared token (a BOS) saves less than the prefix path adds
-
-
-@dataclass
-class FeatureOptions:
-    """How HS and RW are read off the decoder (the paper's defaults; Table 5's ablations as options)."""
-
-    prompt: str | None = None  # a built-in prompt name or a template with {text}
-    pooling: str = "last"  # "last" real token, or "mean" over real tokens (HS and RW alike)
-    hs_layer: str = "last"  # "last": final normed state; "mean": mean over every block's output
-    rw_values: str = "probs"  # "probs" (softmax over all experts) or raw router "logits"
-    rw_layers: Sequence[int] | None = None  # decoder layer indices of the MoE layers to use; None: all
-    max_length: int | None = None  # token budget per text; None: the model's max_position_embeddings
-    truncation: str | None = None  # None: over-long texts are an error; "left"/"right": the side cut off
-    allow_empty: bool = False  # embed empty or whitespace-only texts (prompt only) instead of refusing them
-
-    @classmethod
-    def from_keywords(cls, keywords: dict, caller, **named) -> "FeatureOptions":
-        """FeatureOptions from the keyword arguments of `caller` (a function), an unknown keyword refused by name."""
-        fields = cls.__dataclass_fields__
-        unknown = [key for key in keywords if key not in fields]
-        if "mode" in unknown:
-            raise UnknownOptionError(
-                f"{caller.__name__}() takes no mode: the authors' computation is its own entry point, "
-                "moee_ref.encode_official(embedder, texts, kind, ...)"
-            )
-        refuse_unknown(caller.__name__, unknown, [*keyword_names(caller), *(f for f in fields if f not in named)])
-        return cls(**named, **keywords)
-
-    def check(self) -> None:
-        for name, value, valid in (
-            ("pooling", self.pooling, POOLINGS),
-            ("hs_layer", self.hs_layer, HS_LAYERS),
-            ("rw_values", self.rw_values, RW_VALUES),
-            ("truncation", self.truncation, TRUNCATION),
-        ):
-            if value not in valid:
-                raise InputError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
-
-
-@dataclass
-class Features:
-    """Per text, the two raw ingredients of every kind."""
-
-    hs: np.ndarray  # [N, D] float32
-    rw: np.ndarray  # [N, L_used * E] float32
-    num_truncated: int = 0
-
-
-@dataclass
-class EncodeReport:
-    """What the last encode() call did, for callers and the command line."""
-
-    num_texts: int = 0
-    num_truncated: int = 0
-    alpha: float | None = None
-    alpha_choice: AlphaChoice | None = None
-    dtype: str | None = None  # the compute dtype that ran, and why it was chosen (kernels/precision.py)
-    dtype_reason: str | None = None
-    batch_size: int | None = None  # the official mode's: its per-batch standardisation depends on it
-    notes: list[str] = field(default_factory=list)
 
 
 class MoEEmbedder:
@@ -124,6 +58,7 @@ class MoEEmbedder:
         self.prompts = check_prompts(prompts, default_prompt_name)
         self.default_prompt_name = default_prompt_name
         self.last_report = EncodeReport()
+        self.load_note: str | None = None  # from_pretrained(fit="auto"): the mode chosen instead of the one asked for
 
     @classmethod
     def from_pretrained(
@@ -137,6 +72,7 @@ class MoEEmbedder:
         packed: bool | None = None,
         memory_limit: str | int | None = None,
         device: str | torch.device = "auto",
+        fit: str | None = None,
         **kwargs,
     ) -> "MoEEmbedder":
         """Load a checkpoint for embedding (without its LM head, which embeddings never use).
@@ -152,6 +88,10 @@ class MoEEmbedder:
         memory_budget (e.g. "8GB"): layer-streamed corpus mode for models larger
         than memory (loading/streamed.py); each encode() call then reads every layer once.
         int8: weight-only int8 for attention and expert matrices (kernels/int8.py).
+        fit: "auto" chooses the mode from this process's memory when neither int8 nor memory_budget is given (on
+        the CPU): the dtype resident where it fits, else int8, else layer-streamed (loading/checkpoint.py
+        `choose_mode`), before any weight is read; `load_note` then says what was chosen and why. None: the mode
+        asked for, or InsufficientMemoryError naming those that fit.
         packed: float32 matrices packed for oneDNN (kernels/onednn.py); by default on
         wherever it applies (resident, float32, no int8, torch built with
         oneDNN). The streamed mode reads each layer once per corpus, for a few
@@ -160,8 +100,16 @@ class MoEEmbedder:
         # Before minutes of loading, not after: the rest goes to MoEEmbedder(...).
         takes = keyword_names(cls.from_pretrained) + keyword_names(cls.__init__)[2:]
         refuse_unknown("from_pretrained", [k for k in kwargs if k not in takes], takes)
+        if fit not in (None, "auto"):
+            raise InputError(f"fit={fit!r} is not valid; choose 'auto' (the first mode that fits memory) or None")
         device = resolve_device(device)
         dtype, reason = resolve_dtype(dtype, device)
+        note = None
+        if fit == "auto" and not int8 and memory_budget is None and device.type == "cpu":
+            from ..loading.checkpoint import choose_mode
+
+            mode, note = choose_mode(source, dtype, memory_limit)
+            int8, memory_budget = mode.int8, mode.memory_budget
         if packed is None:
             packed = memory_budget is None and dtype == torch.float32 and not int8 and packing_available() and device.type == "cpu"
         if memory_budget is not None:
@@ -174,7 +122,9 @@ class MoEEmbedder:
 
             model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed, memory_limit=memory_limit, device=device)
         model.dtype_reason = reason
-        return cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
+        embedder = cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
+        embedder.load_note = note
+        return embedder
 
     @property
     def streamed(self) -> bool:
@@ -190,10 +140,8 @@ class MoEEmbedder:
 
     def dimension(self, kind: str, rw_layers: Sequence[int] | None = None) -> int:
         """Width of the vectors encode() returns for kind."""
-        check_kind(kind)
-        hs = self.args.hidden_size
         rw = len(self._rw_layer_positions(rw_layers)) * self.args.num_experts
-        return {"hs": hs, "rw": rw}.get(kind, hs + rw)
+        return get_kind(kind).width(self.args.hidden_size, rw)
 
     # ------------------------------------------------------------------ encode
 
@@ -234,7 +182,6 @@ class MoEEmbedder:
         "binary", "ubinary"), convert_to_tensor (one torch tensor), convert_to_numpy=False (a list of row tensors).
         The authors' own computation is moee_ref.encode_official, not an option here.
         """
-        check_kind(kind)
         single = isinstance(texts, str)
         if single:
             texts = [texts]
@@ -243,12 +190,16 @@ class MoEEmbedder:
         prompt = named_prompt(self.prompts, prompt_name, prompt, self.default_prompt_name)
         options = FeatureOptions.from_keywords(feature_options, self.encode, prompt=prompt, max_length=max_length, truncation=truncation)
         check_precision(precision)  # before the work, not after
-        feats = self.features(texts, options, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        vectors = self.vectors_from_features(feats, kind, options, alpha=alpha, alpha_pairs=alpha_pairs, batch_size=batch_size,
-                                             standardizer=standardizer)
-        vectors = truncated(vectors, truncate_dim)
-        if normalize or normalize_embeddings:
-            vectors = normalize_rows(vectors)
+        choice = alpha if isinstance(alpha, AlphaChoice) else None
+        spec = EmbedSpec(kind=kind, alpha=choice.alpha if choice else alpha,
+                         standardizers=standardizer, normalize=(normalize or normalize_embeddings) and truncate_dim is None,
+                         **vars(options))
+        result = pipeline.run(self, texts, spec, batch_size=batch_size, show_progress_bar=show_progress_bar,
+                              alpha_pairs=alpha_pairs, alpha_choice=choice)
+        self.last_report = result.report  # a convenience for the caller; nothing in moee-ref reads it back
+        vectors = truncated(result.vectors, truncate_dim)
+        if truncate_dim is not None and (normalize or normalize_embeddings):
+            vectors = normalize_rows(vectors)  # the first truncate_dim dimensions, then unit length
         vectors = quantized(vectors, precision)
         return converted(vectors[0] if single else vectors, convert_to_numpy, convert_to_tensor)
 
@@ -266,26 +217,13 @@ class MoEEmbedder:
             options["prompt_name"] = next((n for n in names if n in self.prompts), None)
         return self.encode(texts, kind, **options)
 
-    def vectors_from_features(
-        self, feats: Features, kind: str, options: FeatureOptions, *, alpha=1.0, alpha_pairs=None, batch_size: int | None = None,
-        normalize: bool = False, standardizer=None,
-    ) -> np.ndarray:
-        """encode()'s vectors from the features() of all its texts (corpus.py computes those chunk by chunk).
-        Row by row except alpha='auto', which is chosen over the pairs among all the rows."""
-        check_kind(kind)
-        report = EncodeReport(num_texts=len(feats.hs), num_truncated=feats.num_truncated)
-        if feats.num_truncated:
-            report.notes.append(f"{feats.num_truncated} of {len(feats.hs)} texts were truncated to max_length")
-        hs, rw = apply_standardizers(feats.hs, feats.rw, standardizer)
-        alpha_value = None
-        if kind == "moee-sum":
-            alpha_value, report.alpha_choice = self._resolve_alpha(alpha, alpha_pairs, hs, rw, options, batch_size, standardizer)
-            report.alpha = alpha_value
-        report.dtype = str(self.model.dtype).removeprefix("torch.")
-        report.dtype_reason = getattr(self.model, "dtype_reason", None)
-        self.last_report = report
-        vectors = combine(hs, rw, kind, alpha_value)
-        return normalize_rows(vectors) if normalize else vectors
+    def vectors_from_features(self, feats: Features, kind: str, options: FeatureOptions, *, alpha=1.0, alpha_pairs=None,
+                              batch_size: int | None = None, normalize: bool = False, standardizer=None) -> np.ndarray:
+        """encode()'s vectors from the features() of all its texts: pipeline.finish with these settings."""
+        spec = EmbedSpec(kind=kind, alpha=alpha, normalize=normalize, standardizers=standardizer, **vars(options)).check()
+        result = pipeline.finish(self, feats, spec, alpha_pairs=alpha_pairs, batch_size=batch_size)
+        self.last_report = result.report
+        return result.vectors
 
     def get_sentence_embedding_dimension(self, kind: str = "moee-sum") -> int:
         """Width of encode()'s vectors for `kind` (sentence-transformers' name for dimension())."""
@@ -369,6 +307,14 @@ class MoEEmbedder:
         _, sequences, too_long = self._sequences(texts, options)
         return _length_order(sequences), len(too_long)
 
+    def token_ids(self, texts: Sequence[str], options: FeatureOptions | None = None) -> tuple[list[list[int]], list[int]]:
+        """(the token ids every text runs as, prompt applied and cut to max_length; the indices of the texts cut),
+        after the checks features() makes: what the decoder sees of each text (the route command, token counts)."""
+        options = (options or FeatureOptions()).check()
+        texts = _check_texts(texts, options.allow_empty)
+        _, sequences, too_long = self._sequences(texts, options) if texts else (None, [], [])
+        return sequences, too_long
+
     def _sequences(self, texts: list[str], options: FeatureOptions) -> tuple[str, list[list[int]], list[int]]:
         """(template, token ids of every prompted text cut to max_length, indices of the texts that were cut)."""
         template = resolve_prompt(options.prompt)
@@ -403,7 +349,8 @@ class MoEEmbedder:
             )
             outputs = list(outputs)  # first: the model's batches run to their end, and its progress bar closes
             check_finite(outputs, texts_of, self.model.dtype)
-            return [pool(out, mask, options, rw_positions) for out, (_, mask) in zip(outputs, batches)]
+            return [pool(out, mask, options.hs_layer, options.rw_values, options.pooling, rw_positions)
+                    for out, (_, mask) in zip(outputs, batches)]
 
     def _truncate_inside_prompt(self, template: str, text: str, max_length: int, side: str, index: int) -> list[int]:
         """Token ids of the prompt around the longest cut of `text` that fits max_length.
@@ -474,25 +421,6 @@ class MoEEmbedder:
         n = len(texts_a)
         return choose_alpha(cosine_rows(hs[:n], hs[n:]), cosine_rows(rw[:n], rw[n:]), gold)
 
-    def _resolve_alpha(self, alpha, alpha_pairs, hs, rw, options, batch_size, standardizer=None) -> tuple[float, AlphaChoice | None]:
-        if alpha_pairs is not None:
-            if alpha != "auto":
-                raise InputError("alpha_pairs are the unlabeled pairs for alpha='auto'; with a fixed alpha drop them")
-            if not isinstance(alpha_pairs, (tuple, list)) or len(alpha_pairs) != 2:
-                raise InputError("alpha_pairs must be (texts_a, texts_b): two lists of the same length")
-        if isinstance(alpha, AlphaChoice):
-            return _check_alpha(alpha.alpha), alpha
-        if isinstance(alpha, str):
-            if alpha != "auto":
-                raise InputError(f"alpha={alpha!r} is not valid; give a number >= 0, 'auto' or an AlphaChoice")
-            if alpha_pairs is not None:
-                a, b = alpha_pairs
-                choice = self.select_alpha(a, b, standardizer=standardizer, batch_size=batch_size, **_options_dict(options))
-            else:
-                choice = alpha_over_all_pairs(hs, rw)
-            return choice.alpha, choice
-        return _check_alpha(alpha), None
-
     # ---------------------------------------------------------- standardisation
 
     def fit_standardizer(
@@ -507,31 +435,6 @@ class MoEEmbedder:
 
 # ----------------------------------------------------------------------------
 # Pure functions on features, shared with the command line and the evaluators.
-
-
-def pool(out, attention_mask: torch.Tensor, options: FeatureOptions, rw_positions: list[int]):
-    """(HS, RW) per row, float32 numpy, from one batch's decoder output.
-
-    With pooling "last" the decoder was asked for the last real position only
-    (keep_positions), so its outputs have one position per row.
-    """
-    with torch.inference_mode():
-        if options.hs_layer == "mean":
-            # Mean over the output of every block, the last one taken after the final norm.
-            states = list(out.layer_hidden_states[:-1]) + [out.hidden_states]
-            hidden = torch.stack(states).float().mean(0)
-        else:
-            hidden = out.hidden_states.float()
-        routing = out.router_probs if options.rw_values == "probs" else out.router_logits
-        routing = routing[:, rw_positions]  # [B, L_used, T or 1, E]
-        if options.pooling == "last":
-            hs, rw = hidden[:, 0], routing[:, :, 0]
-        else:
-            mask = attention_mask.to(hidden.device, torch.float32)
-            weights = mask / mask.sum(-1, keepdim=True)
-            hs = torch.einsum("bt,btd->bd", weights, hidden)
-            rw = torch.einsum("bt,blte->ble", weights, routing)
-        return hs.cpu().numpy().astype(np.float32), rw.reshape(len(rw), -1).cpu().numpy().astype(np.float32)
 
 
 def check_finite(outputs, texts_of: list[list[int]] | None, dtype: torch.dtype) -> None:
@@ -561,60 +464,6 @@ def check_finite(outputs, texts_of: list[list[int]] | None, dtype: torch.dtype) 
         f"non-finite values (NaN or infinity) in the model's outputs for {which}: {where}. "
         f"The cause is the checkpoint: damaged weights, a wrong config.json (rms_norm_eps, rope_theta){overflow}"
     )
-
-
-def combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float | None = None) -> np.ndarray:
-    """The vectors of `kind` from the HS and RW components."""
-    check_kind(kind)
-    if kind == "hs":
-        return np.ascontiguousarray(hs, dtype=np.float32)
-    if kind == "rw":
-        return np.ascontiguousarray(rw, dtype=np.float32)
-    if kind == "moee-concat":
-        return np.concatenate([hs, rw], axis=1).astype(np.float32)
-    if alpha is None:
-        raise InputError("moee-sum needs alpha")
-    return np.concatenate([normalize_rows(hs), np.sqrt(alpha) * normalize_rows(rw)], axis=1).astype(np.float32)
-
-
-def apply_standardizers(hs, rw, standardizer):
-    """Apply fitted Standardizer(s) to their component ("hs" or "rw", by their kind)."""
-    if standardizer is None:
-        return hs, rw
-    items = [standardizer] if isinstance(standardizer, Standardizer) else list(standardizer)
-    seen = set()
-    for item in items:
-        if not isinstance(item, Standardizer):
-            raise InputError(f"standardizer must be a Standardizer (or a list of them), got {type(item).__name__}")
-        if item.kind not in ("hs", "rw") or item.kind in seen:
-            raise InputError(
-                f"standardizer kind {item.kind!r}: expected one standardizer per component, of kind 'hs' or 'rw' "
-                "(fit them with MoEEmbedder.fit_standardizer)"
-            )
-        seen.add(item.kind)
-        if item.kind == "hs":
-            hs = item.transform(hs)
-        else:
-            rw = item.transform(rw)
-    return hs, rw
-
-
-def choose_alpha(sim_hs: np.ndarray, sim_rw: np.ndarray, gold=None) -> AlphaChoice:
-    if gold is None:
-        return select_alpha_unsupervised(sim_hs, sim_rw)
-    return select_alpha_supervised(sim_hs, sim_rw, np.asarray(gold, dtype=np.float64))
-
-
-def alpha_over_all_pairs(hs: np.ndarray, rw: np.ndarray, seed: int = 0) -> AlphaChoice:
-    """Label-free alpha over pairs among the texts themselves (all pairs, or a fixed-seed sample of them)."""
-    n = len(hs)
-    if n < 3:
-        raise InputError("alpha='auto' needs at least 3 texts (or alpha_pairs) to compare similarities")
-    first, second = np.triu_indices(n, k=1)
-    if len(first) > MAX_AUTO_ALPHA_PAIRS:
-        pick = np.random.default_rng(seed).choice(len(first), MAX_AUTO_ALPHA_PAIRS, replace=False)
-        first, second = first[np.sort(pick)], second[np.sort(pick)]
-    return select_alpha_unsupervised(cosine_rows(hs[first], hs[second]), cosine_rows(rw[first], rw[second]))
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -654,16 +503,6 @@ def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
     return length - 1 - attention_mask.flip(-1).argmax(-1)
 
 
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-
-
-def check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise InputError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
-
-
 def _check_texts(texts, allow_empty: bool) -> list[str]:
     check_texts(texts)
     for index, text in enumerate(texts):
@@ -675,42 +514,7 @@ def _check_texts(texts, allow_empty: bool) -> list[str]:
     return list(texts)
 
 
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha < 0:
-        raise InputError(f"alpha must be a finite number >= 0, 'auto' or an AlphaChoice; got {alpha!r}")
-    return float(alpha)
-
-
-def keyword_names(function) -> list[str]:
-    """The named parameters of a function or method (not self, not *args or **kwargs)."""
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds and p.name != "self"]
-
-
-def refuse_unknown(caller: str, unknown, known: list[str]) -> None:
-    """UnknownOptionError naming each unknown keyword (with the closest known one) and everything `caller` takes."""
-    unknown = list(unknown)
-    if not unknown:
-        return
-    named = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, n=1)) else repr(u) for u in unknown]
-    raise UnknownOptionError(f"{caller}() got unknown option(s) {', '.join(named)}; it takes {', '.join(known)}")
-
-
-def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _options_dict(options: FeatureOptions) -> dict:
-    return {k: getattr(options, k) for k in FeatureOptions.__dataclass_fields__}
-
-
 def _length_order(sequences: list[list[int]]) -> list[int]:
     """Longest first: the first batch shows at once whether memory suffices, and similar lengths share a batch.
     Equal lengths stay in input order (a stable sort), so any run of this order sorts to itself again."""
     return sorted((i for i in range(len(sequences)) if sequences[i]), key=lambda i: -len(sequences[i]))
-
-
-def show_progress(show: bool | None, num_texts: int) -> bool:
-    return num_texts >= AUTO_PROGRESS_MIN_TEXTS if show is None else show

@@ -38,17 +38,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .embedder import EncodeReport, FeatureOptions, check_kind, combine, normalize_rows, positive_int, show_progress
+from .kinds import get_kind, normalize_rows
+from .official_tasks import OFFICIAL_BATCH_SIZE, instruction_prefix
 from .prompts import OFFICIAL_PROMPTS, _lookup_builtin, apply_official_prompt
-from .standardize import standardize_per_batch
+from .spec import ENSEMBLES, EmbedSpec, FeatureOptions, positive_int
 from ..errors import InputError
 from ..families import FAMILIES
-from .official_tasks import OFFICIAL_BATCH_SIZE, instruction_prefix
-from ..progress import progress
+from ..progress import progress, show_progress
 from ..loading.tokenizer import check_texts
 
 OFFICIAL_PAD_ID = 0
-ENSEMBLES = ("standardized", "unstandardized")  # moee-sum of standardised or raw HS and RW
 # Which router output the authors' code concatenates, by family (each family file says).
 OFFICIAL_RW_VALUES = {model_type: family.OFFICIAL_RW for model_type, family in FAMILIES.items() if family.OFFICIAL_RW}
 OPTIONS = "kind, prompt, instruction, alpha, ensemble, batch_size, normalize and show_progress_bar"
@@ -65,10 +64,10 @@ class OfficialBatches:
 
     def vectors(self, kind: str, alpha: float = 1.0, ensemble: str = "standardized") -> np.ndarray:
         """float32 vectors of `kind`, each batch combined and standardised as their code does, NaN as 0."""
-        width = self.hs.shape[1] + self.rw.shape[1] if kind.startswith("moee") else (self.hs if kind == "hs" else self.rw).shape[1]
-        out = np.empty((len(self.hs), width), np.float32)
+        combine = get_kind(kind).official
+        out = np.empty((len(self.hs), get_kind(kind).width(self.hs.shape[1], self.rw.shape[1])), np.float32)
         for start, end in zip(self.starts, self.starts[1:]):
-            out[start:end] = official_combine(self.hs[start:end], self.rw[start:end], kind, alpha, ensemble)
+            out[start:end] = combine(self.hs[start:end], self.rw[start:end], alpha, ensemble)
         return np.where(np.isnan(out), np.float32(0.0), out)
 
 
@@ -91,31 +90,43 @@ def encode_official(
     instruction: put before every sentence in their GritLM format (official_tasks.py; None: none).
     ensemble: moee-sum of per-batch standardised HS and RW ("standardized", their `--emb_info MoEE
     --similarity_ensemble`) or of the raw ones ("unstandardized", `--emb_info HS --similarity_ensemble`).
-    batch_size: None is OFFICIAL_BATCH_SIZE; last_report.batch_size says which ran."""
-    batches = official_batches(embedder, texts, kind, prompt=prompt, instruction=instruction, alpha=alpha, ensemble=ensemble,
-                               batch_size=batch_size, show_progress_bar=show_progress_bar, **other_options)
-    vectors = batches.vectors(kind, float(alpha), ensemble)
-    return normalize_rows(vectors) if normalize else vectors
+    batch_size: None is OFFICIAL_BATCH_SIZE; the report (embedder.last_report) says which ran."""
+    check_official(embedder, kind, prompt, alpha, ensemble, other_options)
+    spec = EmbedSpec(kind=kind, prompt=prompt, alpha=alpha, normalize=normalize, mode="official", instruction=instruction,
+                     ensemble=ensemble)
+    result = run_official(embedder, texts, spec, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    embedder.last_report = result.report  # a convenience for the caller; nothing reads it back
+    return result.vectors
+
+
+def run_official(embedder, texts: Sequence[str], spec: EmbedSpec, *, batch_size=None, show_progress_bar=None):
+    """pipeline.run's official mode: a Result of the authors' computation for `spec`."""
+    from .pipeline import Result, new_report
+
+    batches = official_batches(embedder, texts, spec.kind, prompt=spec.prompt, instruction=spec.instruction, alpha=spec.alpha,
+                               ensemble=spec.ensemble, batch_size=batch_size, show_progress_bar=show_progress_bar)
+    vectors = batches.vectors(spec.kind, float(spec.alpha), spec.ensemble)
+    uses_alpha = get_kind(spec.kind).uses_alpha
+    report = new_report(embedder, len(texts), alpha=float(spec.alpha) if uses_alpha else None, batch_size=batches.batch_size)
+    return Result(normalize_rows(vectors) if spec.normalize else vectors, report)
 
 
 def official_batches(embedder, texts: Sequence[str], kind: str = "moee-sum", *, prompt=None, instruction=None, alpha=1.0,
                      ensemble="standardized", batch_size=None, show_progress_bar=None, **other_options) -> OfficialBatches:
     """The raw features behind encode_official, its arguments checked the same way (kind, alpha and ensemble
-    only for the report and the checks); for scoring several kinds from one run of the model."""
+    only for the checks); for scoring several kinds from one run of the model."""
     name = check_official(embedder, kind, prompt, alpha, ensemble, other_options)
     prefix = instruction_prefix(instruction)
     check_texts(texts)
     batch_size = positive_int("batch_size", OFFICIAL_BATCH_SIZE if batch_size is None else batch_size)
     hs, rw, starts = _features(embedder, texts, name, prefix, batch_size, show_progress_bar)
-    embedder.last_report = EncodeReport(num_texts=len(texts), alpha=float(alpha) if kind == "moee-sum" else None,
-                                        dtype=str(embedder.model.dtype).removeprefix("torch."),
-                                        dtype_reason=getattr(embedder.model, "dtype_reason", None), batch_size=batch_size)
     return OfficialBatches(hs, rw, starts, batch_size)
 
 
 def check_official(embedder, kind: str, prompt, alpha, ensemble, other_options=()) -> str:
     """encode_official's checks of its settings (before any text); the prompt's canonical name."""
-    check_kind(kind)
+    if get_kind(kind).official is None:
+        EmbedSpec(kind=kind, mode="official").check()  # names the kinds the official mode computes
     family = embedder.args.family
     if family not in OFFICIAL_RW_VALUES:
         raise InputError(
@@ -159,14 +170,8 @@ def _features(embedder, texts, prompt: str, prefix: str, batch_size: int, show_p
 
 
 def official_combine(hs: np.ndarray, rw: np.ndarray, kind: str, alpha: float, ensemble: str = "standardized") -> np.ndarray:
-    """One batch's vectors with the authors' per-batch standardisation."""
-    if kind == "hs":
-        return hs
-    if kind == "moee-sum":
-        if ensemble == "unstandardized":
-            return combine(hs, rw, kind, alpha)
-        return combine(standardize_per_batch(hs), standardize_per_batch(rw), kind, alpha)
-    return standardize_per_batch(combine(hs, rw, kind))
+    """One batch's vectors with the authors' per-batch standardisation (the kind's `official` in kinds.py)."""
+    return get_kind(kind).official(hs, rw, alpha, ensemble)
 
 
 def official_similarity(a: np.ndarray, b: np.ndarray, kind: str, hidden_size: int, alpha: float = 1.0) -> np.ndarray:
@@ -175,7 +180,7 @@ def official_similarity(a: np.ndarray, b: np.ndarray, kind: str, hidden_size: in
     Their evaluators use sklearn's 1 - paired_cosine_distances = 1 - |a/|a| - b/|b||^2 / 2 with a zero vector
     left zero: the cosine for non-zero rows, 1.0 for two zero rows, 0.5 for a zero row against another.
     moee-sum (their similarity ensemble) is that score of the HS parts plus alpha times that of the RW parts."""
-    if kind != "moee-sum":
+    if not get_kind(kind).uses_alpha:
         return _paired_cosine(a, b)
     return _paired_cosine(a[:, :hidden_size], b[:, :hidden_size]) + alpha * _paired_cosine(a[:, hidden_size:], b[:, hidden_size:])
 

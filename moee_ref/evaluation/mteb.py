@@ -38,7 +38,10 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from ..embedding.embedder import KINDS, FeatureOptions, MoEEmbedder, positive_int
+from ..embedding import pipeline
+from ..embedding.embedder import FeatureOptions, MoEEmbedder, positive_int
+from ..embedding.kinds import get_kind
+from ..embedding.spec import EmbedSpec
 from ..errors import InputError, MissingExtraError, MoEERefError
 from ..embedding.official_tasks import OFFICIAL_BATCH_SIZE, e5_instruction
 from ..loading.identity import checkpoint_identity, standardizer_digest
@@ -115,8 +118,7 @@ class MoEEEncoder:
             return
         if instruction is not None or ensemble is not None:
             raise InputError("instruction and ensemble are options of mode='official'")
-        if kind not in KINDS:
-            raise InputError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
+        uses_alpha = get_kind(kind).uses_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
             raise InputError(
                 f"alpha must be a finite number >= 0 for MTEB, got {alpha!r}: each side of a pair is encoded "
@@ -143,7 +145,10 @@ class MoEEEncoder:
         self.standardizer = standardizer
         self.show_progress_bar = show_progress_bar
         self.feature_options = {k: v for k, v in vars(options).items() if k != "prompt"}
-        self.normalize = kind == "moee-sum" if normalize is None else bool(normalize)
+        self.normalize = uses_alpha if normalize is None else bool(normalize)
+        # How every text is embedded; each call replaces the prompt with its prompt type's.
+        self.spec = EmbedSpec(kind=kind, alpha=self.alpha if uses_alpha else 1.0, normalize=self.normalize,
+                              standardizers=standardizer, **vars(options)).check()
         self.num_truncated = 0  # texts cut to max_length since this encoder was made (run_mteb: per task)
         self._meta = None
 
@@ -206,18 +211,10 @@ class MoEEEncoder:
         no_tokens = resolve_prompt(prompt) == PLACEHOLDER and not (tokenizer.adds_bos or tokenizer.adds_eos)
         keep = [i for i, text in enumerate(texts) if not (no_tokens and text == "")]
         vectors = np.zeros((len(texts), self.embedder.dimension(self.kind, self.feature_options["rw_layers"])), np.float32)
-        vectors[keep] = self.embedder.encode(
-            [texts[i] for i in keep],
-            self.kind,
-            prompt=prompt,
-            alpha=self.alpha,
-            batch_size=self.batch_size or kwargs.get("batch_size"),
-            standardizer=self.standardizer,
-            normalize=self.normalize,
-            show_progress_bar=show,
-            **self.feature_options,
-        )
-        self.num_truncated += self.embedder.last_report.num_truncated
+        result = pipeline.run(self.embedder, [texts[i] for i in keep], self.spec.replace(prompt=prompt),
+                              batch_size=self.batch_size or kwargs.get("batch_size"), show_progress_bar=show)
+        vectors[keep] = result.vectors
+        self.num_truncated += result.report.num_truncated
         return vectors
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
@@ -231,7 +228,7 @@ class MoEEEncoder:
         return (self._scored(embeddings1) * self._scored(embeddings2)).sum(-1)
 
     def _scored(self, x) -> torch.Tensor:
-        if self.mode == "official" and self.kind == "moee-sum":  # parts already unit (or zero) and weighted
+        if self.mode == "official" and get_kind(self.kind).uses_alpha:  # parts already unit (or zero) and weighted
             x = torch.as_tensor(x).float()
             return x.reshape(1, -1) if x.ndim == 1 else x
         return _unit_rows(x)
@@ -288,11 +285,12 @@ class MoEEEncoder:
         for name in sorted(self.prompts):  # the query/document prompts change those vectors
             template = resolve_prompt(named_prompt(self.prompts, name, None, None))
             settings[f"{name}_prompt"] = names.get(template) or "custom-" + hashlib.sha256(template.encode()).hexdigest()[:8]
-        if self.kind == "moee-sum":
+        uses_alpha = get_kind(self.kind).uses_alpha
+        if uses_alpha:
             settings["alpha"] = self.alpha
         if self.standardizer is not None:
             settings["standardizer"] = standardizer_digest(self.standardizer)
-        if self.normalize != (self.kind == "moee-sum"):
+        if self.normalize != uses_alpha:
             settings["normalize"] = self.normalize
         defaults = FeatureOptions(allow_empty=True, max_length=self.embedder.max_seq_length, truncation="right")
         for key, value in self.feature_options.items():
@@ -306,7 +304,7 @@ class MoEEEncoder:
             instruction = "custom-" + hashlib.sha256(instruction.encode()).hexdigest()[:8]
         settings: dict[str, Any] = {"mode": "official", "prompt": self.prompt or "none", "instruction": instruction or "none",
                                     "batch_size": self.batch_size}
-        if self.kind == "moee-sum":
+        if get_kind(self.kind).uses_alpha:
             settings.update(alpha=self.alpha, ensemble=self.ensemble)
         return {**settings, **self._computed()}
 
@@ -314,7 +312,7 @@ class MoEEEncoder:
         """How the vectors were computed: each of these changes them, beyond float32 rounding."""
         model = self.embedder.model
         settings: dict[str, Any] = {"dtype": str(model.dtype).removeprefix("torch.")}
-        if getattr(model, "int8", False):
+        if model.int8:
             settings["int8"] = True
         if self.embedder.streamed:
             settings["streamed"] = True

@@ -8,7 +8,9 @@ import numpy as np
 
 from ..io.inputs import Pairs
 from ..errors import InputError
-from ..embedding.embedder import FeatureOptions, MoEEmbedder, apply_standardizers, choose_alpha, combine
+from ..embedding.embedder import FeatureOptions, MoEEmbedder
+from ..embedding.kinds import KINDS, combine
+from ..embedding.pipeline import apply_standardizers, choose_alpha
 from ..embedding.stats import cosine_rows, pearson, spearman
 
 
@@ -55,14 +57,18 @@ def evaluate_sts(
     def row(kind, sims, alpha_value=None, rule=None) -> ScoreRow:
         return ScoreRow(kind, alpha_value, rule, spearman(sims, gold), pearson(sims, gold))
 
-    concat = cosine_rows(combine(hs_a, rw_a, "moee-concat"), combine(hs_b, rw_b, "moee-concat"))
-    rows = [row("hs", sim_hs), row("rw", sim_rw), row("moee-concat", concat), row("moee-sum", sim_hs + alpha * sim_rw, alpha, "fixed")]
-    auto = choose_alpha(sim_hs, sim_rw)
-    rows.append(row("moee-sum", sim_hs + auto.alpha * sim_rw, auto.alpha, "auto"))
-    if dev_pairs is not None:
+    rows, auto, supervised = [], choose_alpha(sim_hs, sim_rw), None
+    if dev_pairs is not None and any(kind.uses_alpha for kind in KINDS.values()):
         (dh_a, dr_a), (dh_b, dr_b), _ = pair_features(embedder, dev_pairs, options, batch_size, standardizer, show_progress_bar)
         supervised = choose_alpha(cosine_rows(dh_a, dh_b), cosine_rows(dr_a, dr_b), dev_pairs.scores)
-        rows.append(row("moee-sum", sim_hs + supervised.alpha * sim_rw, supervised.alpha, "supervised"))
+    for name, kind in KINDS.items():
+        if not kind.uses_alpha:  # the cosine of the kind's vectors
+            rows.append(row(name, cosine_rows(combine(hs_a, rw_a, name), combine(hs_b, rw_b, name))))
+            continue
+        # A kind that weighs RW against HS scores cos(HS) + alpha cos(RW), for a fixed, the label-free and the dev alpha.
+        for value, rule in ((alpha, "fixed"), (auto.alpha, "auto"), (supervised and supervised.alpha, "supervised")):
+            if rule != "supervised" or supervised is not None:
+                rows.append(row(name, sim_hs + value * sim_rw, value, rule))
     return {"pairs": len(pairs), "truncated": truncated, "rows": [asdict(r) for r in rows]}
 
 
@@ -88,10 +94,10 @@ def evaluate_sts_official(
     second = official_batches(embedder, pairs.second, **settings)
     gold = np.asarray(pairs.scores, dtype=np.float64)
     rows = []
-    for kind in ("hs", "rw", "moee-concat", "moee-sum"):
+    for kind in [name for name, k in KINDS.items() if k.official is not None]:
         a, b = first.vectors(kind, float(alpha), ensemble), second.vectors(kind, float(alpha), ensemble)
         sims = official_similarity(a, b, kind, embedder.args.hidden_size, float(alpha))
-        fixed = kind == "moee-sum"
+        fixed = KINDS[kind].uses_alpha
         rows.append(ScoreRow(kind, float(alpha) if fixed else None, "fixed" if fixed else None, spearman(sims, gold), pearson(sims, gold)))
     return {"pairs": len(pairs), "truncated": 0, "mode": "official", "batch_size": first.batch_size, "ensemble": ensemble,
             "instruction": instruction, "rows": [asdict(r) for r in rows]}

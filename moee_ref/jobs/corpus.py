@@ -38,8 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import Stopped
-from ..errors import InputError
+from ..errors import InputError, Stopped
 from ..io.outputs import check_output_path
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "moee-ref corpus job", 1
@@ -445,3 +444,84 @@ def _size(n: int) -> str:
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1000
+
+
+# ---------------------------------------------------------------------------- the local engine
+
+
+def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], object], output, fmt: str, batch_size: int,
+                 resume: bool = False, chunk_size: int | None = None, whole_prompts: bool = False,
+                 show_progress: bool | None = None, log=None):
+    """The vectors of `spec` (embedding/spec.py) for a corpus, written to `output` in `fmt`, as a resumable job:
+    chunks saved beside the output as they complete (CorpusJob), --resume continuing them. Returns the
+    pipeline's Result.
+
+    source: the model as given (checked against a resumed job before it is loaded); load(): the embedder.
+    whole_prompts: the embedder runs every prompt whole (no shared prefix), recorded with the settings."""
+    from ..embedding import pipeline
+    from ..embedding.kinds import get_kind
+    from ..io.outputs import write_embeddings
+    from ..loading.checkpoint import resolve_source
+    from ..progress import show_progress as wants_progress
+
+    spec = spec.check()
+    if chunk_size is not None and chunk_size % batch_size:
+        raise InputError(f"--chunk-size {chunk_size} is not a multiple of --batch-size {batch_size} (a chunk is whole batches)")
+    job = CorpusJob(output, resume=resume, chunk_size=chunk_size, log=log)  # the output checked before hours of work
+    try:
+        settings = {**spec.identity(), "batch_size": batch_size, "whole_prompts": whole_prompts}
+        if not spec.official:  # the official mode's settings are its own (no feature options)
+            for name in ("instruction", "ensemble"):
+                settings.pop(name)
+        settings["standardizer"] = settings.pop("standardizers")
+        identity = {"input": {"texts": len(texts), "sha256": texts_digest(texts)}, "settings": settings}
+        if job.manifest is not None:  # a resume: another model, input or options refused before the model is loaded
+            job.check({"model": model_identity(resolve_source(source)), **identity})
+        embedder = load()
+        model = embedder.model
+        identity = {"model": model_identity(model.source_dir), **identity}
+        # What loading decided (the auto dtype, int8 or streamed where memory is short): each changes the vectors.
+        identity["computed"] = {"dtype": str(model.dtype).removeprefix("torch."), "int8": bool(model.int8),
+                                "streamed": embedder.streamed, "device": str(model.device)}
+        job.check({"computed": identity["computed"]})
+        if spec.official:
+            order, truncated, width = list(range(len(texts))), 0, embedder.dimension(spec.kind)
+        else:
+            order, truncated = embedder.corpus_order(texts, spec.features)
+            width = embedder.dimension("moee-concat", spec.rw_layers)
+        dim = embedder.dimension(spec.kind, None if spec.official else spec.rw_layers)
+        check_disk(job.output.parent, disk_needed(len(order), width, len(texts), dim, fmt, sum(len(t.encode()) for t in texts)))
+        job.start(identity, len(order), "vectors" if spec.official else "features", width)
+
+        def compute(start: int, end: int):
+            rows = order[start:end]
+            chunk = [texts[i] for i in rows]
+            if spec.official:  # its vectors depend on the batch: chunks hold whole batches of the input order
+                return pipeline.run(embedder, chunk, spec, batch_size=batch_size, show_progress_bar=False).vectors
+            feats = embedder.features(chunk, spec.features, batch_size=batch_size, show_progress_bar=False, row_names=rows)
+            return np.concatenate([feats.hs, feats.rw], axis=1)
+
+        chunks = job.run(len(order), batch_size, compute, streamed=embedder.streamed,
+                         show_progress=wants_progress(show_progress, len(texts)))
+        stacked = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+        if spec.official:
+            vectors = np.zeros((len(texts), width), np.float32)
+            vectors[order] = stacked
+            report = pipeline.new_report(embedder, len(texts), batch_size=batch_size,
+                                         alpha=float(spec.alpha) if get_kind(spec.kind).uses_alpha else None)
+            result = pipeline.Result(vectors, report)
+        else:
+            hidden = embedder.args.hidden_size
+            hs = np.zeros((len(texts), hidden), np.float32)
+            rw = np.zeros((len(texts), width - hidden), np.float32)
+            hs[order], rw[order] = stacked[:, :hidden], stacked[:, hidden:]  # texts with no token stay zero
+            result = pipeline.finish(embedder, pipeline.Features(hs, rw, truncated), spec, batch_size=batch_size)
+        write_embeddings(output, result.vectors, fmt, list(texts) if fmt in ("jsonl", "parquet") else None)
+    except (Stopped, KeyboardInterrupt) as exc:
+        exc.detail = job.stopped_detail()
+        raise
+    except BaseException:
+        job.failed()
+        raise
+    job.remove()
+    return result

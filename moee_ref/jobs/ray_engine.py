@@ -45,13 +45,13 @@ def require_ray(purpose: str = "--engine ray") -> None:
 
 
 class EmbedBatches:
-    """The actors' UDF: the model is loaded once, in the constructor; each call embeds one batch of rows.
-    errors_as_rows: an expected error of a batch (MoEERefError) comes back in an `error` column, for gather() to
-    raise, instead of as Ray's traceback. Subclass it to change what a batch gives (embed_dataset's udf=)."""
+    """The actors' UDF: the model is loaded once, in the constructor; each call embeds one batch of rows with the
+    pipeline (embedding/pipeline.py) and `spec`. errors_as_rows: an expected error of a batch (MoEERefError) comes
+    back in an `error` column, for gather() to raise, instead of as Ray's traceback. Subclass it to change what a
+    batch gives (embed_dataset's udf=)."""
 
-    def __init__(self, model: str, *, threads: int, text_column: str, output_column: str, kind: str,
-                 embedder_options: dict, encode_options: dict, standardizer_paths: Sequence[str] | None = None,
-                 errors_as_rows: bool = False):
+    def __init__(self, model: str, *, threads: int, text_column: str, output_column: str, spec, batch_size: int,
+                 embedder_options: dict, standardizer_paths: Sequence[str] | None = None, errors_as_rows: bool = False):
         import torch
 
         from ..embedding.embedder import MoEEmbedder
@@ -59,26 +59,32 @@ class EmbedBatches:
 
         torch.set_num_threads(threads)  # as many as the actor's CPUs: more would contend with its neighbours
         self.embedder = MoEEmbedder.from_pretrained(model, **embedder_options)
-        self.text_column, self.output_column, self.kind = text_column, output_column, kind
+        self.text_column, self.output_column, self.batch_size = text_column, output_column, batch_size
         self.errors_as_rows = errors_as_rows
-        self.encode_options = dict(encode_options)
-        if standardizer_paths:
-            self.encode_options["standardizer"] = [Standardizer.load(p) for p in standardizer_paths]
+        if standardizer_paths:  # read from their files on each node
+            spec = spec.replace(standardizers=[Standardizer.load(p) for p in standardizer_paths])
+        self.spec = spec
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        from ..embedding import pipeline
+
+        return pipeline.run(self.embedder, texts, self.spec, batch_size=self.batch_size, show_progress_bar=False).vectors
 
     def __call__(self, batch: dict) -> dict:
         texts = [str(t) for t in batch[self.text_column]]
         if not self.errors_as_rows:
-            batch[self.output_column] = self.embedder.encode(texts, self.kind, show_progress_bar=False, **self.encode_options)
+            batch[self.output_column] = self.embed(texts)
             return batch
         # Ray passes a UDF's exception back as a UserCodeException without it, as a traceback: an expected error (a
         # bad text, non-finite outputs) comes back in an `error` column instead, its text indices those of the corpus.
         try:
-            batch[self.output_column] = self.embedder.encode(texts, self.kind, show_progress_bar=False, **self.encode_options)
+            batch[self.output_column] = self.embed(texts)
             batch["error"] = np.full(len(texts), "", dtype=object)
         except MoEERefError as exc:
             ids = batch["id"]
             message = re.sub(r"index (\d+)", lambda m: f"index {int(ids[int(m[1])])}", str(exc))
-            batch[self.output_column] = np.zeros((len(texts), self.embedder.dimension(self.kind)), np.float32)
+            batch[self.output_column] = np.zeros((len(texts), self.embedder.dimension(self.spec.kind, self.spec.rw_layers)),
+                                                 np.float32)
             batch["error"] = np.full(len(texts), f"{type(exc).__name__}: {message}", dtype=object)
         return batch
 
@@ -87,31 +93,34 @@ def embed_dataset(data, model: str, *, kind: str = "moee-sum", text_column: str 
                   workers: int = 1, cpus_per_worker: int = 1, gpus_per_worker: float = 0, batch_size: int = 16,
                   dtype: str = "auto", int8: bool = False, share_prefix: bool = True, prompt: str | None = None,
                   alpha: float = 1.0, normalize: bool = False, standardizer_paths: Sequence[str] | None = None,
-                  udf=EmbedBatches, udf_kwargs: dict | None = None, **feature_options):
+                  udf=EmbedBatches, udf_kwargs: dict | None = None, spec=None, **feature_options):
     """A ray.data.Dataset with an `output_column` of float32 vectors beside the input's columns.
 
     data: a ray.data.Dataset, or a path (or list of paths) of .parquet, .csv, .jsonl or text files (a text
-    file's lines are its rows, in column "text"). udf: EmbedBatches or a subclass, given udf_kwargs besides
-    EmbedBatches' own. The other keywords are encode()'s and from_pretrained()'s."""
+    file's lines are its rows, in column "text"). spec: an EmbedSpec (embedding/spec.py), or None for the one
+    kind, prompt, alpha, normalize and the feature options make. udf: EmbedBatches or a subclass, given
+    udf_kwargs besides EmbedBatches' own. The other keywords are from_pretrained()'s."""
     require_ray("embed_dataset")
     import ray.data
 
-    from ..embedding.embedder import check_kind
+    from ..embedding.spec import EmbedSpec
 
-    check_kind(kind)
-    if alpha == "auto":
+    if spec is None:
+        spec = EmbedSpec(kind=kind, prompt=prompt, alpha=alpha, normalize=normalize, **feature_options)
+    spec.check()
+    if spec.alpha == "auto":
         raise InputError("alpha='auto' is chosen over the whole corpus; on Ray give a number (moee embed's local job takes auto)")
+    if spec.official:
+        raise InputError("the official mode standardises per batch of the input order; on Ray use the default mode")
     if not isinstance(data, ray.data.Dataset):
         data = read_dataset(data)
-    encode_options = {"prompt": prompt, "batch_size": batch_size, "normalize": normalize, **feature_options}
-    if kind == "moee-sum":
-        encode_options["alpha"] = alpha
     return data.map_batches(
         udf,
         fn_constructor_kwargs={
             "model": str(model), "threads": cpus_per_worker, "text_column": text_column, "output_column": output_column,
-            "kind": kind, "embedder_options": {"dtype": dtype, "int8": int8, "share_prefix": share_prefix},
-            "encode_options": encode_options, "standardizer_paths": list(standardizer_paths or []), **(udf_kwargs or {}),
+            "spec": spec, "batch_size": batch_size,
+            "embedder_options": {"dtype": dtype, "int8": int8, "share_prefix": share_prefix},
+            "standardizer_paths": list(standardizer_paths or []), **(udf_kwargs or {}),
         },
         batch_size=batch_size * ROWS_PER_TASK, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus_per_worker,

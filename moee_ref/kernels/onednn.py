@@ -28,9 +28,9 @@ _ONEDNN_PACK = getattr(_MKLDNN, "_reorder_linear_weight", None)
 # oneDNN builds a kernel for every input shape it meets and keeps it (about half a MiB each, up to a thousand
 # of them). Rows therefore go in tiles whose sizes come from a small set: whole tiles of ROW_TILE * 2^i rows,
 # then the rest padded to a multiple of ROW_STEP (at most ROW_STEP - 1 wasted rows). Fewer than EXACT_ROWS
-# rows run as they are: at batch 1 an expert gets a handful of rows, and there padding 9 rows to 16 costs
-# more than a kernel of its own (9 to 14 rows ran 10-45% faster exact, bench/bench_expert_read.py --rows).
-# A whole run then meets about 30 shapes per weight matrix.
+# rows run as they are: at batch 1 an expert gets a handful of rows, and there padding to a tile costs more
+# than a kernel of its own (bench/bench_expert_read.py --rows). A whole run then meets a few dozen shapes
+# per weight matrix.
 ROW_TILE, ROW_STEP, EXACT_ROWS = 128, 8, 16
 
 

@@ -25,8 +25,8 @@ from ..families.names import leaves, shape_of
 from ..kernels.int8 import QUANTIZE_ROWS
 from ..kernels.precision import bf16_native
 
-# What is neither weights nor read buffers: torch's own runtime, the tokenizer, one batch's activations.
-# Measured peak RSS minus weight bytes was 0.3-1.0 GiB over the benchmarks' models (bench/README.md).
+# What is neither weights nor read buffers: torch's own runtime, the tokenizer, one batch's activations
+# (bench/bench_memory.py measures peak RSS against the weights; bench/README.md).
 ALLOWANCE = 2**30
 # The layer-streamed mode's own plan counts its activations and working memory when it sees the corpus
 # (streamed.py `plan`); before that, this much is kept beside its weights.

@@ -21,6 +21,7 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -145,6 +146,9 @@ class StreamedModel:
         self.element = torch.tensor([], dtype=dtype).element_size()
         self.layer_bytes = [held_bytes(group, dtype, int8) for group in self.layer_groups]
         self.stats.layer_bytes_max = max(self.layer_bytes)
+        self.dtype_reason: str | None = None  # set by the embedder's loader: why this compute dtype
+        # One run at a time: a run reads every layer once and holds the store of its batches (threads queue up).
+        self._run_lock = threading.Lock()
 
     # ------------------------------------------------------------------ memory plan
 
@@ -229,7 +233,12 @@ class StreamedModel:
     # Blocks' outputs between layers would have to be kept for every batch of the corpus.
     layer_states_available = False
 
-    def run(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], *, position_ids=None,
+    def run(self, batches, **options) -> list[DecoderOutput]:
+        """Decoder outputs for every (input_ids, attention_mask, keep_positions) batch (see _run_locked)."""
+        with self._run_lock:
+            return self._run_locked(batches, **options)
+
+    def _run_locked(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], *, position_ids=None,
             show_progress_bar: bool = False, prefix_ids: list[int] | None = None, continues: list[bool] | None = None,
             return_layer_states: bool = False) -> list[DecoderOutput]:
         """Decoder outputs for every (input_ids, attention_mask, keep_positions) batch, as MoEDecoder.run gives them;

@@ -19,6 +19,7 @@ from mteb.abstasks import AbsTaskClassification, AbsTaskSTS  # noqa: E402
 from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from moee_ref.embedding import pipeline
 from moee_ref.embedding.embedder import MoEEmbedder  # noqa: E402
 from moee_ref.errors import InputError, MoEERefError  # noqa: E402
 from moee_ref.evaluation.mteb import (  # noqa: E402
@@ -394,13 +395,13 @@ def test_cli_query_and_document_prompts_reach_run_mteb(embedder, monkeypatch, ca
 def test_retrieval_through_mteb_gives_queries_and_documents_their_prompts(embedder, monkeypatch):
     """A retrieval task run through mteb: its queries get prompts["query"], its corpus prompts["document"]."""
     seen = []
-    real = MoEEmbedder.encode
+    real = pipeline.run
 
-    def spy(self, texts, kind="moee-sum", **options):
-        seen.append(options.get("prompt"))
-        return real(self, texts, kind, **options)
+    def spy(embedder, texts, spec, **options):  # every front end embeds through the pipeline
+        seen.append(spec.prompt)
+        return real(embedder, texts, spec, **options)
 
-    monkeypatch.setattr(MoEEmbedder, "encode", spy)
+    monkeypatch.setattr(pipeline, "run", spy)
     (entry,) = run_mteb(embedder, [mteb.mocks.MockRetrievalTask()], kind="hs", prompt="none",
                         prompts={"query": "query: ", "document": "passage: "}).values()
     assert math.isfinite(entry["main_score"])
