@@ -40,6 +40,10 @@ class UnknownOptionError(InputError, TypeError):
     """A keyword argument the method does not take (a TypeError too, as Python's own would be)."""
 
 
+class UsageError(MoEERefError):
+    """Options that parse but do not fit together, or a flag that cannot apply to the input (the CLI's exit 2)."""
+
+
 class NumericalError(MoEERefError, ArithmeticError):
     """The model's outputs hold NaN or infinite values (damaged weights, a bad config, or overflow)."""
 

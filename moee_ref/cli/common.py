@@ -50,8 +50,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class UsageError(Exception):
-    """Options that parse but do not fit together (exit 2)."""
+from ..errors import UsageError  # noqa: E402,F401  (options that do not fit together: exit 2)
 
 
 def load_embedder(ns):
@@ -75,7 +74,7 @@ def load_embedder(ns):
         device=ns.device,
         fit="auto" if ns.dtype is None else None,
     )
-    if embedder.load_note:
+    if embedder.load_note and not getattr(ns, "quiet", False):
         print(f"moee: {embedder.load_note}", file=sys.stderr)
     return embedder
 
@@ -101,9 +100,9 @@ positive_int = int_at_least(1)
 
 def add_model(p) -> None:
     p.add_argument("--model", required=True, metavar="SRC", help="local checkpoint directory or hub id (owner/name)")
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float64", "bfloat16"],
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float64", "bfloat16", "float16"],
                    help="compute dtype (default auto: bfloat16 where this machine computes it natively, else float32; "
-                        "float32 and float64 are the exact reference modes)")
+                        "float32 and float64 are the exact reference modes; float16 as the API takes it)")
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="auto (default: a CUDA device where torch has one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",
@@ -126,6 +125,14 @@ def parse_alpha(text: str):
     return value
 
 
+class GivenAlpha(argparse.Action):
+    """--alpha, remembering that it was given (a kind that does not use alpha refuses it then)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.alpha_given = True
+
+
 def parse_layers(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -141,7 +148,7 @@ def spec_flags() -> dict[str, tuple[tuple[str, ...], dict]]:
     return {
         "kind": (("--kind",), dict(choices=list(KINDS), default="moee-sum", help="embedding kind (default %(default)s)")),
         "prompt": (("--prompt",), dict(default=None, help="built-in prompt name (see `moee prompts`) or a template with {text}; default none")),
-        "alpha": (("--alpha",), dict(type=parse_alpha, default=1.0,
+        "alpha": (("--alpha",), dict(type=parse_alpha, default=1.0, action=GivenAlpha,
                                      help="moee-sum weight of RW: a number >= 0 or 'auto' (default %(default)s)")),
         "pooling": (("--pooling",), dict(choices=POOLINGS, default="last", help="token pooling for HS and RW (default last)")),
         "hs_layer": (("--hs-layer",), dict(choices=HS_LAYERS, default="last", help="HS from the last layer or the mean of all layers")),

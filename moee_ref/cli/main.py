@@ -19,6 +19,7 @@ from .common import (
     spec_flags,
     parse_alpha, parse_layers, positive_int, stop_signals_unwind,
 )
+from .. import __version__
 from ..errors import MoEERefError
 from ..embedding.official_tasks import OFFICIAL_BATCH_SIZE
 
@@ -77,35 +78,72 @@ def check_mode_flags(ns, options, others=()) -> bool:
 
 def cmd_embed(ns) -> int:
     """A corpus job (jobs/corpus.py): chunks saved as they complete beside the output, --resume to continue one."""
-    from ..io.inputs import read_texts
-    from ..io.outputs import output_format
+    from ..io.inputs import read_records
+    from ..io.outputs import check_not_the_input, output_format
     from ..jobs.corpus import embed_corpus
 
+    check_not_the_input(ns.output, [ns.input])  # before anything is read: the output never replaces the input
     fmt = output_format(ns.output, ns.format)
+    config = load_config_flag(ns)
     options = feature_options(ns)
     check_mode_flags(ns, options)
     if ns.instruction == "e5":
         raise UsageError("--instruction e5 stands for each MTEB task's own instruction, and moee embed has no task: "
                          "give the instruction's text (e.g. their STS one, 'Retrieve semantically similar text.')")
     if ns.engine == "ray":
-        return embed_on_ray(ns, fmt, options)
+        return embed_on_ray(ns, fmt, options, config)
     if ns.ray_address or ns.workers is not None or ns.cpus_per_worker is not None:
         raise UsageError("--ray-address, --workers and --cpus-per-worker are options of --engine ray")
     if ns.chunk_size is not None and ns.chunk_size % ns.batch_size:
         raise UsageError(f"--chunk-size {ns.chunk_size} is not a multiple of --batch-size {ns.batch_size} (a chunk is whole batches)")
-    spec = embed_spec(ns, options)
-    texts = read_texts(ns.input, ns.field)
-    result = embed_corpus(texts, spec, source=ns.model, load=lambda: load_embedder(ns), output=ns.output, fmt=fmt,
+    if ns.output == "-" and ns.resume:
+        raise UsageError("--resume continues a job saved beside its output file; --output - has none")
+    spec = config or embed_spec(ns, options)
+    records = read_records(ns.input, text_field=ns.field, id_field=ns.id_field, keep_fields=ns.keep_fields, on_error=ns.on_error)
+    log = (lambda message: None) if ns.quiet else None
+    result = embed_corpus(records.texts, spec, source=ns.model, load=lambda: load_embedder(ns), output=ns.output, fmt=fmt,
                           batch_size=ns.batch_size, resume=ns.resume, chunk_size=ns.chunk_size,
-                          whole_prompts=ns.no_shared_prefix, show_progress=progress_wanted(ns))
+                          whole_prompts=ns.no_shared_prefix, show_progress=progress_wanted(ns), log=log, records=records,
+                          on_error=ns.on_error, save_config=ns.save_config, memory_limit=ns.memory_limit)
     report = result.report
+    if ns.quiet:
+        return 0
     alpha = f", alpha {report.alpha:.4g}" if report.alpha is not None else ""
     batches = f", the authors' pipeline in batches of {report.batch_size}" if spec.official else ""
-    print(f"embedded {len(texts)} texts as {ns.kind} ({result.vectors.shape[1]} dims{alpha}) in {report.dtype}{batches} -> {ns.output}",
-          file=sys.stderr)
+    texts_rate, tokens_rate = getattr(report, "rate", (None, None))
+    rate = f"; {texts_rate:.1f} texts/s, {tokens_rate:.0f} tokens/s" if texts_rate else ""
+    print(f"embedded {len(result.vectors)} texts as {spec.kind} ({result.vectors.shape[1]} dims{alpha}) in {report.dtype}{batches} "
+          f"-> {ns.output}{rate}", file=sys.stderr)
+    if ns.save_config:
+        print(f"wrote the embedding configuration to {ns.save_config}: --config {ns.save_config} embeds queries the same way",
+              file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def load_config_flag(ns):
+    """--config FILE: the saved embedding settings, refused beside any flag that would change them."""
+    if not getattr(ns, "config", None):
+        return None
+    from ..embedding.spec import load_config
+
+    config = load_config(ns.config)
+    table = spec_flags()
+    given = []
+    for name, (flags, keywords) in table.items():
+        dest = keywords.get("dest", name)
+        if name == "alpha":
+            changed = getattr(ns, "alpha_given", False)
+        else:
+            changed = getattr(ns, dest, keywords.get("default")) != keywords.get("default")
+        if changed:
+            given.append(flags[0])
+    if given:
+        raise UsageError(f"--config {ns.config} holds the embedding settings; drop {', '.join(given)} "
+                         "(or save another configuration with --save-config)")
+    ns.mode, ns.kind = config.mode, config.kind
+    return config
 
 
 def embed_spec(ns, options):
@@ -118,22 +156,27 @@ def embed_spec(ns, options):
     return EmbedSpec(**common, **vars(options)).check()
 
 
-def embed_on_ray(ns, fmt: str, options) -> int:
+def embed_on_ray(ns, fmt: str, options, config=None) -> int:
     """The same job on Ray Data (distributed.py): a local Ray runtime, or the cluster at --ray-address."""
-    from ..io.inputs import read_texts
+    from ..io.inputs import read_records
     from ..jobs.ray_engine import embed_dataset, gather, ray_runtime, require_ray, texts_dataset
     from ..io.outputs import check_output_path, write_embeddings
 
     refused = [flag for flag, given in (("--resume", ns.resume), ("--chunk-size", ns.chunk_size is not None),
                                         ("--mode official", ns.mode == "official"), ("--alpha auto", ns.alpha == "auto"),
-                                        ("--memory-budget", ns.memory_budget is not None)) if given]
+                                        ("--memory-budget", ns.memory_budget is not None),
+                                        ("--on-error skip", ns.on_error == "skip"), ("--output -", ns.output == "-")) if given]
     if refused:
         raise UsageError(f"--engine ray takes no {', '.join(refused)} (Ray retries failed work itself; batches are "
                          "embedded apart, so nothing chosen over the whole corpus; every worker holds the model)")
     require_ray()
     check_output_path(ns.output)  # before the cluster and the model, not after
-    spec = embed_spec(ns, options).replace(standardizers=())  # each worker reads the standardizer files itself
-    texts = read_texts(ns.input, ns.field)
+    if config is not None and config.standardizers:
+        raise UsageError("--engine ray reads standardizers from their files (--standardizer): a --config with standardizers "
+                         "runs on the local engine")
+    spec = (config or embed_spec(ns, options)).replace(standardizers=())  # each worker reads the standardizer files itself
+    records = read_records(ns.input, text_field=ns.field, id_field=ns.id_field, keep_fields=ns.keep_fields)
+    texts = records.texts
     workers, cpus = ns.workers or 1, ns.cpus_per_worker or 1
     with ray_runtime(ns.ray_address, workers * cpus, progress_wanted(ns) is not False and len(texts) >= 256):
         dataset = embed_dataset(
@@ -142,7 +185,20 @@ def embed_on_ray(ns, fmt: str, options) -> int:
             standardizer_paths=ns.standardizer, udf_kwargs={"errors_as_rows": True},
         )
         vectors = gather(dataset, len(texts))
-    write_embeddings(ns.output, vectors, fmt, texts if fmt in ("jsonl", "parquet") else None)
+    from .. import __version__
+
+    full = config or embed_spec(ns, options)
+    provenance = {"format": "moee_ref.provenance", "moee_ref": __version__, "model": {"source": str(ns.model)},
+                  "computed": {"dtype": ns.dtype or "auto", "int8": ns.int8, "engine": "ray", "workers": workers},
+                  "spec": full.to_json(standardizers="digest"),
+                  "input": {"name": records.name, "format": records.format, "rows": len(texts), "embedded": len(texts), "skipped": 0},
+                  "dim": int(vectors.shape[1])}
+    write_embeddings(ns.output, vectors, fmt, texts if fmt in ("jsonl", "parquet") else None, rows=records.rows,
+                     ids=records.ids, fields=records.fields, provenance=provenance)
+    if ns.save_config:
+        from ..embedding.spec import save_config
+
+        save_config(full, ns.save_config)
     print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims) on Ray with {workers} worker(s) -> {ns.output}",
           file=sys.stderr)
     return 0
@@ -266,6 +322,14 @@ def cmd_info(ns) -> int:
     from ..loading.checkpoint import memory_fit
     from ..loading.tokenizer import Tokenizer
 
+    if (ns.model is None) == (ns.output is None):
+        raise UsageError("give --model (a checkpoint's facts) or --output (what made an output of moee embed), one of them")
+    if ns.output is not None:
+        from ..io.outputs import read_provenance
+
+        record = read_provenance(ns.output)
+        print(json.dumps(record, indent=2) if ns.json else format_provenance(record))
+        return 0
     given = Path(ns.model)
     if given.is_file() and given.suffix == ".json":  # a bare config.json: facts without weights or tokenizer
         args, tokenizer = read_config(given), None
@@ -281,6 +345,17 @@ def cmd_info(ns) -> int:
         facts["memory_fit"] = memory_fit(directory, ns.memory_limit)
     print(json.dumps(facts, indent=2) if ns.json else format_facts(facts))
     return 0
+
+
+def format_provenance(record: dict) -> str:
+    """An output's provenance as aligned lines: model, how it computed, the settings, the input."""
+    lines = [f"made by moee-ref {record.get('moee_ref')}"]
+    for section in ("model", "computed", "spec", "input"):
+        values = record.get(section) or {}
+        lines.append(f"{section}:")
+        lines += [f"  {key:<14} {json.dumps(value)}" for key, value in values.items()]
+    lines.append(f"dim: {record.get('dim')}")
+    return "\n".join(lines)
 
 
 def cmd_prompts(ns) -> int:
@@ -330,20 +405,43 @@ def add_features(p, alpha_default=1.0) -> None:
                    "runs once; results differ in float32 rounding only)")
 
 
+def add_log_flags(parser) -> None:
+    """--verbose and --quiet after any command too (`moee embed ... --verbose`), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                # SUPPRESS: given before the command, the value stays; given after it, it is set.
+                sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+                sub.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="errors only: no progress bar, no notes")
+                add_log_flags(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="moee", description="MoE embeddings (HS, RW, MoEE) from OLMoE, Qwen1.5-MoE and DeepSeekMoE checkpoints.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--quiet", action="store_true", help="errors only: no progress bar, no notes")
+    parser.add_argument("--version", action="version", version=f"moee {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     p = commands.add_parser("embed", help="embed texts (lines, a JSONL field, a CSV or Parquet column) into .npy, .jsonl or .parquet")
     add_model(p)
     p.add_argument("--input", required=True, metavar="FILE|-",
-                   help="texts, one per line ('-' for stdin); .jsonl, .csv and .parquet files are read by --text-field")
+                   help="texts: one per line (.txt, '-' for stdin), or .jsonl, .json (an array), .csv, .tsv, .parquet "
+                        "read by --text-field")
     p.add_argument("--text-field", "--field", dest="field", default=None,
                    help="JSONL field or CSV/Parquet column holding the text (default 'text' for those inputs)")
-    p.add_argument("--output", required=True, metavar="OUT",
-                   help="output file; written under a temporary name and renamed when complete; the work is saved in OUT.parts as it goes")
-    p.add_argument("--format", choices=["npy", "jsonl", "parquet"], default=None, help="output format (default: from the output name)")
+    p.add_argument("--output", required=True, metavar="OUT|-",
+                   help="output file ('-': JSONL on stdout); written under a temporary name and renamed when complete; "
+                        "the work is saved in OUT.parts as it goes")
+    p.add_argument("--id-field", default=None, metavar="NAME", help="the input's id field or column, carried to every output format")
+    p.add_argument("--keep-fields", type=comma_list, default=None, metavar="A,B", help="other input fields or columns to carry to the output")
+    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="a bad row: stop (default), or skip it and list it in OUT.errors.jsonl")
+    p.add_argument("--save-config", default=None, metavar="CFG.json",
+                   help="write the embedding settings, alpha as used, for later queries (--config, from_pretrained(config=))")
+    p.add_argument("--config", default=None, metavar="CFG.json", help="embed with the settings --save-config wrote")
+    p.add_argument("--format", choices=["npy", "jsonl", "parquet"], default=None,
+                   help="output format (default: from the output name, which it may not contradict; '-' is JSONL)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted job saved in OUT.parts")
     p.add_argument("--chunk-size", type=positive_int, default=None, metavar="N",
                    help="texts per saved chunk, a multiple of --batch-size (default: sized to about 2 minutes of work)")
@@ -404,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_verify)
 
     p = commands.add_parser("info", help="family, layers, experts, parameter counts, memory, tokenizer, RW dimension")
-    p.add_argument("--model", required=True, metavar="SRC", help="checkpoint directory, hub id, or a config.json file")
+    p.add_argument("--model", default=None, metavar="SRC", help="checkpoint directory, hub id, or a config.json file")
+    p.add_argument("--output", default=None, metavar="FILE", help="instead of a model: the provenance an output of moee embed carries")
     p.add_argument("--memory-limit", default=None, metavar="SIZE", help="memory to size the modes against, instead of what the system reports")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_info)
@@ -416,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .analyze import add_analyze_commands
 
     add_analyze_commands(commands, add_model)
+    add_log_flags(parser)
 
     p = commands.add_parser("demo", help="build small random checkpoints offline and run the commands on them")
     p.add_argument("--dir", default="demo-checkpoints", help="where to build them (default: %(default)s)")
@@ -424,15 +524,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the command starts (imports, the parser): no traceback
+        print("moee: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `moee info --json | head`: the reader left; say nothing more
+        _quiet_stdout()
+        return 141  # the shell's code for SIGPIPE
+
+
+def _quiet_stdout() -> None:
+    """Standard output's pipe is closed: point it at /dev/null, so that the interpreter's last flush is silent."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     command = " ".join(filter(None, [ns.command, getattr(ns, "suite", None)]))
     try:
         with stop_signals_unwind():
+            check_common(ns)
             return ns.run(ns)
     except UsageError as exc:
         print(f"moee {command}: error: {exc} (see moee {command} --help)", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        raise
     except (MoEERefError, OSError) as exc:
         if ns.verbose:
             traceback.print_exc()
@@ -445,6 +570,20 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as exc:
         print(f"moee {command}: stopped by {exc}; {getattr(exc, 'detail', None) or 'nothing was left half-written'}", file=sys.stderr)
         return 128 + exc.signum  # the shell's code for a process ended by that signal
+
+
+def check_common(ns) -> None:
+    """What every command's options must agree on, before anything is loaded."""
+    if ns.verbose and ns.quiet:
+        raise UsageError("--verbose and --quiet contradict each other; give one")
+    if ns.quiet and hasattr(ns, "no_progress"):
+        ns.no_progress = True
+    if getattr(ns, "alpha_given", False) and hasattr(ns, "kind"):
+        from ..embedding.kinds import KINDS, get_kind
+
+        if not get_kind(ns.kind).uses_alpha:
+            users = ", ".join(name for name, k in KINDS.items() if k.uses_alpha)
+            raise UsageError(f"--alpha weighs RW against HS in {users}; --kind {ns.kind} does not use it: drop --alpha")
 
 
 if __name__ == "__main__":

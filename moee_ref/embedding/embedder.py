@@ -59,6 +59,7 @@ class MoEEmbedder:
         self.default_prompt_name = default_prompt_name
         self.last_report = EncodeReport()
         self.load_note: str | None = None  # from_pretrained(fit="auto"): the mode chosen instead of the one asked for
+        self.config: EmbedSpec | None = None  # from_pretrained(config=): the settings encode() defaults to
 
     @classmethod
     def from_pretrained(
@@ -73,6 +74,7 @@ class MoEEmbedder:
         memory_limit: str | int | None = None,
         device: str | torch.device = "auto",
         fit: str | None = None,
+        config=None,
         **kwargs,
     ) -> "MoEEmbedder":
         """Load a checkpoint for embedding (without its LM head, which embeddings never use).
@@ -96,12 +98,19 @@ class MoEEmbedder:
         wherever it applies (resident, float32, no int8, torch built with
         oneDNN). The streamed mode reads each layer once per corpus, for a few
         batches: packing it costs a pass over its weights that they do not win back.
+        config: a saved embedding configuration (`moee embed --save-config`: a path, its dict, or an EmbedSpec);
+        encode() then takes every setting left at its default from it (kind, prompt, alpha as a number,
+        standardizers, feature options), so a query gets the vectors of the corpus job that wrote it.
         """
         # Before minutes of loading, not after: the rest goes to MoEEmbedder(...).
         takes = keyword_names(cls.from_pretrained) + keyword_names(cls.__init__)[2:]
         refuse_unknown("from_pretrained", [k for k in kwargs if k not in takes], takes)
         if fit not in (None, "auto"):
             raise InputError(f"fit={fit!r} is not valid; choose 'auto' (the first mode that fits memory) or None")
+        if config is not None:
+            from .spec import load_config
+
+            config = load_config(config)  # before minutes of loading
         device = resolve_device(device)
         dtype, reason = resolve_dtype(dtype, device)
         note = None
@@ -124,6 +133,7 @@ class MoEEmbedder:
         model.dtype_reason = reason
         embedder = cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
         embedder.load_note = note
+        embedder.config = config
         return embedder
 
     @property
@@ -194,6 +204,8 @@ class MoEEmbedder:
         spec = EmbedSpec(kind=kind, alpha=choice.alpha if choice else alpha,
                          standardizers=standardizer, normalize=(normalize or normalize_embeddings) and truncate_dim is None,
                          **vars(options))
+        if self.config is not None:
+            spec = spec.fill(self.config)
         result = pipeline.run(self, texts, spec, batch_size=batch_size, show_progress_bar=show_progress_bar,
                               alpha_pairs=alpha_pairs, alpha_choice=choice)
         self.last_report = result.report  # a convenience for the caller; nothing in moee-ref reads it back

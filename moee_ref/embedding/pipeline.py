@@ -23,6 +23,10 @@ from .standardize import Standardizer
 from .stats import cosine_rows
 
 MAX_AUTO_ALPHA_PAIRS = 20000
+# alpha "auto" over the pairs among the texts themselves needs this many distinct texts: with fewer pairs the
+# criterion (alpha.py) has so few plateaus that alpha 0 (the smallest of the tied best) wins by default -- 3 texts
+# are 3 pairs, whose rankings admit barely any other order, and gave 0.0.
+MIN_AUTO_ALPHA_TEXTS = 8
 
 
 @dataclass
@@ -68,6 +72,7 @@ def run(embedder, texts: Sequence[str], spec: EmbedSpec, *, batch_size: int | No
             raise InputError("the official mode takes a fixed alpha, as the authors' code does; drop alpha_pairs")
         return run_official(embedder, texts, spec, batch_size=batch_size, show_progress_bar=show_progress_bar)
     check_alpha_pairs(spec, alpha_pairs)
+    check_auto_alpha_texts(spec, texts, alpha_pairs)  # before any compute
     feats = embedder.features(texts, spec.features, batch_size=batch_size, show_progress_bar=show_progress_bar)
     return finish(embedder, feats, spec, alpha_pairs=alpha_pairs, alpha_choice=alpha_choice, batch_size=batch_size)
 
@@ -104,6 +109,19 @@ def check_alpha_pairs(spec: EmbedSpec, alpha_pairs) -> None:
         raise InputError("alpha_pairs are the unlabeled pairs for alpha='auto'; with a fixed alpha drop them")
     if not isinstance(alpha_pairs, (tuple, list)) or len(alpha_pairs) != 2:
         raise InputError("alpha_pairs must be (texts_a, texts_b): two lists of the same length")
+
+
+def check_auto_alpha_texts(spec: EmbedSpec, texts: Sequence[str], alpha_pairs=None) -> None:
+    """alpha "auto" over the texts themselves: refused, before any compute, on fewer distinct texts than it needs."""
+    if spec.alpha != "auto" or alpha_pairs is not None or not get_kind(spec.kind).uses_alpha:
+        return
+    distinct = len(set(texts))
+    if distinct < MIN_AUTO_ALPHA_TEXTS:
+        same = f" ({len(texts)} texts, {distinct} distinct)" if distinct != len(texts) else ""
+        raise InputError(
+            f"alpha='auto' needs at least {MIN_AUTO_ALPHA_TEXTS} distinct texts to choose alpha reliably, got {distinct}{same}; "
+            "give a number, or choose alpha once on a larger sample (or alpha_pairs) and reuse it (a saved configuration)"
+        )
 
 
 def choose_auto_alpha(embedder, spec: EmbedSpec, hs, rw, alpha_pairs, batch_size) -> AlphaChoice:
@@ -144,8 +162,8 @@ def choose_alpha(sim_hs: np.ndarray, sim_rw: np.ndarray, gold=None) -> AlphaChoi
 def alpha_over_all_pairs(hs: np.ndarray, rw: np.ndarray, seed: int = 0) -> AlphaChoice:
     """Label-free alpha over pairs among the texts themselves (all pairs, or a fixed-seed sample of them)."""
     n = len(hs)
-    if n < 3:
-        raise InputError("alpha='auto' needs at least 3 texts (or alpha_pairs) to compare similarities")
+    if n < MIN_AUTO_ALPHA_TEXTS:
+        raise InputError(f"alpha='auto' needs at least {MIN_AUTO_ALPHA_TEXTS} distinct texts to choose alpha reliably, got {n}")
     first, second = np.triu_indices(n, k=1)
     if len(first) > MAX_AUTO_ALPHA_PAIRS:
         pick = np.random.default_rng(seed).choice(len(first), MAX_AUTO_ALPHA_PAIRS, replace=False)

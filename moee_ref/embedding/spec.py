@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+
 from ..errors import InputError, UnknownOptionError
 from ..loading.identity import standardizer_digest
 from .kinds import KINDS, get_kind
@@ -116,6 +118,23 @@ class EmbedSpec:
     def replace(self, **changes) -> "EmbedSpec":
         return dataclasses.replace(self, **changes)
 
+    def to_json(self, **options) -> dict:
+        """The spec written out (spec_to_json): what a saved configuration and an output's provenance hold."""
+        return spec_to_json(self, **options)
+
+    @classmethod
+    def from_json(cls, values: dict) -> "EmbedSpec":
+        return spec_from_json(values)
+
+    def fill(self, defaults: "EmbedSpec") -> "EmbedSpec":
+        """This spec with every field still at its default taken from `defaults` (a saved configuration)."""
+        changes = {}
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default if f.default is not dataclasses.MISSING else ()
+            if value == default or (f.name == "standardizers" and not value):
+                changes[f.name] = getattr(defaults, f.name)
+        return dataclasses.replace(self, **changes)
+
     def check(self) -> "EmbedSpec":
         """Every setting checked, before any text is read or any weight computed; returns self."""
         kind = get_kind(self.kind)
@@ -143,6 +162,88 @@ class EmbedSpec:
             values["alpha"] = None  # ignored by this kind: it changes none of its vectors
         values["standardizers"] = standardizer_digest(self.standardizers) if self.standardizers else None
         return values
+
+
+CONFIG_FORMAT, CONFIG_VERSION = "moee-ref embedding config", 1
+
+
+def spec_to_json(spec: EmbedSpec, *, alpha: float | None = None, standardizers: str = "inline") -> dict:
+    """The spec as JSON: every field, alpha as a number (`alpha`: the one used, where it was "auto"; None for a kind
+    that does not use it), standardizers inline (mean, std: a config reproduces vectors bit for bit) or by digest."""
+    values = spec.identity()
+    if get_kind(spec.kind).uses_alpha:
+        value = spec.alpha if alpha is None else alpha
+        if value == "auto":
+            raise InputError("alpha 'auto' is not chosen yet: write the spec out with the alpha the run used")
+        values["alpha"] = float(value)
+    if standardizers == "inline":
+        values["standardizers"] = [{"kind": s.kind, "eps": s.eps, "mean": s.mean.tolist(), "std": s.std.tolist()}
+                                   for s in spec.standardizers]
+    return values
+
+
+def spec_from_json(values: dict, *, source: str = "the configuration") -> EmbedSpec:
+    """The EmbedSpec spec_to_json wrote (standardizers inline), checked; unknown or missing settings refused."""
+    if not isinstance(values, dict):
+        raise InputError(f"{source}: expected a JSON object of embedding settings, got {type(values).__name__}")
+    known = [f.name for f in dataclasses.fields(EmbedSpec)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise InputError(f"{source}: unknown setting(s) {', '.join(unknown)}; it holds {', '.join(known)}")
+    values = dict(values)
+    if values.get("alpha", 1.0) is None:
+        values["alpha"] = 1.0  # a kind that does not use alpha: the default, which changes nothing
+    if values.get("alpha") == "auto":
+        raise InputError(f"{source}: alpha is 'auto'; a saved configuration holds the alpha chosen, as a number")
+    items = values.pop("standardizers", None) or []
+    if isinstance(items, str):
+        raise InputError(f"{source}: its standardizers are named by digest ({items}) only; a configuration "
+                         "holds them whole (moee embed --save-config writes one)")
+    try:
+        standardizers = tuple(Standardizer(mean=np.asarray(i["mean"], np.float64), std=np.asarray(i["std"], np.float64),
+                                           kind=i["kind"], eps=i["eps"]) for i in items)
+    except (KeyError, TypeError) as exc:
+        raise InputError(f"{source}: a standardizer needs kind, eps, mean and std ({exc})") from None
+    if values.get("rw_layers") is not None:
+        values["rw_layers"] = tuple(values["rw_layers"])
+    return EmbedSpec(**values, standardizers=standardizers).check()
+
+
+def save_config(spec: EmbedSpec, path, *, alpha: float | None = None) -> dict:
+    """Write the embedding configuration (the spec with alpha as a number) that load_config reads back."""
+    import json
+
+    from .. import __version__
+    from ..io.outputs import atomic_path
+
+    record = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "moee_ref": __version__,
+              "spec": spec_to_json(spec, alpha=alpha)}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return record
+
+
+def load_config(config) -> EmbedSpec:
+    """An EmbedSpec from a configuration: a path to what save_config wrote, its dict, or an EmbedSpec."""
+    import json
+    from pathlib import Path
+
+    if isinstance(config, EmbedSpec):
+        return config.check()
+    source = "the configuration"
+    if not isinstance(config, dict):
+        source = str(config)
+        try:
+            config = json.loads(Path(config).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{source}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{source}: not a readable JSON file ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+        raise InputError(f"{source}: not an embedding configuration (moee embed --save-config writes one)")
+    if config.get("version") != CONFIG_VERSION:
+        raise InputError(f"{source}: configuration version {config.get('version')!r}; this moee-ref reads version {CONFIG_VERSION}")
+    return spec_from_json(config.get("spec"), source=source)
 
 
 def check_alpha(alpha, *, allow_auto: bool = True) -> float | str:

@@ -59,7 +59,7 @@ DEFAULT_THRESHOLD = 0.2
 DEFAULT_SAMPLE_PAIRS = 10000
 KMEANS_N_INIT = 10
 ANALYSIS_EXTRA_MESSAGE = (
-    "moee analyze complementarity needs scikit-learn, the optional analysis extra: pip install 'moee-ref[analysis]'"
+    "moee analyze complementarity needs scikit-learn, the optional analysis extra: pip install scikit-learn (in a clone of moee-ref: pip install -e '.[analysis]')"
 )
 
 # The groups of the error analysis, in the order of Figure 2.

@@ -48,7 +48,7 @@ from ..loading.identity import checkpoint_identity, standardizer_digest
 from ..embedding.conventions import check_prompts, named_prompt
 from ..embedding.prompts import PLACEHOLDER, list_prompts, resolve_prompt
 
-MISSING_MTEB = "moee eval mteb needs the optional mteb package: pip install 'moee-ref[mteb]'"
+MISSING_MTEB = "moee eval mteb needs the optional mteb package: pip install mteb (in a clone of moee-ref: pip install -e '.[mteb]')"
 # The datasets the paper's tables name (Tables 8 to 12 and Table 3's Summarization column), by task type: all
 # English STS and Summarization tasks, and small ones of the other types. The paper speaks of 20 datasets
 # and names these 19. `--tasks paper`; `--task-types` keeps some of the types.

@@ -22,7 +22,7 @@ def pyplot():
         matplotlib.use("Agg")  # files only, no screen needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MissingPlotExtra("--png needs matplotlib, the optional plot extra: pip install 'moee-ref[plot]'") from None
+        raise MissingPlotExtra("--png needs matplotlib, the optional plot extra: pip install matplotlib (in a clone of moee-ref: pip install -e '.[plot]')") from None
     return plt
 
 

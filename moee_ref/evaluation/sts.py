@@ -8,6 +8,7 @@ import numpy as np
 
 from ..io.inputs import Pairs
 from ..errors import InputError
+from ..embedding.alpha import MIN_PAIRS
 from ..embedding.embedder import FeatureOptions, MoEEmbedder
 from ..embedding.kinds import KINDS, combine
 from ..embedding.pipeline import apply_standardizers, choose_alpha
@@ -38,7 +39,7 @@ def evaluate_sts(
     embedder: MoEEmbedder,
     pairs: Pairs,
     *,
-    alpha: float = 1.0,
+    alpha: float | str = 1.0,
     dev_pairs: Pairs | None = None,
     options: FeatureOptions | None = None,
     batch_size: int | None = None,
@@ -57,7 +58,11 @@ def evaluate_sts(
     def row(kind, sims, alpha_value=None, rule=None) -> ScoreRow:
         return ScoreRow(kind, alpha_value, rule, spearman(sims, gold), pearson(sims, gold))
 
-    rows, auto, supervised = [], choose_alpha(sim_hs, sim_rw), None
+    rows, auto, supervised, notes = [], None, None, []
+    if len(pairs) >= MIN_PAIRS:
+        auto = choose_alpha(sim_hs, sim_rw)
+    else:  # the rows that need no alpha choice are still reported
+        notes.append(f"the auto alpha row needs at least {MIN_PAIRS} pairs ({len(pairs)} given): left out")
     if dev_pairs is not None and any(kind.uses_alpha for kind in KINDS.values()):
         (dh_a, dr_a), (dh_b, dr_b), _ = pair_features(embedder, dev_pairs, options, batch_size, standardizer, show_progress_bar)
         supervised = choose_alpha(cosine_rows(dh_a, dh_b), cosine_rows(dr_a, dr_b), dev_pairs.scores)
@@ -66,10 +71,15 @@ def evaluate_sts(
             rows.append(row(name, cosine_rows(combine(hs_a, rw_a, name), combine(hs_b, rw_b, name))))
             continue
         # A kind that weighs RW against HS scores cos(HS) + alpha cos(RW), for a fixed, the label-free and the dev alpha.
-        for value, rule in ((alpha, "fixed"), (auto.alpha, "auto"), (supervised and supervised.alpha, "supervised")):
-            if rule != "supervised" or supervised is not None:
+        # alpha "auto" asks for the auto row alone (no fixed one).
+        for value, rule in ((None if alpha == "auto" else alpha, "fixed"), (auto and auto.alpha, "auto"),
+                            (supervised and supervised.alpha, "supervised")):
+            if value is not None:
                 rows.append(row(name, sim_hs + value * sim_rw, value, rule))
-    return {"pairs": len(pairs), "truncated": truncated, "rows": [asdict(r) for r in rows]}
+    result = {"pairs": len(pairs), "truncated": truncated, "rows": [asdict(r) for r in rows]}
+    if notes:
+        result["notes"] = notes
+    return result
 
 
 def evaluate_sts_official(
@@ -122,4 +132,5 @@ def format_sts_table(result: dict) -> str:
         instruction = "no instruction" if result["instruction"] is None else f"instruction {result['instruction']!r}"
         lines[-1] += (f"; the authors' pipeline: batches of {result['batch_size']}, {instruction}, "
                       f"moee-sum of {result['ensemble']} HS and RW")
+    lines += [f"note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)

@@ -74,7 +74,7 @@ def load_reference(directory: Path, args):
     try:
         import transformers
     except ImportError:
-        raise VerifyUnavailable("moee verify needs transformers: pip install 'moee-ref[test]'") from None
+        raise VerifyUnavailable("moee verify needs transformers: pip install transformers (in a clone of moee-ref: pip install -e '.[test]')") from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     build = getattr(family_of(args), "transformers_reference", None)

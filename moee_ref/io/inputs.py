@@ -10,7 +10,7 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
@@ -65,80 +65,239 @@ def _lines(content: str) -> list[str]:
     return lines[:-1] if lines[-1] == "" else lines
 
 
+TEXT_FORMATS = ("text", "jsonl", "json", "csv", "tsv", "parquet")
+SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
+            ".tsv": "tsv", ".parquet": "parquet"}
+
+
+@dataclass
+class BadRow:
+    """An input row that was not embedded (--on-error skip): where the input has it, its id, and why."""
+
+    where: str  # as the input counts it: "line N" (text, JSONL) or "row N" (CSV, TSV, JSON, Parquet), from 1
+    row: int  # its position among the input's records, from 0 (the outputs' `row`)
+    id: object
+    reason: str
+
+    def to_json(self) -> dict:
+        return {self.where.split()[0]: int(self.where.split()[1]), "row": self.row, "id": self.id, "reason": self.reason}
+
+
+@dataclass
+class Records:
+    """The texts of an input and what travels with them to the output."""
+
+    name: str  # the file as given, or <stdin>
+    format: str  # one of TEXT_FORMATS
+    texts: list[str]
+    rows: list[int]  # each text's position among the input's records, from 0
+    where: list[str]  # each text's place as the input counts it ("line 3", "row 3")
+    ids: list | None = None  # --id-field's values
+    fields: dict[str, list] = field(default_factory=dict)  # --keep-fields' values
+    bad: list[BadRow] = field(default_factory=list)  # rows skipped (on_error="skip")
+
+    def keep(self, positions) -> "Records":
+        """These records only (positions into texts), the bad ones kept."""
+        positions = list(positions)
+        return Records(self.name, self.format, [self.texts[i] for i in positions], [self.rows[i] for i in positions],
+                       [self.where[i] for i in positions], None if self.ids is None else [self.ids[i] for i in positions],
+                       {k: [v[i] for i in positions] for k, v in self.fields.items()}, list(self.bad))
+
+
+def input_format(path: str, structured: bool = False) -> str:
+    """The input's format from its name; standard input or an unknown suffix: JSONL where a field is named
+    (structured), else one text per line."""
+    if path != "-":
+        found = SUFFIXES.get(Path(path).suffix.lower())
+        if found:
+            return found
+    return "jsonl" if structured else "text"
+
+
 def read_texts(path: str, field: str | None = None) -> list[str]:
     """One text per line; with `field` (or a .jsonl name) each line is a JSON object and field names its text.
-    A .csv file (a header line, then rows) or a .parquet file gives the column `field` (default 'text')."""
-    suffix = Path(path).suffix.lower() if path != "-" else ""
-    if suffix == ".parquet":
-        return _parquet_column(path, field or "text")
-    content, name = _read_text(path)
-    if suffix == ".csv":
-        return _csv_column(content, name, field or "text")
-    if field is None and name.lower().endswith(".jsonl"):
-        field = "text"
-    lines = _lines(content)
-    if field is None:
-        return lines
-    texts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        record = _json_line(line, name, number)
-        if field not in record:
-            raise InputError(f"{name}, line {number}: no field {field!r} (fields: {', '.join(record)})")
-        value = record[field]
-        if not isinstance(value, str):
-            raise InputError(f"{name}, line {number}: field {field!r} is {type(value).__name__}, not a string")
-        texts.append(value)
-    return texts
+    A .csv/.tsv file (a header line, then rows), a .json array or a .parquet file gives the column `field`."""
+    return read_records(path, text_field=field).texts
 
 
-def _csv_column(content: str, name: str, column: str) -> list[str]:
-    reader = csv.reader(io.StringIO(content))
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        raise InputError(f"{name}: empty file; expected a header line naming the column {column!r}") from None
-    except csv.Error as exc:
-        raise InputError(f"{name}, line 1: {exc}") from exc
-    if column not in header:
-        raise InputError(f"{name}, line 1: no column {column!r} (columns: {', '.join(header)}); name the text column with --text-field")
-    at, texts = header.index(column), []
-    try:
-        for values in reader:
+def read_records(path: str, *, text_field: str | None = None, id_field: str | None = None, keep_fields=(),
+                 on_error: str = "fail") -> Records:
+    """The texts of `path` read by what it is (input_format), with the id and kept fields of every row.
+
+    on_error "fail": the first bad row raises InputError naming it as the input counts it; "skip": bad rows are
+    left out and listed in Records.bad. A flag that cannot apply to the format is a UsageError naming it."""
+    from ..errors import UsageError
+
+    keep_fields = list(keep_fields or ())
+    fmt = input_format(path, bool(text_field or id_field or keep_fields))
+    if fmt == "text":
+        given = [flag for flag, value in (("--text-field", text_field), ("--id-field", id_field),
+                                          ("--keep-fields", keep_fields)) if value]
+        if given:
+            raise UsageError(f"{path} is read as plain text (one text per line, no fields): {', '.join(given)} cannot apply; "
+                             "give a .jsonl, .json, .csv, .tsv or .parquet file")
+    clash = [name for name in keep_fields if name in (text_field or "text", id_field) or name in RESERVED]
+    if clash:
+        raise UsageError(f"--keep-fields {', '.join(clash)}: the text, the id and the output's own columns "
+                         f"({', '.join(RESERVED)}) are not kept twice")
+    reader = _Reader(path, fmt, text_field or "text", id_field, keep_fields, on_error)
+    if fmt == "parquet":
+        reader.parquet()
+    else:
+        content, reader.records.name = _read_text(path)
+        {"text": reader.lines, "jsonl": reader.jsonl, "json": reader.json, "csv": reader.table, "tsv": reader.table}[fmt](content)
+    return reader.records
+
+
+RESERVED = ("row", "text", "embedding")
+
+
+class _Reader:
+    def __init__(self, path, fmt, text_field, id_field, keep_fields, on_error):
+        if on_error not in ("fail", "skip"):
+            raise InputError(f"on_error={on_error!r} is not valid; choose 'fail' or 'skip'")
+        self.path, self.text_field, self.id_field, self.keep_fields, self.on_error = path, text_field, id_field, keep_fields, on_error
+        self.records = Records(path, fmt, [], [], [], [] if id_field else None, {k: [] for k in keep_fields})
+        self.count = 0  # records seen, good and bad
+
+    def bad(self, where: str, reason: str, id_value=None) -> None:
+        if self.on_error == "fail":
+            raise InputError(f"{self.records.name}, {where}: {reason}")
+        self.records.bad.append(BadRow(where, self.count, id_value, reason))
+        self.count += 1
+
+    def add(self, where: str, record: dict) -> None:
+        """One record (a dict of its fields): its text, id and kept fields, or a bad row."""
+        id_value = record.get(self.id_field) if self.id_field else None
+        if self.text_field not in record:
+            return self.bad(where, f"no field {self.text_field!r} (fields: {', '.join(record)})", id_value)
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            return self.bad(where, f"field {self.text_field!r} is {type(text).__name__}, not a string", id_value)
+        if self.id_field and self.id_field not in record:
+            return self.bad(where, f"no id field {self.id_field!r} (fields: {', '.join(record)})")
+        missing = [k for k in self.keep_fields if k not in record]
+        if missing:
+            return self.bad(where, f"no field {', '.join(map(repr, missing))} to keep (fields: {', '.join(record)})", id_value)
+        self.plain(where, text)
+        if self.id_field:
+            self.records.ids.append(id_value)
+        for name in self.keep_fields:
+            self.records.fields[name].append(record[name])
+
+    def plain(self, where: str, text: str) -> None:
+        self.records.texts.append(text)
+        self.records.rows.append(self.count)
+        self.records.where.append(where)
+        self.count += 1
+
+    def lines(self, content: str) -> None:
+        for number, line in enumerate(_lines(content), start=1):
+            self.plain(f"line {number}", line)
+
+    def jsonl(self, content: str) -> None:
+        for number, line in enumerate(_lines(content), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                self.bad(f"line {number}", f"not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(record, dict):
+                self.bad(f"line {number}", f"expected a JSON object, got {type(record).__name__}")
+                continue
+            self.add(f"line {number}", record)
+
+    def json(self, content: str) -> None:
+        try:
+            items = json.loads(content)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{self.records.name}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+                             "a .json input is one array of strings or of objects (one object a line: name it .jsonl)") from None
+        if not isinstance(items, list):
+            raise InputError(f"{self.records.name}: a .json input is an array of strings or of objects, not a {type(items).__name__}")
+        strings = bool(items) and isinstance(items[0], str)
+        if strings and (self.id_field or self.keep_fields or self.text_field != "text"):
+            from ..errors import UsageError
+
+            raise UsageError(f"{self.records.name} is an array of strings (no fields): --text-field, --id-field and "
+                             "--keep-fields cannot apply")
+        for number, item in enumerate(items, start=1):
+            if strings:
+                if isinstance(item, str):
+                    self.plain(f"row {number}", item)
+                else:
+                    self.bad(f"row {number}", f"expected a string like the first row, got {type(item).__name__}")
+            elif isinstance(item, dict):
+                self.add(f"row {number}", item)
+            else:
+                self.bad(f"row {number}", f"expected a JSON object like the first row, got {type(item).__name__}")
+
+    def table(self, content: str) -> None:
+        tsv = self.records.format == "tsv"
+        reader = csv.reader(io.StringIO(content), delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        name = self.records.name
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise InputError(f"{name}: empty file; expected a header line naming the column {self.text_field!r}") from None
+        except csv.Error as exc:
+            raise InputError(f"{name}, line 1: {exc}") from exc
+        wanted = [self.text_field, *([self.id_field] if self.id_field else []), *self.keep_fields]
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise InputError(f"{name}, line 1 (the header): no column {', '.join(map(repr, missing))} (columns: {', '.join(header)}); "
+                             "name the text column with --text-field")
+        number = 0
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise InputError(f"{name}, row {number + 1}: {exc}") from exc
             if not values:  # a blank line
                 continue
+            number += 1
             if len(values) != len(header):
-                raise InputError(f"{name}, line {reader.line_num}: {len(values)} fields, the header has {len(header)}")
-            texts.append(values[at])
-    except csv.Error as exc:
-        raise InputError(f"{name}, line {reader.line_num}: {exc}") from exc
-    return texts
+                self.bad(f"row {number}", f"{len(values)} fields, the header has {len(header)}")
+                continue
+            self.add(f"row {number}", dict(zip(header, values)))
 
+    def parquet(self) -> None:
+        from .outputs import require_pyarrow
 
-def _parquet_column(path: str, column: str) -> list[str]:
-    from .outputs import require_pyarrow
+        path = self.path
+        require_pyarrow(f"reading {path}")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    require_pyarrow(f"reading {path}")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"{path}: no such file" if not file.exists() else f"{path} is not a file; give the Parquet file that holds the input")
-    try:
-        schema = pq.read_schema(file)
-        if column not in schema.names:
-            raise InputError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); name the text column with --text-field")
-        if not (pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)):
-            raise InputError(f"{path}: column {column!r} holds {schema.field(column).type}, not strings")
-        values = pq.read_table(file, columns=[column]).column(column)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
-    if values.null_count:
-        first = values.is_null().to_pylist().index(True)
-        raise InputError(f"{path}: column {column!r} is null at row {first} ({values.null_count} nulls); fill or drop those rows")
-    return values.to_pylist()
+        file = Path(path)
+        if not file.is_file():
+            raise InputError(f"{path}: no such file" if not file.exists() else f"{path} is not a file; give the Parquet file that holds the input")
+        wanted = [self.text_field, *([self.id_field] if self.id_field else []), *self.keep_fields]
+        try:
+            schema = pq.read_schema(file)
+            missing = [c for c in wanted if c not in schema.names]
+            if missing:
+                raise InputError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(schema.names)}); "
+                                 "name the text column with --text-field")
+            kind = schema.field(self.text_field).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise InputError(f"{path}: column {self.text_field!r} holds {kind}, not strings")
+            table = pq.read_table(file, columns=list(dict.fromkeys(wanted)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
+        columns = {c: table.column(c).to_pylist() for c in dict.fromkeys(wanted)}
+        for number in range(table.num_rows):
+            record = {c: values[number] for c, values in columns.items()}
+            if record[self.text_field] is None:
+                self.bad(f"row {number + 1}", f"column {self.text_field!r} is null",
+                         record.get(self.id_field) if self.id_field else None)
+                continue
+            self.add(f"row {number + 1}", record)
 
 
 def read_pairs(path: str, fmt: str | None = None, require_scores: bool = True) -> Pairs:

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import InputError, Stopped
 from ..io.outputs import check_output_path
+from ..progress import show_progress as wants_progress
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "moee-ref corpus job", 1
 # The automatic chunk size aims at this much work per chunk: what an interruption can lose at most.
@@ -96,7 +97,7 @@ class CorpusJob:
         self.chunk_size = chunk_size
         self.log = log or (lambda message: print(f"moee embed: {message}", file=sys.stderr))
         self.manifest: dict | None = None
-        self.done_rows = 0
+        self.done_rows = self.resumed_rows = 0
         self.created = False  # by this process: removed again if it ends with nothing saved
         self.started = False  # past every check: the work began
         self._lock = None
@@ -278,10 +279,10 @@ class CorpusJob:
             show_progress: bool = False) -> list[np.ndarray]:
         """Compute every chunk not yet saved, saving each as it completes; return all chunks' arrays in order.
 
-        compute(start, end) gives the array of the rows at positions start..end-1. A first SIGINT, SIGTERM or
+        compute(start, end, tick) gives the array of the rows at positions start..end-1. A first SIGINT, SIGTERM or
         SIGHUP stops after the chunk in flight is saved; a second one stops at once (that chunk is lost)."""
         saved = self.saved_chunks()
-        self.done_rows = done = sum(c.end - c.start for c in saved)
+        self.done_rows = self.resumed_rows = done = sum(c.end - c.start for c in saved)
         if self.resume:
             self.log(f"resuming: {done} of {rows} rows are saved in {self.parts} ({len(saved)} chunks)")
         batches = lambda start, end: -(-(end - start) // batch_size)  # noqa: E731
@@ -294,12 +295,19 @@ class CorpusJob:
                     while start < gap_end:
                         end = min(gap_end, start + sizer.next())
                         began = time.perf_counter()
-                        array = compute(start, end)
+                        ticked = [0]
+
+                        def tick(n: int) -> None:  # a batch done inside the chunk: the bar moves now
+                            ticked[0] += n
+                            if bar is not None:
+                                bar.update(n)
+
+                        array = compute(start, end, tick)
                         self.save_chunk(Chunk(start, end), array)
                         sizer.took(end - start, time.perf_counter() - began)
                         self.done_rows = done = done + end - start
-                        if bar is not None:
-                            bar.update(batches(start, end))
+                        if bar is not None and batches(start, end) > ticked[0]:
+                            bar.update(batches(start, end) - ticked[0])
                         start = end
                         if stop.signum is not None and done < rows:
                             raise KeyboardInterrupt() if stop.signum == signal.SIGINT else Stopped(stop.signum)
@@ -451,34 +459,56 @@ def _size(n: int) -> str:
 
 def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], object], output, fmt: str, batch_size: int,
                  resume: bool = False, chunk_size: int | None = None, whole_prompts: bool = False,
-                 show_progress: bool | None = None, log=None):
-    """The vectors of `spec` (embedding/spec.py) for a corpus, written to `output` in `fmt`, as a resumable job:
-    chunks saved beside the output as they complete (CorpusJob), --resume continuing them. Returns the
-    pipeline's Result.
+                 show_progress: bool | None = None, log=None, records=None, on_error: str = "fail",
+                 save_config=None, memory_limit=None):
+    """The vectors of `spec` (embedding/spec.py) for a corpus, written to `output` in `fmt` ("-": standard output),
+    as a resumable job: chunks saved beside the output as they complete (CorpusJob), --resume continuing them.
+    Returns the pipeline's Result; its report's `skipped` lists the rows left out.
 
     source: the model as given (checked against a resumed job before it is loaded); load(): the embedder.
-    whole_prompts: the embedder runs every prompt whole (no shared prefix), recorded with the settings."""
+    whole_prompts: the embedder runs every prompt whole (no shared prefix), recorded with the settings.
+    records: the input's io.inputs.Records (ids, kept fields, where each row is; default: the texts alone).
+    on_error: "fail" (the first bad row stops the job, named as the input counts it) or "skip" (bad rows left
+    out, listed in OUTPUT.errors.jsonl). save_config: a path for the embedding configuration, alpha as used.
+    Everything that can be checked from the options, the rows and the model's dimensions is, before any compute."""
     from ..embedding import pipeline
     from ..embedding.kinds import get_kind
-    from ..io.outputs import write_embeddings
-    from ..loading.checkpoint import resolve_source
-    from ..progress import show_progress as wants_progress
+    from ..io.inputs import Records
 
     spec = spec.check()
+    log = log or (lambda message: print(f"moee embed: {message}", file=sys.stderr))
     if chunk_size is not None and chunk_size % batch_size:
         raise InputError(f"--chunk-size {chunk_size} is not a multiple of --batch-size {batch_size} (a chunk is whole batches)")
-    job = CorpusJob(output, resume=resume, chunk_size=chunk_size, log=log)  # the output checked before hours of work
+    if records is None:
+        records = Records("texts", "text", list(texts), list(range(len(texts))), [f"line {i + 1}" for i in range(len(texts))])
+    if on_error not in ("fail", "skip"):
+        raise InputError(f"on_error={on_error!r} is not valid; choose 'fail' or 'skip'")
+    to_stdout = str(output) == "-"
+    if to_stdout and resume:
+        raise InputError("--resume continues a job saved beside its output file; --output - has none: write to a file to resume")
+    pipeline.check_auto_alpha_texts(spec, records.texts)  # before the model is loaded
+    scratch = tempfile.TemporaryDirectory(prefix="moee-embed-") if to_stdout else None
+    job_output = Path(scratch.name) / "stdout.out" if to_stdout else output
+    job = CorpusJob(job_output, resume=resume, chunk_size=chunk_size, log=log)  # the output checked before hours of work
     try:
+        embedder = None
         settings = {**spec.identity(), "batch_size": batch_size, "whole_prompts": whole_prompts}
         if not spec.official:  # the official mode's settings are its own (no feature options)
             for name in ("instruction", "ensemble"):
                 settings.pop(name)
         settings["standardizer"] = settings.pop("standardizers")
-        identity = {"input": {"texts": len(texts), "sha256": texts_digest(texts)}, "settings": settings}
+        settings["on_error"] = on_error
+        identity = {"input": {"texts": len(records.texts), "sha256": texts_digest(records.texts)}, "settings": settings}
         if job.manifest is not None:  # a resume: another model, input or options refused before the model is loaded
+            from ..loading.checkpoint import resolve_source
+
             job.check({"model": model_identity(resolve_source(source)), **identity})
         embedder = load()
         model = embedder.model
+        check_standardizer_widths(embedder, spec)
+        records = check_rows(embedder, spec, records, on_error, log)  # the rows the model refuses (empty, over-long)
+        texts = records.texts
+        pipeline.check_auto_alpha_texts(spec, texts)  # again, without the rows left out
         identity = {"model": model_identity(model.source_dir), **identity}
         # What loading decided (the auto dtype, int8 or streamed where memory is short): each changes the vectors.
         identity["computed"] = {"dtype": str(model.dtype).removeprefix("torch."), "int8": bool(model.int8),
@@ -489,20 +519,34 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
         else:
             order, truncated = embedder.corpus_order(texts, spec.features)
             width = embedder.dimension("moee-concat", spec.rw_layers)
+        lengths = [len(ids) for ids in embedder.token_ids(texts, spec.features)[0]] if texts else []
+        check_batch_memory(embedder, [lengths[i] for i in order] if not spec.official else lengths, batch_size, memory_limit)
         dim = embedder.dimension(spec.kind, None if spec.official else spec.rw_layers)
-        check_disk(job.output.parent, disk_needed(len(order), width, len(texts), dim, fmt, sum(len(t.encode()) for t in texts)))
+        if not to_stdout:
+            check_disk(job.output.parent, disk_needed(len(order), width, len(texts), dim, fmt, sum(len(t.encode()) for t in texts)))
         job.start(identity, len(order), "vectors" if spec.official else "features", width)
 
-        def compute(start: int, end: int):
+        def compute(start: int, end: int, done=lambda batches: None):
             rows = order[start:end]
             chunk = [texts[i] for i in rows]
             if spec.official:  # its vectors depend on the batch: chunks hold whole batches of the input order
                 return pipeline.run(embedder, chunk, spec, batch_size=batch_size, show_progress_bar=False).vectors
-            feats = embedder.features(chunk, spec.features, batch_size=batch_size, show_progress_bar=False, row_names=rows)
-            return np.concatenate([feats.hs, feats.rw], axis=1)
+            if embedder.streamed:  # every call reads all the layers: one call per chunk
+                feats = embedder.features(chunk, spec.features, batch_size=batch_size, show_progress_bar=False, row_names=rows)
+                return np.concatenate([feats.hs, feats.rw], axis=1)
+            parts = []
+            # Batch by batch: the very batches of one call (the rows are in its length order), the bar moving for each.
+            for at in range(0, len(chunk), batch_size):
+                feats = embedder.features(chunk[at:at + batch_size], spec.features, batch_size=batch_size,
+                                          show_progress_bar=False, row_names=rows[at:at + batch_size])
+                parts.append(np.concatenate([feats.hs, feats.rw], axis=1))
+                done(1)
+            return np.concatenate(parts)
 
+        began = time.perf_counter()
         chunks = job.run(len(order), batch_size, compute, streamed=embedder.streamed,
                          show_progress=wants_progress(show_progress, len(texts)))
+        seconds = time.perf_counter() - began
         stacked = np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
         if spec.official:
             vectors = np.zeros((len(texts), width), np.float32)
@@ -515,13 +559,156 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
             hs = np.zeros((len(texts), hidden), np.float32)
             rw = np.zeros((len(texts), width - hidden), np.float32)
             hs[order], rw[order] = stacked[:, :hidden], stacked[:, hidden:]  # texts with no token stay zero
-            result = pipeline.finish(embedder, pipeline.Features(hs, rw, truncated), spec, batch_size=batch_size)
-        write_embeddings(output, result.vectors, fmt, list(texts) if fmt in ("jsonl", "parquet") else None)
+            try:
+                result = pipeline.finish(embedder, pipeline.Features(hs, rw, truncated), spec, batch_size=batch_size)
+            except InputError as exc:
+                raise InputError(f"{exc}. Every row is computed and saved in {job.parts}: with an option that does not change "
+                                 f"the rows (--alpha, --kind, --normalize, --standardizer), remove {job.parts} and run again; "
+                                 "only the same command resumes") from exc
+        report = result.report
+        report.skipped = records.bad
+        computed = job.done_rows - (job.resumed_rows or 0)
+        report.rate = (computed / seconds if seconds > 0 else None,
+                       sum(lengths[order[i]] for i in range(len(order) - computed, len(order))) / seconds if seconds > 0 else None)
+        provenance = make_provenance(embedder, spec, source, report, records, identity, dim)
+        from ..io.outputs import write_embeddings
+
+        write_embeddings(output, result.vectors, fmt, texts if fmt in ("jsonl", "parquet") else None,
+                         rows=records.rows, ids=records.ids, fields=records.fields, provenance=provenance)
+        write_errors(output, records.bad, log)
+        if save_config is not None:
+            from ..embedding.spec import save_config as write_config
+
+            write_config(spec, save_config, alpha=report.alpha)
+        report.provenance = provenance
     except (Stopped, KeyboardInterrupt) as exc:
         exc.detail = job.stopped_detail()
+        if scratch is not None:
+            scratch.cleanup()
         raise
     except BaseException:
         job.failed()
+        if scratch is not None:
+            scratch.cleanup()
         raise
     job.remove()
+    if scratch is not None:
+        scratch.cleanup()
     return result
+
+
+def check_standardizer_widths(embedder, spec) -> None:
+    """Each standardizer's width against the model's HS or RW width, before any compute."""
+    widths = {"hs": embedder.args.hidden_size,
+              "rw": embedder.dimension("rw", None if spec.official else spec.rw_layers)}
+    for item in spec.standardizers:
+        if item.width != widths[item.kind]:
+            raise InputError(f"the {item.kind} standardizer is {item.width} wide, this model's {item.kind.upper()} is "
+                             f"{widths[item.kind]} (with these --rw-layers): fit it on this model's features")
+
+
+def check_rows(embedder, spec, records, on_error: str, log):
+    """The records without the rows the model refuses (empty, over-long, a prompt longer than max_length): the
+    first named as the input counts it (on_error "fail"), or all of them left out and listed (on_error "skip")."""
+    from ..io.inputs import BadRow
+
+    try:
+        if spec.official:
+            _check_official(embedder, spec, records.texts)
+        else:
+            embedder.token_ids(records.texts, spec.features)
+        return records
+    except InputError:
+        pass
+    good, bad = [], []
+    for i, text in enumerate(records.texts):
+        try:
+            if spec.official:
+                _check_official(embedder, spec, [text])
+            else:
+                embedder.token_ids([text], spec.features)
+            good.append(i)
+        except InputError as exc:
+            reason = str(exc).replace("(first at index 0, ", "(").replace("the text at index 0", "the text").replace("text at index 0", "the text")
+            if on_error == "fail":
+                raise InputError(f"{records.name}, {records.where[i]}: {reason}") from None
+            bad.append(BadRow(records.where[i], records.rows[i], records.ids[i] if records.ids is not None else None, reason))
+    kept = records.keep(good)
+    kept.bad = sorted(kept.bad + bad, key=lambda b: b.row)
+    return kept
+
+
+def _check_official(embedder, spec, texts) -> None:
+    from ..embedding.embedder import _check_texts
+
+    _check_texts(texts, spec.allow_empty)
+
+
+def check_batch_memory(embedder, lengths: list[int], batch_size: int, memory_limit) -> None:
+    """Refuse, before it runs, a batch whose activations would not fit: the longest batch (the job's first) estimated
+    as the layer-streamed mode's plan counts a batch (hidden states, the block's temporaries, the experts' and the
+    attention's)."""
+    if not lengths:
+        return
+    from ..loading.memory import format_bytes, memory_available
+
+    args = embedder.args
+    element = 4  # the temporaries are float32 where it matters (softmax, norms); an upper bound for bf16
+
+    def need(batch: int) -> int:
+        tokens_per_text = max(lengths[:batch]) if lengths else 1
+        tokens = batch * tokens_per_text
+        hidden = tokens * args.hidden_size * element
+        experts = tokens * args.top_k * 3 * args.expert_size * element
+        attention = 2 * batch * args.num_heads * tokens_per_text * tokens_per_text * element
+        routing = tokens * args.num_experts * len(args.moe_layers) * element * 2
+        return 12 * hidden + experts + attention + routing
+
+    available, where = memory_available(memory_limit, getattr(embedder.model, "device", None))
+    estimate = need(min(batch_size, len(lengths)))
+    if estimate > available // 2:
+        fits = batch_size
+        while fits > 1 and need(min(fits, len(lengths))) > available // 2:
+            fits //= 2
+        raise InputError(
+            f"--batch-size {batch_size}: the longest batch's activations would take about {format_bytes(estimate)}, more than half "
+            f"of the {format_bytes(available, up=False)} available ({where}); use --batch-size {fits} or less "
+            "(the vectors do not depend on it)"
+        )
+
+
+def make_provenance(embedder, spec, source, report, records, identity, dim: int) -> dict:
+    """What made these vectors: the spec written out (alpha as used), the model, how it computed, the input."""
+    from .. import __version__
+    from ..io.outputs import PROVENANCE_KEY
+
+    model = identity["model"]
+    return {
+        "format": PROVENANCE_KEY, "moee_ref": __version__,
+        "model": {"source": str(source), "name": model["name"], "revision": model["revision"], "family": embedder.args.family},
+        "computed": identity["computed"],
+        "spec": spec.to_json(alpha=report.alpha, standardizers="digest"),
+        "input": {"name": records.name, "format": records.format, "rows": len(records.texts) + len(records.bad),
+                  "embedded": len(records.texts), "skipped": len(records.bad), "texts_sha256": identity["input"]["sha256"]},
+        "dim": dim,
+    }
+
+
+def write_errors(output, bad, log) -> None:
+    """The rows left out (--on-error skip): OUTPUT.errors.jsonl, one record a row, and a count on stderr."""
+    if not bad:
+        return
+    lines = "".join(json.dumps(b.to_json()) + "\n" for b in bad)
+    if str(output) == "-":
+        log(f"skipped {len(bad)} bad row(s):")
+        for line in lines.splitlines():
+            log(line)
+        return
+    from ..io.outputs import atomic_path, errors_path
+
+    path = errors_path(output)
+    with atomic_path(path) as tmp:
+        tmp.write_text(lines, encoding="utf-8")
+    log(f"skipped {len(bad)} bad row(s) ({', '.join(b.where for b in bad[:3])}{', ...' if len(bad) > 3 else ''}): see {path}")
+
+

@@ -28,7 +28,7 @@ import numpy as np
 from .. import errors
 from ..errors import InputError, MissingExtraError, MoEERefError
 
-MISSING_RAY = "needs the optional ray[data] package: pip install 'moee-ref[distributed]'"
+MISSING_RAY = "needs the optional ray[data] package: pip install 'ray[data]' (in a clone of moee-ref: pip install -e '.[distributed]')"
 RAY_PROBE_SECONDS = 5.0  # how long a --ray-address may take to accept a connection
 ROWS_PER_TASK = 8  # model batches per Ray batch: fewer tasks to schedule, at most this much work redone after a death
 

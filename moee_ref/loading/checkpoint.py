@@ -71,6 +71,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
     text = str(source)
     if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith("/"):
         raise CheckpointError(f"{text}: no such directory, and not a hub id of the form 'owner/name'")
+    if path.parent.is_dir():  # demo-checkpoints/nope: a mistyped local path, not a hub id to download
+        found = sorted(p.name for p in path.parent.iterdir() if (p / "config.json").is_file())
+        hint = f" (checkpoints there: {', '.join(found)})" if found else ""
+        raise CheckpointError(f"{text}: no such directory in {path.parent}{hint}")
     return _download(text)
 
 

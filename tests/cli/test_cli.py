@@ -716,7 +716,7 @@ def test_route_png_without_matplotlib(runs, workdir):
     d = workdir / "route"
     result = runs["route no matplotlib"]
     # Found before the model is loaded, not after the table is printed.
-    one_line_error(result, 1, "moee route: error: --png needs matplotlib, the optional plot extra: pip install 'moee-ref[plot]'")
+    one_line_error(result, 1, "moee route: error: --png needs matplotlib, the optional plot extra: pip install matplotlib (in a clone of moee-ref: pip install -e '.[plot]')")
     assert [p.name for p in d.iterdir() if p.name.startswith(("never.png", ".never.png"))] == []  # nor a temporary file
 
 

@@ -107,7 +107,7 @@ def test_missing_scikit_learn_gives_the_extra_message(monkeypatch):
         assert str(info.value) == ANALYSIS_EXTRA_MESSAGE
         assert isinstance(info.value, MoEERefError)
     assert ANALYSIS_EXTRA_MESSAGE == (
-        "moee analyze complementarity needs scikit-learn, the optional analysis extra: pip install 'moee-ref[analysis]'"
+        "moee analyze complementarity needs scikit-learn, the optional analysis extra: pip install scikit-learn (in a clone of moee-ref: pip install -e '.[analysis]')"
     )
     # The numpy-only statistics still work.
     assert pairwise_jaccard([0, 1, 1], [0, 1, 1]) == 1.0

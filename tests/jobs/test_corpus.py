@@ -375,7 +375,7 @@ def test_parquet_without_pyarrow_is_refused_before_the_work(capsys, monkeypatch,
     monkeypatch.setattr(cli, "load_embedder", lambda ns: pytest.fail("the model was loaded before the format was checked"))
     code, err = embed(capsys, checkpoint, texts_file, tmp_path / "v.parquet")
     assert (code, err.strip()) == (1, f"moee embed: error: the output {tmp_path}/v.parquet: Parquet files need the optional "
-                                      "pyarrow package: pip install 'moee-ref[parquet]'")
+                                      "pyarrow package: pip install pyarrow (in a clone of moee-ref: pip install -e '.[parquet]')")
 
 
 def test_the_ray_engine_without_ray_says_how_to_install_it(capsys, monkeypatch, checkpoint, texts_file, tmp_path):
@@ -383,7 +383,7 @@ def test_the_ray_engine_without_ray_says_how_to_install_it(capsys, monkeypatch, 
     monkeypatch.setitem(sys.modules, "ray.data", None)
     code, err = embed(capsys, checkpoint, texts_file, tmp_path / "v.npy", "--engine", "ray")
     assert (code, err.strip()) == (1, "moee embed: error: --engine ray needs the optional ray[data] package: "
-                                      "pip install 'moee-ref[distributed]'")
+                                      "pip install 'ray[data]' (in a clone of moee-ref: pip install -e '.[distributed]')")
     assert os.listdir(tmp_path) == ["texts.txt"]
 
 
