@@ -136,7 +136,8 @@ def load_config_flag(ns):
         if name == "alpha":
             changed = getattr(ns, "alpha_given", False)
         else:
-            changed = getattr(ns, dest, keywords.get("default")) != keywords.get("default")
+            default = keywords.get("default", False if keywords.get("action") == "store_true" else None)
+            changed = getattr(ns, dest, default) != default
         if changed:
             given.append(flags[0])
     if given:

@@ -604,7 +604,7 @@ def check_standardizer_widths(embedder, spec) -> None:
     for item in spec.standardizers:
         if item.width != widths[item.kind]:
             raise InputError(f"the {item.kind} standardizer is {item.width} wide, this model's {item.kind.upper()} is "
-                             f"{widths[item.kind]} (with these --rw-layers): fit it on this model's features")
+                             f"{widths[item.kind]} wide (with these --rw-layers): fit it on this model's features")
 
 
 def check_rows(embedder, spec, records, on_error: str, log):
@@ -672,8 +672,7 @@ def check_batch_memory(embedder, lengths: list[int], batch_size: int, memory_lim
             fits //= 2
         raise InputError(
             f"--batch-size {batch_size}: the longest batch's activations would take about {format_bytes(estimate)}, more than half "
-            f"of the {format_bytes(available, up=False)} available ({where}); use --batch-size {fits} or less "
-            "(the vectors do not depend on it)"
+            f"of the {format_bytes(available, up=False)} available ({where}); use --batch-size {fits} or less"
         )
 
 

@@ -249,8 +249,8 @@ def test_jsonl_texts_use_the_text_field_by_default(tmp_path):
         read_texts(path, "body")
 
 
-def test_field_turns_any_file_into_jsonl(tmp_path):
-    path = write(tmp_path / "docs.txt", '{"body": "a"}\n{"body": "b"}\n')
+def test_field_reads_a_file_without_a_known_suffix_as_jsonl(tmp_path):
+    path = write(tmp_path / "docs", '{"body": "a"}\n{"body": "b"}\n')
     assert read_texts(path, "body") == ["a", "b"]
     assert read_texts(path) == ['{"body": "a"}', '{"body": "b"}']
 

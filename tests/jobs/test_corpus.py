@@ -93,7 +93,7 @@ def test_a_chunked_job_gives_the_bytes_of_one_encode(capsys, checkpoint, embedde
     expected = embedder.encode(TEXTS, options.get("--kind", "moee-sum"), prompt=options.get("--prompt"),
                                alpha=alpha if alpha == "auto" else float(alpha), batch_size=BATCH)
     assert np.load(output).tobytes() == expected.tobytes()
-    assert sorted(os.listdir(tmp_path)) == ["texts.txt", "v.npy"]  # the parts directory is gone
+    assert sorted(os.listdir(tmp_path)) == ["texts.txt", "v.npy", "v.npy.json"]  # the parts directory is gone
 
 
 def test_official_and_streamed_jobs_are_chunk_size_independent(capsys, checkpoint, embedder, texts_file, tmp_path):
@@ -200,7 +200,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_bytes(capsys, checkpoint, t
     saved = {"chunk": 8 * count if chunking else 8, "record": 16, "output": 40}[where]
     assert err.splitlines()[0] == f"moee embed: resuming: {saved} of 40 rows are saved in {output}.parts ({saved // 8 if where != 'output' else 3} chunks)"
     assert output.read_bytes() == reference.read_bytes()
-    assert [p.name for p in out_dir.iterdir()] == ["v.npy"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["v.npy", "v.npy.json"]
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +230,8 @@ def test_a_resume_with_another_model_option_or_input_is_refused(capsys, monkeypa
     )
     code, err = embed(capsys, checkpoint, texts_file, output, "--resume", "--kind", "hs", "--prompt", "prompteol")
     assert code == 1
-    assert ("this command differs from the job saved in " + str(parts) + ": settings.kind is \"hs\" here, \"moee-sum\" in the saved "
+    assert ("this command differs from the job saved in " + str(parts) + ": settings.alpha is null here, 1.0 in the saved job; "
+            "settings.kind is \"hs\" here, \"moee-sum\" in the saved "
             "job; settings.prompt is \"prompteol\" here, null in the saved job.") in err
     changed = tmp_path / "changed.txt"
     changed.write_text("\n".join(TEXTS[:-1] + ["another text"]) + "\n")
@@ -343,9 +344,9 @@ def test_parquet_output_and_parquet_and_csv_inputs(capsys, checkpoint, texts_fil
     code, err = embed(capsys, checkpoint, texts_file, tmp_path / "v.parquet", "--chunk-size", "16")
     assert code == 0, err
     table = pq.read_table(tmp_path / "v.parquet")
-    assert table.schema.names == ["id", "text_sha256", "embedding"]
+    assert table.schema.names == ["row", "text_sha256", "embedding"]
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 128)
-    assert table.column("id").to_pylist() == list(range(40))
+    assert table.column("row").to_pylist() == list(range(40))
     assert table.column("text_sha256").to_pylist() == [hashlib.sha256(t.encode()).hexdigest() for t in TEXTS]
     assert np.asarray(table.column("embedding").to_pylist(), np.float32).tobytes() == vectors.tobytes()
 
@@ -360,11 +361,11 @@ def test_parquet_output_and_parquet_and_csv_inputs(capsys, checkpoint, texts_fil
     assert err.strip() == (f"moee embed: error: {tmp_path}/in.parquet: no column 'text' (columns: doc, n); "
                            "name the text column with --text-field")
     code, err = embed(capsys, checkpoint, tmp_path / "in.csv", tmp_path / "x.npy", "--field", "body")
-    assert err.strip() == (f"moee embed: error: {tmp_path}/in.csv, line 1: no column 'body' (columns: n, doc); "
+    assert err.strip() == (f"moee embed: error: {tmp_path}/in.csv, line 1 (the header): no column 'body' (columns: n, doc); "
                            "name the text column with --text-field")
     pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "nulls.parquet")
     code, err = embed(capsys, checkpoint, tmp_path / "nulls.parquet", tmp_path / "x.npy")
-    assert err.strip() == f"moee embed: error: {tmp_path}/nulls.parquet: column 'text' is null at row 1 (1 nulls); fill or drop those rows"
+    assert err.strip() == (f"moee embed: error: {tmp_path}/nulls.parquet, row 2: column 'text' is null")
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     code, err = embed(capsys, checkpoint, tmp_path / "ints.parquet", tmp_path / "x.npy")
     assert err.strip() == f"moee embed: error: {tmp_path}/ints.parquet: column 'text' holds int64, not strings"
