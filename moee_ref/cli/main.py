@@ -253,8 +253,6 @@ def cmd_eval_sts(ns) -> int:
     from ..io.inputs import read_pairs
     from ..evaluation.sts import evaluate_sts, evaluate_sts_official, format_sts_table
 
-    if ns.alpha == "auto":
-        raise UsageError("--alpha sets the fixed alpha row; the auto row is always reported")
     official = check_mode_flags(ns, feature_options(ns), [("--dev-pairs", ns.dev_pairs)])
     if official and ns.instruction == "e5":
         from ..embedding.official_tasks import STS
@@ -547,6 +545,9 @@ def _quiet_stdout() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # without building the parser (which imports torch)
+        print(f"moee {__version__}")
+        return 0
     parser = build_parser()
     ns = parser.parse_args(argv)
     command = " ".join(filter(None, [ns.command, getattr(ns, "suite", None)]))
