@@ -392,7 +392,7 @@ def test_auto_alpha_without_pairs_uses_pairs_among_the_texts(olmoe):
     expected = alpha_over_all_pairs(olmoe.encode(TEXTS, "hs"), olmoe.encode(TEXTS, "rw"))
     assert choice == expected and choice.criterion == UNSUPERVISED_CRITERION
     np.testing.assert_array_equal(olmoe.encode(TEXTS, "moee-sum", alpha="auto"), vectors)
-    with pytest.raises(InputError, match="alpha='auto' needs at least 3 texts"):
+    with pytest.raises(InputError, match="alpha='auto' needs at least 8 distinct texts to choose alpha reliably, got 2"):
         olmoe.encode(TEXTS[:2], "moee-sum", alpha="auto")
 
 

@@ -66,7 +66,9 @@ def test_the_cli_on_a_local_ray_runtime_gives_the_local_job_in_input_order(check
     import json
 
     records = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [r["index"] for r in records] == list(range(96)) and [r["text"] for r in records] == TEXTS
+    assert records[0]["moee_ref.provenance"]["computed"]["engine"] == "ray"
+    records = records[1:]
+    assert [r["row"] for r in records] == list(range(96)) and [r["text"] for r in records] == TEXTS
     assert_float32_close(np.array([r["embedding"] for r in records], np.float32), local_vectors)
     assert sorted(os.listdir(tmp_path)) == ["ray.jsonl", "texts.txt"]
 
