@@ -24,6 +24,8 @@ DEMO_TEXTS = [
     "Shares dropped steeply this afternoon.",
     "A cat is sleeping on the sofa.",
     "The weather is cold and rainy.",
+    "A kitten naps on the couch.",
+    "It is a warm and sunny day.",  # eight distinct texts: what alpha "auto" needs to choose
 ]
 
 # Hand-made pairs with similarity scores 0-5, in the STS format.

@@ -253,11 +253,12 @@ class CorpusJob:
             return f"all {rows} rows are saved in {self.parts}: the same command with --resume writes the output"
         return f"{saved} of {rows} rows are saved in {self.parts}: run the same command with --resume to continue"
 
-    def failed(self) -> None:
-        """After an error: a job this process started and saved nothing of is removed; saved work is kept and said."""
+    def failed(self, note: bool = True) -> None:
+        """After an error: a job this process started and saved nothing of is removed; saved work is kept and said
+        (note=False: the error said how to go on already)."""
         if self.created and not self.saved_rows():
             self.remove()
-        elif self.started and self.parts.is_dir() and self.saved_rows():  # not after a refusal: nothing ran
+        elif note and self.started and self.parts.is_dir() and self.saved_rows():  # not after a refusal: nothing ran
             self.log(f"note: {self.saved_rows()} of {self.manifest['rows']} rows are saved in {self.parts}; "
                      "after fixing the cause, run the same command with --resume")
         self.close()
@@ -562,9 +563,10 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
             try:
                 result = pipeline.finish(embedder, pipeline.Features(hs, rw, truncated), spec, batch_size=batch_size)
             except InputError as exc:
-                raise InputError(f"{exc}. Every row is computed and saved in {job.parts}: with an option that does not change "
-                                 f"the rows (--alpha, --kind, --normalize, --standardizer), remove {job.parts} and run again; "
-                                 "only the same command resumes") from exc
+                error = InputError(f"{exc}. Every row is computed and saved in {job.parts}, but --resume takes only the same "
+                                   f"options: to change them, remove {job.parts} and run again")
+                error.recovery_said = True
+                raise error from exc
         report = result.report
         report.skipped = records.bad
         computed = job.done_rows - (job.resumed_rows or 0)
@@ -586,8 +588,8 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
         if scratch is not None:
             scratch.cleanup()
         raise
-    except BaseException:
-        job.failed()
+    except BaseException as exc:
+        job.failed(note=not getattr(exc, "recovery_said", False))
         if scratch is not None:
             scratch.cleanup()
         raise

@@ -932,7 +932,7 @@ def test_demo_builds_once_and_runs_every_step(runs, workdir):
         report = first.stdout.split(f"$ moee verify --model {root / f'tiny-{family}'}\n")[1].split("\n\n")[0].splitlines()
         assert re.fullmatch(rf"{family}: \d+ real tokens compared, float32", report[0]) and report[-1] == "PASS", report
     assert "\nDone. The checkpoints stay in" in first.stdout
-    assert load_npy(root / "embeddings.npy").shape == (6, 128)
+    assert load_npy(root / "embeddings.npy").shape == (8, 128)
 
     ok(second)
     assert "building" not in second.stderr

@@ -342,3 +342,21 @@ def test_a_batch_whose_activations_would_not_fit_is_refused_before_it_runs(capsy
     assert code == 1
     assert err.startswith("moee embed: error: --batch-size 2000: the longest batch's activations would take about ")
     assert re.search(r"more than half of the 1\.9 MiB available \(MemAvailable\); use --batch-size [1-9] or less\n$", err), err
+
+
+def test_an_error_after_the_rows_says_a_way_on_that_works(capsys, monkeypatch, checkpoint, docs, tmp_path):
+    from moee_ref.embedding import pipeline
+    from moee_ref.errors import InputError
+
+    def fails(*args, **kwargs):
+        raise InputError("sim_hs is constant, so its ranking carries no information and alpha is undefined")
+
+    monkeypatch.setattr(pipeline, "finish", fails)
+    code, err = embed(capsys, checkpoint, docs, tmp_path / "v.npy", "--text-field", "body")
+    parts = tmp_path / "v.npy.parts"
+    assert (code, err) == (1, "moee embed: error: sim_hs is constant, so its ranking carries no information and alpha is undefined. "
+                              f"Every row is computed and saved in {parts}, but --resume takes only the same options: to change "
+                              f"them, remove {parts} and run again\n")
+    monkeypatch.undo()
+    code, err = embed(capsys, checkpoint, docs, tmp_path / "v.npy", "--text-field", "body", "--resume")  # the way it names works
+    assert code == 0, err
