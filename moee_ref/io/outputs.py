@@ -116,9 +116,9 @@ class Table:
     def row_numbers(self) -> list[int]:
         return list(range(len(self.vectors))) if self.rows is None else [int(r) for r in self.rows]
 
-    def columns(self) -> dict[str, list]:
+    def columns(self, rows: bool = True) -> dict[str, list]:
         """row, id (where the input had one) and the kept fields, in that order."""
-        return {"row": self.row_numbers(), **({"id": self.ids} if self.ids is not None else {}), **self.fields}
+        return {**({"row": self.row_numbers()} if rows else {}), **({"id": self.ids} if self.ids is not None else {}), **self.fields}
 
 
 @dataclass(frozen=True)
@@ -162,9 +162,9 @@ def _write_jsonl(handle, table: Table) -> None:
     """The provenance as the first record ({"moee_ref.provenance": {...}}), then one record a row."""
     if table.provenance is not None:
         handle.write((json.dumps({PROVENANCE_KEY: table.provenance}) + "\n").encode())
-    columns = table.columns()
-    for i, vector in enumerate(table.vectors):
-        record = {name: values[i] for name, values in columns.items()}
+    columns = {name: values for name, values in table.columns(rows=False).items()}
+    for i, vector in enumerate(table.vectors):  # vectors may be any iterable of rows
+        record = {"row": i if table.rows is None else int(table.rows[i]), **{name: values[i] for name, values in columns.items()}}
         if table.texts is not None:
             record["text"] = table.texts[i]
         record["embedding"] = [float(x) for x in vector]
@@ -313,7 +313,8 @@ def output_format(path: str, fmt: str | None) -> str:
                          f"drop --format, or name the output for {fmt}")
     fmt = fmt or by_suffix
     if not fmt:
-        raise InputError(f"{path}: cannot tell the output format from the name; pass --format {', '.join(FORMATS)}")
+        names = list(FORMATS)
+        raise InputError(f"{path}: cannot tell the output format from the name; pass --format {', '.join(names[:-1])} or {names[-1]}")
     if FORMATS[fmt].needs_pyarrow:
         require_pyarrow(f"the output {path}")  # before the work, not after it
     return fmt

@@ -585,7 +585,7 @@ def test_embed_failure_keeps_the_existing_output(runs, workdir):
     d = workdir / "embed"
     one_line_error(
         runs["embed gap"], 1,
-        "moee embed: error: text at index 1 is empty or whitespace only; remove it, or pass allow_empty=True "
+        f"moee embed: error: {d / 'gap.txt'}, line 2: the text is empty or whitespace only; remove it, or pass allow_empty=True "
         "(--allow-empty on the command line) to embed the prompt around an empty text",
     )
     assert (d / "keep.npy").read_bytes() == b"previous results"

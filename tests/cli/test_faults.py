@@ -151,7 +151,7 @@ def test_stop_signal_leaves_no_partial_output_and_no_spill_file(checkpoint, tmp_
     reference = out_dir / "reference.npy"
     assert cli.main([str(a) for a in embed_args(checkpoint, texts_file, reference, spill_dir)]) == 0
     assert output.read_bytes() == reference.read_bytes()
-    assert sorted(os.listdir(out_dir)) == ["reference.npy", "vectors.npy"]
+    assert sorted(os.listdir(out_dir)) == ["reference.npy", "reference.npy.json", "vectors.npy", "vectors.npy.json"]
 
 
 def test_an_ignored_stop_signal_stays_ignored():
@@ -393,7 +393,7 @@ def test_unknown_from_pretrained_option_is_refused_before_loading(tmp_path, monk
         MoEEmbedder.from_pretrained(tmp_path, dtpye="float32")
     assert str(info.value) == (
         "from_pretrained() got unknown option(s) 'dtpye' (did you mean 'dtype'?); it takes source, dtype, int8, "
-        "memory_budget, spill_dir, packed, memory_limit, device, fit, batch_size, share_prefix, prompts, default_prompt_name"
+        "memory_budget, spill_dir, packed, memory_limit, device, fit, config, batch_size, share_prefix, prompts, default_prompt_name"
     )
 
 
