@@ -119,7 +119,7 @@ def embed_spec(ns, options):
 
 
 def embed_on_ray(ns, fmt: str, options) -> int:
-    """The same job on Ray Data (distributed.py): a local Ray runtime, or the cluster at --ray-address."""
+    """The same job on Ray Data (jobs/ray_engine.py): a local Ray runtime, or the cluster at --ray-address."""
     from ..io.inputs import read_texts
     from ..jobs.ray_engine import embed_dataset, gather, ray_runtime, require_ray, texts_dataset
     from ..io.outputs import check_output_path, write_embeddings

@@ -311,7 +311,7 @@ class MoEEmbedder:
         row_names: Sequence[int] | None = None,
     ) -> Features:
         """HS and RW for every text, computed batch by batch in length order and returned in input order.
-        row_names: the index an error names each text by (corpus.py's chunks: its row in the whole corpus)."""
+        row_names: the index an error names each text by (jobs/corpus.py chunks: its row in the whole corpus)."""
         options = options or FeatureOptions()
         options.check()
         texts = _check_texts(texts, options.allow_empty)
@@ -353,7 +353,7 @@ class MoEEmbedder:
         token left out, after the checks features() makes (empty or over-long texts refused).
 
         features() of the texts at rows[i:j], in that order, batches them exactly as features() of all the texts
-        batches that stretch when i and j are multiples of the batch size: corpus.py computes a corpus in such
+        batches that stretch when i and j are multiples of the batch size: jobs/corpus.py computes a corpus in such
         chunks with the very batches, so the very vectors, of one call."""
         options.check()
         texts = _check_texts(texts, options.allow_empty)
