@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -206,12 +207,18 @@ def test_loading_imports_nothing_outside_st_and_moee_ref(model, tmp_path):
 
 
 def test_multi_process_pool(model):
+    """One CPU worker (it loads the checkpoint again); bounded: a worker that dies would leave encode waiting."""
     pool = model.start_multi_process_pool(["cpu"])
+    found = {}
+    worker = threading.Thread(target=lambda: found.update(vectors=model.encode(TEXTS, pool=pool, batch_size=2, chunk_size=3)),
+                              daemon=True)
     try:
-        vectors = model.encode(TEXTS, pool=pool, batch_size=2, chunk_size=3)
+        worker.start()
+        worker.join(timeout=240)
     finally:
         model.stop_multi_process_pool(pool)
-    close(vectors, model.encode(TEXTS))  # the worker loads the checkpoint again: its own threads, float32 rounding
+    assert "vectors" in found, "the pool gave no result in 240 s"
+    close(found["vectors"], model.encode(TEXTS))  # the worker's own threads: float32 rounding
 
 
 def test_device_max_seq_length_and_to(model, embedder):
