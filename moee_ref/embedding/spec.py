@@ -139,8 +139,6 @@ class EmbedSpec:
         """What identifies these settings' vectors (JSON-able): every setting, standardizers by digest."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "standardizers"}
         values["rw_layers"] = None if self.rw_layers is None else list(self.rw_layers)
-        if not get_kind(self.kind).uses_alpha:
-            values["alpha"] = None  # ignored by this kind: it changes none of its vectors
         values["standardizers"] = standardizer_digest(self.standardizers) if self.standardizers else None
         return values
 
