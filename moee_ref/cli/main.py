@@ -110,8 +110,7 @@ def cmd_embed(ns) -> int:
         return 0
     alpha = f", alpha {report.alpha:.4g}" if report.alpha is not None else ""
     batches = f", the authors' pipeline in batches of {report.batch_size}" if spec.official else ""
-    texts_rate, tokens_rate = getattr(report, "rate", (None, None))
-    rate = f"; {texts_rate:.1f} texts/s, {tokens_rate:.0f} tokens/s" if texts_rate else ""
+    rate = f"; {report.texts_per_second:.1f} texts/s, {report.tokens_per_second:.0f} tokens/s" if report.texts_per_second else ""
     print(f"embedded {len(result.vectors)} texts as {spec.kind} ({result.vectors.shape[1]} dims{alpha}) in {report.dtype}{batches} "
           f"-> {ns.output}{rate}", file=sys.stderr)
     if ns.save_config:
@@ -158,7 +157,7 @@ def embed_spec(ns, options):
 
 
 def embed_on_ray(ns, fmt: str, options, config=None) -> int:
-    """The same job on Ray Data (distributed.py): a local Ray runtime, or the cluster at --ray-address."""
+    """The same job on Ray Data (jobs/ray_engine.py): a local Ray runtime, or the cluster at --ray-address."""
     from ..io.inputs import read_records
     from ..jobs.ray_engine import embed_dataset, gather, ray_runtime, require_ray, texts_dataset
     from ..io.outputs import check_output_path, write_embeddings

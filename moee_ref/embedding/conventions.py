@@ -1,8 +1,9 @@
-"""sentence-transformers' conventions on MoEEmbedder.encode: named prompts, output types, precision.
+"""sentence-transformers' conventions on MoEEmbedder.encode: prompts, output types, precision, similarity.
 
-Where the two libraries mean different things, both are accepted: moee-ref's `prompt=` is a built-in
-name or a template holding {text}; a sentence-transformers `prompts` mapping holds prefixes ("query: "),
-which become the template "query: {text}" (an entry holding {text}, or a built-in name, is kept as it is).
+Where the two libraries mean different things, both are accepted: moee-ref's prompt is a built-in name or a
+template holding {text}; sentence-transformers' prompts are prefixes ("query: "), which become the template
+"query: {text}". That holds for `prompt=` and for the entries of a `prompts` mapping alike; one bare word that
+is no built-in name is refused as a mistyped name, never taken as a prefix.
 """
 
 from __future__ import annotations
@@ -17,6 +18,20 @@ from ..errors import InputError
 from .prompts import BUILTIN_PROMPTS, PLACEHOLDER, _lookup_builtin
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+# sentence-transformers' similarity functions (its SimilarityFunction values): euclidean and manhattan are the
+# negative distances, so that a larger score is more similar everywhere.
+SIMILARITY_FNS = ("cosine", "dot", "euclidean", "manhattan")
+
+
+def as_template(prompt):
+    """A prompt option as a template: a built-in name or a template is kept, a prefix ("query: ", also "")
+    becomes prefix + {text}. One bare word that is no built-in name stays as it is, for resolve_prompt to
+    refuse as an unknown name (a mistyped name must not become a prefix)."""
+    if not isinstance(prompt, str) or PLACEHOLDER in prompt or _lookup_builtin(prompt, BUILTIN_PROMPTS) is not None:
+        return prompt
+    if re.fullmatch(r"[A-Za-z0-9_-]+", prompt):
+        return prompt
+    return prompt + PLACEHOLDER
 
 
 def check_prompts(prompts, default_prompt_name) -> dict[str, str]:
@@ -44,28 +59,42 @@ def named_prompt(prompts: dict[str, str], prompt_name: str | None, prompt: str |
     if name is None and prompt is None:
         name = default_prompt_name
     if name is None:
-        return prompt
+        return as_template(prompt)
     if name not in prompts:
         raise InputError(f"prompt_name {name!r} is not in this embedder's prompts ({', '.join(prompts) or 'none set'}); "
                          "pass prompts={...} to MoEEmbedder or from_pretrained")
-    value = prompts[name]
-    if PLACEHOLDER in value or _lookup_builtin(value, BUILTIN_PROMPTS) is not None:
-        return value
-    return value + PLACEHOLDER  # a sentence-transformers prefix
+    return as_template(prompts[name])
+
+
+def check_truncate_dim(truncate_dim, kind, width: int) -> None:
+    """truncate_dim keeps the first d columns (Matryoshka style): defined for one-part kinds (hs, rw). A kind of
+    several parts side by side ([HS; RW]) is refused below its full width: the cut would keep HS and drop RW."""
+    if truncate_dim is None:
+        return
+    if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or not 1 <= truncate_dim <= width:
+        raise InputError(f"truncate_dim must be an integer in [1, {width}] (this kind's width), got {truncate_dim!r}")
+    if kind.parts > 1 and truncate_dim < width:
+        raise InputError(
+            f"truncate_dim={truncate_dim} is refused for kind {kind.name!r}: its vectors are [HS; RW] side by side, so "
+            f"keeping the first {truncate_dim} of {width} columns drops the routing weights (all or part of them) and "
+            "changes what the similarity measures; truncate kind 'hs' or 'rw', or make moee vectors narrower with "
+            "rw_layers= (fewer MoE layers)"
+        )
 
 
 def truncated(vectors: np.ndarray, truncate_dim: int | None) -> np.ndarray:
     if truncate_dim is None:
         return vectors
-    width = vectors.shape[-1]
-    if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or not 1 <= truncate_dim <= width:
-        raise InputError(f"truncate_dim must be an integer in [1, {width}] (this kind's width), got {truncate_dim!r}")
     return np.ascontiguousarray(vectors[..., :truncate_dim])
 
 
-def check_precision(precision) -> None:
+def check_precision(precision) -> str:
+    """The precision, None read as float32 (sentence-transformers passes None for no quantisation)."""
+    if precision is None:
+        return "float32"
     if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)} (or None: float32), got {precision!r}")
+    return precision
 
 
 def quantized(vectors: np.ndarray, precision: str) -> np.ndarray:
@@ -97,3 +126,64 @@ def converted(vectors: np.ndarray, convert_to_numpy: bool, convert_to_tensor: bo
         rows = torch.from_numpy(np.ascontiguousarray(vectors))
         return list(rows) if rows.dim() == 2 else rows
     return vectors
+
+
+def check_similarity_fn_name(name) -> str:
+    """One of SIMILARITY_FNS (sentence-transformers' SimilarityFunction members are taken by their value)."""
+    value = getattr(name, "value", name)
+    if value not in SIMILARITY_FNS:
+        raise InputError(f"similarity_fn_name must be one of {', '.join(SIMILARITY_FNS)}, got {name!r}")
+    return value
+
+
+def _rows(x) -> np.ndarray:
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return np.atleast_2d(array.astype(np.float64))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def _as_input(scores: np.ndarray, a, b):
+    """float32 scores, a tensor (on a's device) when either input is a tensor, else numpy."""
+    scores = scores.astype(np.float32)
+    tensor = next((x for x in (a, b) if isinstance(x, torch.Tensor)), None)
+    return torch.from_numpy(scores).to(tensor.device) if tensor is not None else scores
+
+
+def similarity_matrix(a, b, name: str):
+    """[len(a), len(b)] scores of `name` as sentence-transformers computes them (cosine of a zero vector: 0),
+    in float64, returned float32; tensors in, a tensor out."""
+    x, y = _rows(a), _rows(b)
+    if x.shape[1] != y.shape[1]:
+        raise InputError(f"cannot compare embeddings of width {x.shape[1]} and {y.shape[1]}")
+    if name == "cosine":
+        scores = _unit(x) @ _unit(y).T
+    elif name == "dot":
+        scores = x @ y.T
+    elif name == "euclidean":
+        squared = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * (x @ y.T)
+        scores = -np.sqrt(np.maximum(squared, 0))
+    else:
+        step = max(1, 2**24 // max(1, len(y) * x.shape[1]))  # rows of a per chunk: about 128 MiB of differences
+        scores = np.concatenate([-np.abs(x[i : i + step, None] - y[None]).sum(-1) for i in range(0, len(x), step)]
+                                or [np.zeros((0, len(y)))])
+    return _as_input(scores, a, b)
+
+
+def similarity_rows(a, b, name: str):
+    """[N] scores of `name` of each row of a with the same row of b; tensors in, a tensor out."""
+    x, y = _rows(a), _rows(b)
+    if x.shape != y.shape:
+        raise InputError(f"pairwise similarity needs embeddings of the same shape, got {x.shape} and {y.shape}")
+    if name == "cosine":
+        scores = (_unit(x) * _unit(y)).sum(1)
+    elif name == "dot":
+        scores = (x * y).sum(1)
+    elif name == "euclidean":
+        scores = -np.sqrt(((x - y) ** 2).sum(1))
+    else:
+        scores = -np.abs(x - y).sum(1)
+    return _as_input(scores, a, b)

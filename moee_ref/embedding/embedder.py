@@ -23,7 +23,10 @@ import torch
 
 from . import pipeline
 from .alpha import AlphaChoice
-from .conventions import check_precision, check_prompts, converted, named_prompt, quantized, truncated
+from .conventions import (
+    check_precision, check_prompts, check_similarity_fn_name, check_truncate_dim, converted, named_prompt, quantized,
+    similarity_matrix, similarity_rows, truncated,
+)
 from .kinds import KINDS, combine, get_kind, normalize_rows, pool
 from .pipeline import EncodeReport, Features, alpha_over_all_pairs, apply_standardizers, choose_alpha  # noqa: F401  (their API)
 from .prompts import apply_prompt, list_prompts, resolve_prompt
@@ -60,6 +63,8 @@ class MoEEmbedder:
         self.last_report = EncodeReport()
         self.load_note: str | None = None  # from_pretrained(fit="auto"): the mode chosen instead of the one asked for
         self.config: EmbedSpec | None = None  # from_pretrained(config=): the settings encode() defaults to
+        self._max_seq_length: int | None = None  # None: the model's max_position_embeddings
+        self._similarity_fn_name = "cosine"
 
     @classmethod
     def from_pretrained(
@@ -144,6 +149,29 @@ class MoEEmbedder:
     def args(self):
         return self.model.args
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes."""
+        return self.model.device
+
+    def to(self, device: str | torch.device) -> "MoEEmbedder":
+        """Move the model to `device` ("cpu", "cuda", "cuda:N"; checked as from_pretrained checks it); returns self.
+        The layer-streamed mode computes each layer there from then on; oneDNN-packed weights stay on the CPU."""
+        device = resolve_device(device)
+        if device == self.model.device:
+            return self
+        if self.streamed:
+            if getattr(self.model, "packed", False) and device.type != "cpu":
+                raise InputError("packed weights are oneDNN's CPU layout; load with packed=False to move to a CUDA device")
+            self.model.device = device
+            return self
+        if self.model.packed:
+            raise InputError("packed weights are oneDNN's CPU layout; load with packed=False to move the model off the CPU")
+        with self.model._prefix_lock:
+            self.model.to(device)
+            self.model._prefix = None  # the cached prefix keys and values lie on the old device
+        return self
+
     @staticmethod
     def list_prompts() -> list[tuple[str, str]]:
         return list_prompts()
@@ -172,7 +200,7 @@ class MoEEmbedder:
         normalize_embeddings: bool = False,
         prompt_name: str | None = None,
         truncate_dim: int | None = None,
-        precision: str = "float32",
+        precision: str | None = "float32",
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
         **feature_options,
@@ -180,6 +208,9 @@ class MoEEmbedder:
         """Embed texts; returns float32 [len(texts), dim] in input order (one text as a str: its [dim] vector).
 
         texts: a list or tuple of str, a 1-D numpy array of str, or a single str (as sentence-transformers takes them).
+        kind: the second positional argument (where sentence-transformers has prompt_name): hs, rw, moee-concat or
+        moee-sum (the registry of kinds.py).
+        prompt: a built-in name, a template holding {text}, or a prefix such as "query: " (prefix + {text}).
         alpha (moee-sum only): a number >= 0; "auto" for the label-free choice
         of section 3.3 over the unlabeled pairs `alpha_pairs` (or, without
         them, over pairs among `texts`); or an AlphaChoice from select_alpha().
@@ -187,9 +218,11 @@ class MoEEmbedder:
         applied before the components are combined.
         normalize / normalize_embeddings (sentence-transformers' spelling): scale each output vector to unit length.
         feature_options: the other fields of FeatureOptions (pooling, hs_layer, rw_values, rw_layers, allow_empty).
+        max_length: the token budget per text; None: max_seq_length (the model's length unless set).
         As sentence-transformers has them (embedding/conventions.py): prompt_name (a key of `prompts`),
-        truncate_dim (the first d dimensions, before normalizing), precision ("float32", "int8", "uint8",
-        "binary", "ubinary"), convert_to_tensor (one torch tensor), convert_to_numpy=False (a list of row tensors).
+        truncate_dim (the first d dimensions, before normalizing; for hs and rw only: moee-concat and moee-sum are
+        [HS; RW], and a cut would drop RW), precision ("float32" or None, "int8", "uint8", "binary", "ubinary"),
+        convert_to_tensor (one torch tensor), convert_to_numpy=False (a list of row tensors).
         The authors' own computation is moee_ref.encode_official, not an option here.
         """
         single = isinstance(texts, str)
@@ -198,8 +231,11 @@ class MoEEmbedder:
         elif isinstance(texts, np.ndarray) and texts.ndim == 1 and texts.dtype.kind in "UO":
             texts = texts.tolist()  # each item is still checked to be a str
         prompt = named_prompt(self.prompts, prompt_name, prompt, self.default_prompt_name)
+        max_length = self._max_seq_length if max_length is None else max_length
         options = FeatureOptions.from_keywords(feature_options, self.encode, prompt=prompt, max_length=max_length, truncation=truncation)
-        check_precision(precision)  # before the work, not after
+        precision = check_precision(precision)  # before the work, not after
+        if truncate_dim is not None:
+            check_truncate_dim(truncate_dim, get_kind(kind), self.dimension(kind, options.rw_layers))
         choice = alpha if isinstance(alpha, AlphaChoice) else None
         spec = EmbedSpec(kind=kind, alpha=choice.alpha if choice else alpha,
                          standardizers=standardizer, normalize=(normalize or normalize_embeddings) and truncate_dim is None,
@@ -243,18 +279,37 @@ class MoEEmbedder:
 
     @property
     def max_seq_length(self) -> int:
-        """The longest input in tokens, prompt included: the model's max_position_embeddings."""
-        return self.args.max_position_embeddings
+        """The token budget of encode() per text, prompt included: the model's max_position_embeddings unless set.
+        Setting it (None: back to the model's) changes encode()'s default max_length; a longer text is still an
+        error unless truncation= is given, as with max_length."""
+        return self.args.max_position_embeddings if self._max_seq_length is None else self._max_seq_length
 
-    similarity_fn_name = "cosine"  # what similarity() computes, as sentence-transformers names it
+    @max_seq_length.setter
+    def max_seq_length(self, value: int | None) -> None:
+        limit = self.args.max_position_embeddings
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit):
+            raise InputError(f"max_seq_length must be an integer in [1, {limit}] (the model's max_position_embeddings) "
+                             f"or None, got {value!r}")
+        self._max_seq_length = value
 
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine similarity matrix [len(a), len(b)] of two sets of embeddings (a zero vector scores 0)."""
-        return similarity(a, b)
+    @property
+    def similarity_fn_name(self) -> str:
+        """What similarity() and similarity_pairwise() compute, as sentence-transformers names it: "cosine" (the
+        default), "dot", "euclidean" or "manhattan" (negative distances)."""
+        return self._similarity_fn_name
 
-    def similarity_pairwise(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine of each row of a with the same row of b, [N] (a zero vector scores 0)."""
-        return cosine_rows(a, b).astype(np.float32)
+    @similarity_fn_name.setter
+    def similarity_fn_name(self, value) -> None:
+        self._similarity_fn_name = check_similarity_fn_name(value)
+
+    def similarity(self, a, b):
+        """Score matrix [len(a), len(b)] of two sets of embeddings by similarity_fn_name (cosine of a zero vector: 0);
+        float32, a torch tensor when either input is one, else numpy."""
+        return similarity_matrix(a, b, self.similarity_fn_name)
+
+    def similarity_pairwise(self, a, b):
+        """similarity_fn_name of each row of a with the same row of b, [N]; a tensor when either input is one."""
+        return similarity_rows(a, b, self.similarity_fn_name)
 
     # ------------------------------------------------------------- ingredients
 
@@ -268,7 +323,7 @@ class MoEEmbedder:
         row_names: Sequence[int] | None = None,
     ) -> Features:
         """HS and RW for every text, computed batch by batch in length order and returned in input order.
-        row_names: the index an error names each text by (corpus.py's chunks: its row in the whole corpus)."""
+        row_names: the index an error names each text by (jobs/corpus.py chunks: its row in the whole corpus)."""
         options = options or FeatureOptions()
         options.check()
         texts = _check_texts(texts, options.allow_empty)
@@ -310,7 +365,7 @@ class MoEEmbedder:
         token left out, after the checks features() makes (empty or over-long texts refused).
 
         features() of the texts at rows[i:j], in that order, batches them exactly as features() of all the texts
-        batches that stretch when i and j are multiples of the batch size: corpus.py computes a corpus in such
+        batches that stretch when i and j are multiples of the batch size: jobs/corpus.py computes a corpus in such
         chunks with the very batches, so the very vectors, of one call."""
         options.check()
         texts = _check_texts(texts, options.allow_empty)
@@ -478,11 +533,9 @@ def check_finite(outputs, texts_of: list[list[int]] | None, dtype: torch.dtype) 
     )
 
 
-def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
-    if a.shape[1] != b.shape[1]:
-        raise InputError(f"cannot compare embeddings of width {a.shape[1]} and {b.shape[1]}")
-    return (normalize_rows(a) @ normalize_rows(b).T).astype(np.float32)
+def similarity(a, b):
+    """Cosine similarity matrix [len(a), len(b)] (a zero vector scores 0); a tensor when either input is one."""
+    return similarity_matrix(a, b, "cosine")
 
 
 def read_positions(attention_mask: torch.Tensor, options: FeatureOptions) -> torch.Tensor | None:

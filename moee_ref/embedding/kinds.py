@@ -70,7 +70,9 @@ class Kind:
     uses_alpha: the vector is [HS part; sqrt(alpha) RW part] and a pair scores cos(HS) + alpha cos(RW)
     (the evaluations score such kinds part by part, and alpha can be chosen for them).
     official(hs, rw, alpha, ensemble): one batch's vectors as the authors' public code computes them, with its
-    per-batch standardisation (embedding/official.py); None for a kind their code does not have."""
+    per-batch standardisation (embedding/official.py); None for a kind their code does not have.
+    parts: how many feature blocks lie side by side in a vector ([HS; RW]: 2); truncate_dim, which keeps the
+    first columns, is defined for one-part kinds only (conventions.py `check_truncate_dim`)."""
 
     name: str
     vectors: Callable[[np.ndarray, np.ndarray, float | None], np.ndarray]
@@ -78,6 +80,7 @@ class Kind:
     uses_alpha: bool = False
     official: Callable[[np.ndarray, np.ndarray, float, str], np.ndarray] | None = None
     description: str = ""
+    parts: int = 1
 
 
 KINDS: dict[str, Kind] = {}
@@ -125,6 +128,6 @@ register(Kind("rw", lambda hs, rw, alpha: rw, lambda d_hs, d_rw: d_rw,
               official=lambda hs, rw, alpha, ensemble: standardize_per_batch(rw), description="routing weights of every MoE layer"))
 register(Kind("moee-concat", lambda hs, rw, alpha: np.concatenate([hs, rw], axis=1), lambda d_hs, d_rw: d_hs + d_rw,
               official=lambda hs, rw, alpha, ensemble: standardize_per_batch(np.concatenate([hs, rw], axis=1)),
-              description="[HS; RW]"))
+              description="[HS; RW]", parts=2))
 register(Kind("moee-sum", _sum_of_cosines, lambda d_hs, d_rw: d_hs + d_rw, uses_alpha=True, official=_official_sum,
-              description="[h/|h|; sqrt(alpha) r/|r|]: cos(HS) + alpha cos(RW)"))
+              description="[h/|h|; sqrt(alpha) r/|r|]: cos(HS) + alpha cos(RW)", parts=2))

@@ -40,6 +40,7 @@ import torch
 
 from .kinds import get_kind, normalize_rows
 from .official_tasks import OFFICIAL_BATCH_SIZE, instruction_prefix
+from .result import Result, new_report
 from .prompts import OFFICIAL_PROMPTS, _lookup_builtin, apply_official_prompt
 from .spec import ENSEMBLES, EmbedSpec, FeatureOptions, positive_int
 from ..errors import InputError
@@ -101,8 +102,6 @@ def encode_official(
 
 def run_official(embedder, texts: Sequence[str], spec: EmbedSpec, *, batch_size=None, show_progress_bar=None):
     """pipeline.run's official mode: a Result of the authors' computation for `spec`."""
-    from .pipeline import Result, new_report
-
     batches = official_batches(embedder, texts, spec.kind, prompt=spec.prompt, instruction=spec.instruction, alpha=spec.alpha,
                                ensemble=spec.ensemble, batch_size=batch_size, show_progress_bar=show_progress_bar)
     vectors = batches.vectors(spec.kind, float(spec.alpha), spec.ensemble)

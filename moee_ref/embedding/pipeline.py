@@ -10,7 +10,6 @@ Results are returned, never stored on the embedder: one embedder serves concurre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +17,8 @@ import numpy as np
 from ..errors import InputError
 from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervised
 from .kinds import combine, get_kind, normalize_rows
+from .official import run_official
+from .result import EncodeReport, Features, Result, new_report  # noqa: F401  (part of the pipeline's API)
 from .spec import EmbedSpec
 from .standardize import Standardizer
 from .stats import cosine_rows
@@ -29,35 +30,6 @@ MAX_AUTO_ALPHA_PAIRS = 20000
 MIN_AUTO_ALPHA_TEXTS = 8
 
 
-@dataclass
-class Features:
-    """Per text, the two raw ingredients of every kind."""
-
-    hs: np.ndarray  # [N, D] float32
-    rw: np.ndarray  # [N, L_used * E] float32
-    num_truncated: int = 0
-
-
-@dataclass
-class EncodeReport:
-    """What one call did, for callers and the command line."""
-
-    num_texts: int = 0
-    num_truncated: int = 0
-    alpha: float | None = None
-    alpha_choice: AlphaChoice | None = None
-    dtype: str | None = None  # the compute dtype that ran, and why it was chosen (kernels/precision.py)
-    dtype_reason: str | None = None
-    batch_size: int | None = None  # the official mode's: its per-batch standardisation depends on it
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Result:
-    vectors: np.ndarray  # float32 [N, dim] in input order
-    report: EncodeReport
-
-
 def run(embedder, texts: Sequence[str], spec: EmbedSpec, *, batch_size: int | None = None,
         show_progress_bar: bool | None = None, alpha_pairs=None, alpha_choice: AlphaChoice | None = None) -> Result:
     """Vectors of `spec` for `texts` on the embedder's model.
@@ -66,8 +38,6 @@ def run(embedder, texts: Sequence[str], spec: EmbedSpec, *, batch_size: int | No
     `texts`). alpha_choice: the AlphaChoice behind a numeric alpha, kept in the report."""
     spec.check()
     if spec.official:
-        from .official import run_official
-
         if alpha_pairs is not None:
             raise InputError("the official mode takes a fixed alpha, as the authors' code does; drop alpha_pairs")
         return run_official(embedder, texts, spec, batch_size=batch_size, show_progress_bar=show_progress_bar)
@@ -94,12 +64,6 @@ def finish(embedder, feats: Features, spec: EmbedSpec, *, alpha_pairs=None, alph
         report.alpha = alpha
     vectors = combine(hs, rw, spec.kind, alpha)
     return Result(normalize_rows(vectors) if spec.normalize else vectors, report)
-
-
-def new_report(embedder, num_texts: int, num_truncated: int = 0, **values) -> EncodeReport:
-    model = embedder.model
-    return EncodeReport(num_texts=num_texts, num_truncated=num_truncated, dtype=str(model.dtype).removeprefix("torch."),
-                        dtype_reason=model.dtype_reason, **values)
 
 
 def check_alpha_pairs(spec: EmbedSpec, alpha_pairs) -> None:

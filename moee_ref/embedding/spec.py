@@ -158,8 +158,6 @@ class EmbedSpec:
         """What identifies these settings' vectors (JSON-able): every setting, standardizers by digest."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "standardizers"}
         values["rw_layers"] = None if self.rw_layers is None else list(self.rw_layers)
-        if not get_kind(self.kind).uses_alpha:
-            values["alpha"] = None  # ignored by this kind: it changes none of its vectors
         values["standardizers"] = standardizer_digest(self.standardizers) if self.standardizers else None
         return values
 
@@ -176,6 +174,8 @@ def spec_to_json(spec: EmbedSpec, *, alpha: float | None = None, standardizers: 
         if value == "auto":
             raise InputError("alpha 'auto' is not chosen yet: write the spec out with the alpha the run used")
         values["alpha"] = float(value)
+    else:
+        values["alpha"] = None  # this kind does not use alpha: none was used
     if standardizers == "inline":
         values["standardizers"] = [{"kind": s.kind, "eps": s.eps, "mean": s.mean.tolist(), "std": s.std.tolist()}
                                    for s in spec.standardizers]

@@ -1,0 +1,1 @@
+"""Scoring embeddings: STS, MTEB, the paper's analyses, parity with transformers, pictures."""

@@ -1,0 +1,1 @@
+"""Reading texts and pairs in, writing embeddings out."""

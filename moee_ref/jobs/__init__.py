@@ -1,0 +1,1 @@
+"""Corpus jobs: the resumable local engine and the same job on Ray Data."""

@@ -570,8 +570,9 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
         report = result.report
         report.skipped = records.bad
         computed = job.done_rows - (job.resumed_rows or 0)
-        report.rate = (computed / seconds if seconds > 0 else None,
-                       sum(lengths[order[i]] for i in range(len(order) - computed, len(order))) / seconds if seconds > 0 else None)
+        if seconds > 0 and computed:
+            report.texts_per_second = computed / seconds
+            report.tokens_per_second = sum(lengths[order[i]] for i in range(len(order) - computed, len(order))) / seconds
         provenance = make_provenance(embedder, spec, source, report, records, identity, dim)
         from ..io.outputs import write_embeddings
 

@@ -1,5 +1,5 @@
 """What identifies a checkpoint and a fitted standardizer, cheaply: MTEB files results under it
-(mteb_wrapper.py) and a corpus job refuses to resume with another (corpus.py)."""
+(evaluation/mteb.py) and a corpus job refuses to resume with another (jobs/corpus.py)."""
 
 from __future__ import annotations
 

@@ -229,9 +229,10 @@ def test_unknown_prompt_name_lists_the_valid_names(olmoe):
         olmoe.encode(TEXTS[:2], prompt="promptEOLL")
 
 
-def test_template_without_placeholder_is_refused(olmoe):
-    with pytest.raises(InputError, match=r"contains no \{text\} placeholder"):
-        olmoe.encode(TEXTS[:2], prompt="Describe this sentence in one word:")
+def test_template_without_placeholder_is_a_prefix(olmoe):
+    """As in sentence-transformers: a prompt without {text} that is not one bare word is a prefix of the text."""
+    prefix = "Describe this sentence in one word:"
+    assert np.array_equal(olmoe.encode(TEXTS[:2], "hs", prompt=prefix), olmoe.encode(TEXTS[:2], "hs", prompt=prefix + "{text}"))
 
 
 def test_list_prompts_has_the_ten_builtins():
@@ -678,11 +679,12 @@ def test_named_prompts_prefixes_templates_and_names(olmoe):
 def test_truncate_dim_output_types_and_pairwise_similarity(olmoe):
     texts = TEXTS[:4]
     full = olmoe.encode(texts, "moee-concat")
-    assert np.array_equal(olmoe.encode(texts, "moee-concat", truncate_dim=10), full[:, :10])
-    unit = olmoe.encode(texts, "moee-concat", truncate_dim=10, normalize_embeddings=True)  # truncated, then normalized
-    assert np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-6) and np.allclose(unit, full[:, :10] / np.linalg.norm(full[:, :10], axis=1, keepdims=True))
-    with pytest.raises(InputError, match=rf"^truncate_dim must be an integer in \[1, {full.shape[1]}\] \(this kind's width\), got 0$"):
-        olmoe.encode(texts, "moee-concat", truncate_dim=0)
+    rw = olmoe.encode(texts, "rw")
+    assert np.array_equal(olmoe.encode(texts, "rw", truncate_dim=10), rw[:, :10])
+    unit = olmoe.encode(texts, "rw", truncate_dim=10, normalize_embeddings=True)  # truncated, then normalized
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1, atol=1e-6) and np.allclose(unit, rw[:, :10] / np.linalg.norm(rw[:, :10], axis=1, keepdims=True))
+    with pytest.raises(InputError, match=rf"^truncate_dim must be an integer in \[1, {rw.shape[1]}\] \(this kind's width\), got 0$"):
+        olmoe.encode(texts, "rw", truncate_dim=0)
     tensor = olmoe.encode(texts, "moee-concat", convert_to_tensor=True)
     assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and torch.equal(tensor, torch.from_numpy(full))
     rows = olmoe.encode(texts, "moee-concat", convert_to_numpy=False)
@@ -707,7 +709,7 @@ def test_precision_as_sentence_transformers_quantizes(olmoe, precision):
 
 def test_bad_precision_is_refused_before_the_work(olmoe, monkeypatch):
     monkeypatch.setattr(type(olmoe), "features", lambda *a, **k: pytest.fail("ran the model"))
-    with pytest.raises(InputError, match=r"^precision must be one of float32, int8, uint8, binary, ubinary, got 'float16'$"):
+    with pytest.raises(InputError, match=r"^precision must be one of float32, int8, uint8, binary, ubinary \(or None: float32\), got 'float16'$"):
         olmoe.encode(TEXTS[:2], "hs", precision="float16")
     monkeypatch.undo()
     with pytest.raises(InputError, match=r"^precision='int8' scales each dimension by its range over the rows encoded "

@@ -102,7 +102,6 @@ def test_a_spec_is_frozen_and_its_identity_is_json(olmoe):
     assert json.loads(json.dumps(identity)) == identity
     assert identity["kind"] == "rw" and identity["rw_layers"] == [1, 2] and identity["standardizers"] is None
     assert spec.replace(kind="hs").identity() != identity
-    assert spec.replace(alpha=3.0).identity() == identity  # rw ignores alpha: the same vectors, the same identity
     assert spec.features == FeatureOptions(prompt="prompteol", rw_layers=(1, 2))
     standardizer = olmoe.fit_standardizer(TEXTS, "rw")
     with_std = spec.replace(standardizers=standardizer)

@@ -230,8 +230,7 @@ def test_a_resume_with_another_model_option_or_input_is_refused(capsys, monkeypa
     )
     code, err = embed(capsys, checkpoint, texts_file, output, "--resume", "--kind", "hs", "--prompt", "prompteol")
     assert code == 1
-    assert ("this command differs from the job saved in " + str(parts) + ": settings.alpha is null here, 1.0 in the saved job; "
-            "settings.kind is \"hs\" here, \"moee-sum\" in the saved "
+    assert ("this command differs from the job saved in " + str(parts) + ": settings.kind is \"hs\" here, \"moee-sum\" in the saved "
             "job; settings.prompt is \"prompteol\" here, null in the saved job.") in err
     changed = tmp_path / "changed.txt"
     changed.write_text("\n".join(TEXTS[:-1] + ["another text"]) + "\n")
