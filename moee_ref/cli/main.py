@@ -112,7 +112,7 @@ def cmd_embed(ns) -> int:
     batches = f", the authors' pipeline in batches of {report.batch_size}" if spec.official else ""
     rate = f"; {report.texts_per_second:.1f} texts/s, {report.tokens_per_second:.0f} tokens/s" if report.texts_per_second else ""
     print(f"embedded {len(result.vectors)} texts as {spec.kind} ({result.vectors.shape[1]} dims{alpha}) in {report.dtype}{batches} "
-          f"-> {ns.output}{rate}", file=sys.stderr)
+          f"-> {'standard output' if ns.output == '-' else ns.output}{rate}", file=sys.stderr)
     if ns.save_config:
         print(f"wrote the embedding configuration to {ns.save_config}: --config {ns.save_config} embeds queries the same way",
               file=sys.stderr)
