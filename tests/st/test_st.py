@@ -23,6 +23,7 @@ from sentence_transformers.sentence_transformer.evaluation import (  # noqa: E40
 )
 
 import moee_ref.st as moee_st  # noqa: E402
+from embed_fixtures import single_thread  # noqa: E402, F401  (one torch thread for this module)
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint  # noqa: E402
 from moee_ref.embedding.embedder import MoEEmbedder  # noqa: E402
 from moee_ref.errors import CheckpointError, InputError, UnknownOptionError  # noqa: E402
@@ -38,14 +39,6 @@ TEXTS = [
 ]
 PROMPTS = {"query": "query: ", "document": "prompteol", "t": "Topic of {text} ."}
 SETTINGS = dict(prompt="prompteol", alpha=0.5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
