@@ -188,7 +188,12 @@ def embed_on_ray(ns, fmt: str, options, config=None) -> int:
     from .. import __version__
 
     full = config or embed_spec(ns, options)
-    provenance = {"format": "moee_ref.provenance", "moee_ref": __version__, "model": {"source": str(ns.model)},
+    model = {"source": str(ns.model)}
+    if Path(ns.model).is_dir():  # a hub id is resolved on each worker, not here
+        from ..jobs.corpus import model_identity
+
+        model.update(model_identity(ns.model))
+    provenance = {"format": "moee_ref.provenance", "moee_ref": __version__, "model": model,
                   "computed": {"dtype": ns.dtype or "auto", "int8": ns.int8, "engine": "ray", "workers": workers},
                   "spec": full.to_json(standardizers="digest"),
                   "input": {"name": records.name, "format": records.format, "rows": len(texts), "embedded": len(texts), "skipped": 0},
