@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import InputError, Stopped
+from ..errors import InputError, NumericalError, Stopped
 from ..io.outputs import check_output_path
 from ..progress import show_progress as wants_progress
 
@@ -528,6 +528,13 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
         job.start(identity, len(order), "vectors" if spec.official else "features", width)
 
         def compute(start: int, end: int, done=lambda batches: None):
+            try:
+                return compute_rows(start, end, done)
+            except NumericalError as exc:  # named by its place in the input, as the input counts it
+                message = re.sub(r"the text at index (\d+)", lambda m: f"{records.name}, {records.where[int(m[1])]}", str(exc))
+                raise NumericalError(message) from exc
+
+        def compute_rows(start: int, end: int, done):
             rows = order[start:end]
             chunk = [texts[i] for i in rows]
             if spec.official:  # its vectors depend on the batch: chunks hold whole batches of the input order
