@@ -402,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze_commands(commands, add_model)
 
+    from .serve import add_serve_command
+
+    add_serve_command(commands, add_model, add_memory)
+
     p = commands.add_parser("demo", help="build small random checkpoints offline and run the commands on them")
     p.add_argument("--dir", default="demo-checkpoints", help="where to build them (default: %(default)s)")
     p.set_defaults(run=cmd_demo)
