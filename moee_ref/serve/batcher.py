@@ -92,7 +92,7 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.died is None
+        return self.died is None and (self._thread.ident is None or self._thread.is_alive())  # not started yet counts
 
     # ------------------------------------------------------------ event loop side
 
@@ -180,6 +180,7 @@ class Batcher:
         self.queued_tokens -= item.tokens
 
     def _run(self) -> None:
+        batch: list[Item] = []
         try:
             while True:
                 batch = self._take()
@@ -189,7 +190,7 @@ class Batcher:
         except BaseException as exc:  # noqa: BLE001 (the worker is gone: say so to everyone waiting)
             self.died = exc
             with self._cond:
-                items, self._queue = list(self._queue), deque()
+                items, self._queue = (batch or []) + list(self._queue), deque()
                 self.queued_inputs = self.queued_tokens = 0
             error = ApiError(503, f"the worker stopped ({type(exc).__name__}); this server cannot compute (restart it)",
                              code="worker_stopped")
