@@ -39,7 +39,7 @@ def byte_size(text: str) -> int:
 
 
 def add_serve_command(commands, add_model, add_memory) -> None:
-    from ..embedding.embedder import KINDS
+    from ..embedding.kinds import KINDS
 
     parser_class = getattr(commands, "_parser_class", None) or Parser
     p = commands.add_parser("serve", help="an OpenAI-compatible embeddings server (HS, RW, MoEE) with routing (needs the serve extra)")
@@ -51,7 +51,7 @@ def add_serve_command(commands, add_model, add_memory) -> None:
     p.add_argument("--served-model-name", default=None, metavar="NAME", help="the name clients send as 'model' (default: --model as given)")
     p.add_argument("--api-key", default=None, metavar="KEY", help=f"clients must send 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)")
     p.add_argument("--allow-unauthenticated", action="store_true", help="listen on a non-loopback address without a key")
-    p.add_argument("--kind", choices=KINDS, default="moee-sum", help="the kind of a request that names none (default %(default)s)")
+    p.add_argument("--kind", choices=list(KINDS), default="moee-sum", help="the kind of a request that names none (default %(default)s)")
     p.add_argument("--prompt", default=None, help="the prompt of a request that names none: a name (see `moee prompts`) or a template with {text}")
     p.add_argument("--alpha", type=non_negative_float, default=1.0, help="moee-sum weight of RW, a number >= 0 (default %(default)s)")
     p.add_argument("--no-normalize", action="store_true", help="return raw vectors unless a request asks for normalize (default: unit length, as OpenAI's)")

@@ -1,7 +1,9 @@
 """The HTTP front end: OpenAI's /v1/embeddings, /v1/route, /v1/models, /health and /metrics, on Starlette.
 
-It checks requests, counts their tokens with the model's tokenizer (the prompt applied, as encode() does),
-queues them on the batcher and writes the answers. The vectors are MoEEmbedder.encode()'s.
+It checks requests, turns each into an EmbedSpec (embedding/spec.py), counts its tokens as the embedder runs
+them (MoEEmbedder.token_ids: the prompt applied, the text cut), queues it on the batcher and writes the
+answer. The vectors come from the pipeline (embedding/pipeline.py run), the output conventions
+(`dimensions`, unit length) from the same functions encode() applies: a vector equals encode()'s.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..embedding.embedder import KINDS
-from ..embedding.prompts import apply_prompt, resolve_prompt
+import numpy as np
+
+from ..embedding import pipeline
+from ..embedding.conventions import truncated
+from ..embedding.kinds import KINDS, get_kind, normalize_rows
 from ..embedding.routing import route_texts
+from ..embedding.spec import EmbedSpec, FeatureOptions
 from ..errors import InputError, MoEERefError
 from .batcher import Batcher
 from .errors import ApiError
@@ -53,19 +59,6 @@ class ServeConfig:
     shutdown_timeout: float = 30.0
 
 
-@dataclass(frozen=True)
-class EmbedSettings:
-    """Everything that changes a vector; requests with equal settings can share a batch."""
-
-    kind: str
-    prompt: str | None
-    normalize: bool
-    dimensions: int | None
-    alpha: float
-    max_length: int | None
-    truncation: str | None
-
-
 class Service:
     """The embedder, the batcher and the state one app serves."""
 
@@ -81,24 +74,18 @@ class Service:
         self.stopping = False
         self.in_flight = 0  # accepted requests not yet answered
         self.created = int(time.time())
-        if config.kind not in KINDS:
-            raise InputError(f"kind {config.kind!r} is not one of {', '.join(KINDS)}")
-        resolve_prompt(config.prompt)
+        self.spec(config.kind, config.prompt)  # the defaults checked before the server listens
 
     # ------------------------------------------------------------------ worker thread
 
     def compute(self, key: Hashable, inputs: list) -> list:
         what, settings = key
         if what == "route":
-            prompt, all_tokens, top, probs, max_length = settings
-            _, results, _ = route_texts(self.embedder.model, self.tokenizer, inputs, prompt=prompt, max_length=max_length,
-                                        all_tokens=all_tokens, top=top, all_probs=probs)
+            options, all_tokens, top, probs = settings
+            _, results, _ = route_texts(self.embedder, inputs, options, all_tokens=all_tokens, top=top, all_probs=probs)
             return results
-        s: EmbedSettings = settings
-        vectors = self.embedder.encode(inputs, s.kind, prompt=s.prompt, alpha=s.alpha, normalize=s.normalize,
-                                       truncate_dim=s.dimensions, max_length=s.max_length, truncation=s.truncation,
-                                       batch_size=self.config.max_batch_size, show_progress_bar=False)
-        return list(vectors)
+        result = pipeline.run(self.embedder, inputs, settings, batch_size=self.config.max_batch_size, show_progress_bar=False)
+        return list(result.vectors)
 
     @staticmethod
     def error_of(exc: Exception) -> ApiError:
@@ -153,22 +140,31 @@ class Service:
         return ApiError(413, f"the body has {'at least ' if size else ''}{size} bytes; this server takes at most "
                         f"{self.config.max_body} (--max-body): send fewer inputs per request", code="body_too_large")
 
-    def prepare(self, texts: list[str] | None, token_ids: list[list[int]] | None, template: str) -> tuple[list[str], list[int]]:
-        """(texts, their token counts with the prompt applied), token id inputs decoded to text first. On a thread."""
-        if texts is None:
-            texts = [self.tokenizer.decode(ids) for ids in token_ids]
-        sequences, _ = self.tokenizer.tokenize([apply_prompt(template, t) for t in texts], allow_empty=True)
-        return texts, [len(s) for s in sequences]
+    def spec(self, kind: str, prompt: str | None) -> EmbedSpec:
+        """The settings a request's vectors are computed with: normalize and dimensions are applied afterwards, per
+        request, so that requests that differ only there share batches."""
+        return EmbedSpec(kind=kind, prompt=prompt, alpha=self.config.alpha, max_length=self.token_limit,
+                         truncation="right" if self.config.truncate else None).check()
 
-    def limit_tokens(self, counts: list[int], truncate: bool) -> list[int]:
-        over = next((i for i, n in enumerate(counts) if n > self.token_limit), None)
-        if over is None:
-            return counts
-        if not truncate:
-            raise ApiError(400, f"input at index {over} has {counts[over]} tokens with the prompt; the limit is {self.token_limit} "
-                           "tokens per input: shorten it (or start the server with --truncate to cut over-long inputs)",
+    def token_counts(self, texts: list[str], options: FeatureOptions) -> list[int]:
+        """Per text, the tokens it runs as (the prompt applied, cut to the limit where the server truncates).
+        On a worker thread of the event loop: tokenizing a large request takes a while."""
+        lenient = FeatureOptions(**{**vars(options), "truncation": options.truncation or "right"})
+        sequences, cut = self.embedder.token_ids(texts, lenient)
+        if cut and options.truncation is None:
+            raise ApiError(400, f"input at index {cut[0]} has more than {options.max_length} tokens with the prompt; the limit "
+                           f"is {options.max_length} tokens per input: shorten it (or start the server with --truncate to cut "
+                           "over-long inputs)",
                            param="input", code="context_length_exceeded")
-        return [min(n, self.token_limit) for n in counts]
+        return [len(s) for s in sequences]
+
+    def decode(self, token_ids: list[list[int]]) -> list[str]:
+        texts = [self.tokenizer.decode(ids) for ids in token_ids]
+        empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+        if empty is not None:
+            raise ApiError(400, f"the token ids at index {empty} decode to an empty or whitespace-only text",
+                           param="input", code="empty_input")
+        return texts
 
     # ------------------------------------------------------------------ endpoints
 
@@ -177,31 +173,25 @@ class Service:
         req = parse_embedding_request(body, self.config.max_inputs, self.tokenizer.vocab_size)
         self.check_model(req.model)
         kind = req.kind or self.config.kind
-        if kind not in KINDS:
-            raise ApiError(400, f"kind {kind!r} is not valid; choose one of {', '.join(KINDS)}", param="kind", code="invalid_value")
-        prompt = self.config.prompt if req.prompt is None else req.prompt
         try:
-            template = resolve_prompt(prompt)
+            get_kind(kind)  # the kinds registry: what the pipeline computes
+        except InputError as exc:
+            raise ApiError(400, str(exc), param="kind", code="invalid_value") from None
+        try:
+            spec = self.spec(kind, self.config.prompt if req.prompt is None else req.prompt)
         except InputError as exc:
             raise ApiError(400, str(exc), param="prompt", code="invalid_value") from None
         width = self.embedder.dimension(kind)
         if req.dimensions is not None and req.dimensions > width:
             raise ApiError(400, f"dimensions {req.dimensions} is more than the {width} dimensions of kind {kind}",
                            param="dimensions", code="invalid_value")
-        texts, counts = await anyio.to_thread.run_sync(self.prepare, req.texts, req.token_ids, template)
-        if req.token_ids is not None:
-            empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
-            if empty is not None:
-                raise ApiError(400, f"the token ids at index {empty} decode to an empty or whitespace-only text",
-                               param="input", code="empty_input")
-        counts = self.limit_tokens(counts, self.config.truncate)
-        cut = self.config.truncate  # the same settings for every request, so that all share batches
-        settings = EmbedSettings(kind=kind, prompt=prompt, normalize=self.config.normalize if req.normalize is None else req.normalize,
-                                 dimensions=req.dimensions, alpha=self.config.alpha,
-                                 max_length=self.token_limit if cut else None, truncation="right" if cut else None)
-        vectors = await self.batcher.submit(("embed", settings), texts, counts)
-        payload = embeddings_response(vectors, req.model, req.encoding_format, sum(counts))
-        return JSONResponse(payload)
+        texts = req.texts if req.texts is not None else await anyio.to_thread.run_sync(self.decode, req.token_ids)
+        counts = await anyio.to_thread.run_sync(self.token_counts, texts, spec.features)
+        rows = await self.batcher.submit(("embed", spec), texts, counts)
+        vectors = truncated(np.stack(rows), req.dimensions)  # what encode() does after the pipeline
+        if self.config.normalize if req.normalize is None else req.normalize:
+            vectors = normalize_rows(vectors)
+        return JSONResponse(embeddings_response(vectors, req.model, req.encoding_format, sum(counts)))
 
     async def route(self, request: Request) -> Response:
         body = await self.read_body(request)
@@ -210,16 +200,17 @@ class Service:
         if self.embedder.streamed:
             raise ApiError(400, "/v1/route needs a resident model; this server runs layer-streamed (--memory-budget)",
                            code="unsupported")
+        if req.max_length is not None and req.max_length > self.token_limit:
+            raise ApiError(400, f"max_length {req.max_length} is more than this server's limit of {self.token_limit} tokens",
+                           param="max_length", code="invalid_value")
+        truncation = req.truncation or ("right" if self.config.truncate else None)
         try:
-            template = resolve_prompt(req.prompt)
+            options = FeatureOptions(prompt=req.prompt, max_length=req.max_length or self.token_limit, truncation=truncation).check()
+            EmbedSpec(prompt=req.prompt).check()
         except InputError as exc:
             raise ApiError(400, str(exc), param="prompt", code="invalid_value") from None
-        _, counts = await anyio.to_thread.run_sync(self.prepare, req.texts, None, template)
-        if req.max_length is None:
-            self.limit_tokens(counts, False)
-        else:
-            counts = [min(n, req.max_length) for n in counts]
-        key = ("route", (req.prompt, req.all_tokens, req.top, req.probs, req.max_length))
+        counts = await anyio.to_thread.run_sync(self.token_counts, req.texts, options)
+        key = ("route", (options, req.all_tokens, req.top, req.probs))
         results = await self.batcher.submit(key, req.texts, counts, batchable=False)
         return JSONResponse({"object": "route", "model": req.model, "moe_layers": list(self.embedder.args.moe_layers),
                              "texts": results, "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}})
@@ -233,7 +224,8 @@ class Service:
 
     def model_card(self) -> dict:
         return {"id": self.config.model_name, "object": "model", "created": self.created, "owned_by": "moee-ref",
-                "kinds": {kind: self.embedder.dimension(kind) for kind in KINDS}, "default_kind": self.config.kind}
+                "kinds": {kind: self.embedder.dimension(kind) for kind in KINDS}, "default_kind": self.config.kind,
+                "max_input_tokens": self.token_limit}
 
     async def health(self, request: Request) -> Response:
         if not self.batcher.alive:

@@ -17,7 +17,7 @@ from .errors import ApiError
 
 ENCODING_FORMATS = ("float", "base64")
 EMBEDDING_FIELDS = ("input", "model", "encoding_format", "dimensions", "user", "kind", "prompt", "normalize")
-ROUTE_FIELDS = ("input", "model", "prompt", "all_tokens", "top", "probs", "max_length")
+ROUTE_FIELDS = ("input", "model", "prompt", "all_tokens", "top", "probs", "max_length", "truncation")
 
 
 def parse_json(body: bytes) -> Any:
@@ -166,6 +166,7 @@ class RouteRequest:
     top: int | None
     probs: bool
     max_length: int | None
+    truncation: str | None
 
 
 def parse_route_request(body, max_inputs: int) -> RouteRequest:
@@ -189,7 +190,11 @@ def parse_route_request(body, max_inputs: int) -> RouteRequest:
         top=_optional(body, "top", positive, "an integer"),
         probs=_optional(body, "probs", lambda v: isinstance(v, bool), "a boolean", False),
         max_length=_optional(body, "max_length", positive, "an integer"),
+        truncation=_optional(body, "truncation", lambda v: isinstance(v, str), "a string"),
     )
+    if request.truncation not in (None, "left", "right"):
+        raise ApiError(400, f"truncation {request.truncation!r} is not valid; choose 'left' or 'right'", param="truncation",
+                       code="invalid_value")
     for field in ("top", "max_length"):
         if getattr(request, field) is not None and getattr(request, field) < 1:
             raise ApiError(400, f"{field} must be at least 1", param=field, code="invalid_value")

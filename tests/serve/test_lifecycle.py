@@ -44,9 +44,13 @@ def post(url: str, model: str, inputs, timeout: float = 60):
     return httpx.post(url + "/v1/embeddings", json={"model": model, "input": inputs, "encoding_format": "float"}, timeout=timeout)
 
 
-def queued_inputs(url: str) -> float:
+def metric(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics", timeout=5).text
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("moee_queue_inputs ")))
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def queued_inputs(url: str) -> float:
+    return metric(url, "moee_queue_inputs")
 
 
 def test_overload_answers_or_429_and_truncation(model_dir, embedder):
@@ -92,8 +96,11 @@ def test_sigterm_under_load_finishes_accepted_and_refuses_new(model_dir):
         with ThreadPoolExecutor(12) as pool:
             accepted = [pool.submit(post, srv.url, srv.model, LONG[:4]) for _ in range(12)]
             deadline = time.monotonic() + 30
-            while queued_inputs(srv.url) < 8 and time.monotonic() < deadline:
+            while time.monotonic() < deadline:  # until all 48 inputs were accepted (queued or computed)
+                if queued_inputs(srv.url) + metric(srv.url, "moee_inputs_total") >= 48:
+                    break
                 time.sleep(0.01)
+            assert queued_inputs(srv.url) > 0, "the work finished before the signal: nothing left to drain"
             srv.signal(signal.SIGTERM)
             time.sleep(0.05)
             refused = post(srv.url, srv.model, ["new"])
