@@ -1,11 +1,14 @@
 """`moee serve` over loopback against in-process encode() of the same texts, on OLMoE's real dimensions.
 
 A random checkpoint with OLMoE's released config cut to --layers layers (bench_precision.py's, built once in
---workdir). First, in this process: encode() of the texts at batch 32 (texts/s) and one text at a time (ms per
-text), with the dtype the server will use; the embedder is then freed. Then a `moee serve` process on
-127.0.0.1 and a free port, and clients in this process (one asyncio loop, httpx) sending one text per request at
-concurrency 1, 8 and 32: throughput and p50/p99 latency, for short and long texts. The server's resident memory
-after loading and at its peak are read from /proc against this process's peak while it encoded.
+--workdir). This process loads the model as the server does (the same dtype) and starts a `moee serve`
+process on 127.0.0.1 and a free port; then, for short and long texts, --rounds times in turn: in-process
+encode() of the texts at batch 32 (texts/s), the server with clients in this process (one asyncio loop,
+httpx, one text per request) at concurrency 32 and 8 (texts/s, p50/p99 latency), in-process encode() of one
+text at a time (ms per text) and the server at concurrency 1, on the same texts. Each figure is the best of
+its rounds. On a shared host whose speed drifts from minute to minute, only figures measured in turn compare.
+Resident memory: the server's after loading and at its peak (/proc), this process's after loading and at
+its peak (its clients add a few MiB), and the bytes of the model's weights.
 
     python bench/bench_serve.py                 # OLMoE dimensions, 2 layers, dtype auto
     python bench/bench_serve.py --dtype float32
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import resource
@@ -51,33 +53,6 @@ def rss_gib(pid: int | str = "self", field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 2**20
     return float("nan")
-
-
-def in_process(model: Path, dtype: str, prompt: str, sets: dict[str, list[str]], batch1: int) -> dict:
-    import torch
-
-    from moee_ref.embedding.embedder import MoEEmbedder
-
-    before = rss_gib()
-    embedder = MoEEmbedder.from_pretrained(model, dtype=dtype)
-    loaded = rss_gib()
-    out = {"dtype": str(embedder.model.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-           "rss_before_gib": before, "rss_loaded_gib": loaded}
-    for name, texts in sets.items():
-        embedder.encode(texts[:32], "moee-sum", prompt=prompt, batch_size=32)  # warm-up: kernels of these shapes
-        start = time.perf_counter()
-        embedder.encode(texts, "moee-sum", prompt=prompt, batch_size=32)
-        out[f"{name}_b32_texts_per_s"] = len(texts) / (time.perf_counter() - start)
-        times = []
-        for text in texts[:batch1]:
-            start = time.perf_counter()
-            embedder.encode([text], "moee-sum", prompt=prompt)
-            times.append(time.perf_counter() - start)
-        out[f"{name}_b1_ms"] = 1000 * statistics.median(times)
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    del embedder
-    gc.collect()
-    return out
 
 
 def start_server(model: Path, dtype: str, prompt: str, max_batch_size: int):
@@ -116,51 +91,75 @@ async def load(url: str, model: str, texts: list[str], concurrency: int) -> dict
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
+def timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--prompt", default="prompteol")
     parser.add_argument("--short", type=int, default=128, help="short texts (about 12 words)")
-    parser.add_argument("--long", type=int, default=64, help="long texts (about 180 words)")
-    parser.add_argument("--batch1", type=int, default=8, help="texts timed one at a time in process")
+    parser.add_argument("--long", type=int, default=48, help="long texts (about 180 words)")
+    parser.add_argument("--batch1", type=int, default=8, help="texts sent one at a time (in process and at concurrency 1)")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "moee-ref-bench"))
     parser.add_argument("--json", default=None)
     ns = parser.parse_args()
 
+    import torch
+
+    from moee_ref.embedding.embedder import MoEEmbedder
+
     model = ensure_checkpoint(Path(ns.workdir) / f"olmoe-{ns.layers}l", "olmoe", ns.layers)
     sets = {"short": make_texts(ns.short, 12, 1), "long": make_texts(ns.long, 180, 2)}
-    report = {"in_process": in_process(model, ns.dtype, ns.prompt, sets, ns.batch1), "served": {}}
-    dtype = report["in_process"]["dtype"]
+    before = rss_gib()
+    embedder = MoEEmbedder.from_pretrained(model, dtype=ns.dtype)
+    dtype = str(embedder.model.dtype).removeprefix("torch.")
+    weights = sum(p.numel() * p.element_size() for p in embedder.model.state_dict().values()) / 2**30
+    report = {"dtype": dtype, "threads": torch.get_num_threads(), "weights_gib": weights, "rss_before_load_gib": before,
+              "rss_loaded_gib": rss_gib(), "rows": {}}
     proc, url = start_server(model, dtype, ns.prompt, 32)
     try:
         report["server_rss_ready_gib"] = rss_gib(proc.pid)
         for name, texts in sets.items():
-            asyncio.run(load(url, str(model), texts[:64], 32))  # warm-up
-            for concurrency in (1, 8, 32):
-                count = {1: 16, 8: 64, 32: len(texts)}[concurrency] if name == "short" else {1: 8, 8: 32, 32: len(texts)}[concurrency]
-                result = asyncio.run(load(url, str(model), texts[:count], concurrency))
-                report["served"][f"{name} c{concurrency}"] = result
-                print(name, concurrency, result, file=sys.stderr)
+            ones = texts[: ns.batch1]
+            embedder.encode(texts[:32], "moee-sum", prompt=ns.prompt, batch_size=32)  # warm-up: kernels of these shapes
+            asyncio.run(load(url, str(model), texts[:32], 32))
+            rounds = []
+            for _ in range(ns.rounds):
+                row = {"in-process b32 texts/s": len(texts) / timed(lambda: embedder.encode(texts, "moee-sum", prompt=ns.prompt, batch_size=32))}
+                row["c32"] = asyncio.run(load(url, str(model), texts, 32))
+                row["c8"] = asyncio.run(load(url, str(model), texts[: len(texts) // 2], 8))
+                row["in-process b1 ms"] = 1000 * statistics.median(timed(lambda: embedder.encode([t], "moee-sum", prompt=ns.prompt)) for t in ones)
+                row["c1"] = asyncio.run(load(url, str(model), ones, 1))
+                rounds.append(row)
+                print(name, row, file=sys.stderr)
+            report["rows"][name] = rounds
         report["server_peak_rss_gib"] = rss_gib(proc.pid, "VmHWM")
+        report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     finally:
         proc.terminate()
         proc.wait(60)
-    print(json.dumps(report, indent=2))
     if ns.json:
         Path(ns.json).write_text(json.dumps(report, indent=2))
-    ip = report["in_process"]
-    print(f"\n| texts | concurrency | served texts/s | p50 ms | p99 ms | in-process | ratio |\n|---|---|---|---|---|---|---|")
-    for key, result in report["served"].items():
-        name, c = key.split(" c")
-        if c == "1":
-            base, ratio = f"b1 {ip[f'{name}_b1_ms']:.0f} ms", f"p50 {result['p50_ms'] - ip[f'{name}_b1_ms']:+.0f} ms"
-        else:
-            base = f"b32 {ip[f'{name}_b32_texts_per_s']:.2f} texts/s"
-            ratio = f"{result['texts_per_s'] / ip[f'{name}_b32_texts_per_s']:.2f}x"
-        print(f"| {name} | {c} | {result['texts_per_s']:.2f} | {result['p50_ms']:.0f} | {result['p99_ms']:.0f} | {base} | {ratio} |")
-    print(f"\nserver RSS {report['server_rss_ready_gib']:.2f} GiB ready, {report['server_peak_rss_gib']:.2f} GiB peak; "
-          f"in-process encode peak {ip['peak_rss_gib']:.2f} GiB (model loaded: {ip['rss_loaded_gib']:.2f} GiB)")
+    print(json.dumps(report, indent=2))
+    print("\n| texts | in-process b32 texts/s | served c32 texts/s (ratio) | c32 p50 / p99 ms | served c8 texts/s | c8 p50 / p99 ms "
+          "| in-process b1 ms | served c1 p50 / p99 ms (p50 - b1) |\n|---|---|---|---|---|---|---|---|")
+    for name, rounds in report["rows"].items():
+        b32 = max(r["in-process b32 texts/s"] for r in rounds)
+        b1 = min(r["in-process b1 ms"] for r in rounds)
+        best = {c: max((r[c] for r in rounds), key=lambda x: x["texts_per_s"]) for c in ("c32", "c8")}
+        c1 = min((r["c1"] for r in rounds), key=lambda x: x["p50_ms"])
+        print(f"| {name} | {b32:.2f} | {best['c32']['texts_per_s']:.2f} ({best['c32']['texts_per_s'] / b32:.2f}x) | "
+              f"{best['c32']['p50_ms']:.0f} / {best['c32']['p99_ms']:.0f} | {best['c8']['texts_per_s']:.2f} | "
+              f"{best['c8']['p50_ms']:.0f} / {best['c8']['p99_ms']:.0f} | {b1:.0f} | {c1['p50_ms']:.0f} / {c1['p99_ms']:.0f} "
+              f"({c1['p50_ms'] - b1:+.0f}) |")
+    print(f"\nweights {weights:.2f} GiB; server RSS {report['server_rss_ready_gib']:.2f} GiB ready, {report['server_peak_rss_gib']:.2f} "
+          f"GiB peak; this process {report['rss_loaded_gib']:.2f} GiB loaded, {report['peak_rss_gib']:.2f} GiB peak")
 
 
 if __name__ == "__main__":

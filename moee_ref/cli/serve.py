@@ -62,6 +62,9 @@ def add_serve_command(commands, add_model, add_memory) -> None:
     p.add_argument("--max-batch-size", type=positive_int, default=32, metavar="N", help="inputs per computed batch (default %(default)s)")
     p.add_argument("--max-batch-tokens", type=positive_int, default=16384, metavar="N",
                    help="tokens per computed batch, as padded: inputs x the longest (default %(default)s; one longer input still runs alone)")
+    p.add_argument("--batch-wait-ms", type=non_negative_float, default=20.0, metavar="MS",
+                   help="after a batch that answered N requests, wait up to this long for N inputs before the next batch "
+                        "(default %(default)s; 0: never wait)")
     p.add_argument("--max-queue", type=positive_int, default=4096, metavar="N", help="inputs waiting at most; more is a 429 (default %(default)s)")
     p.add_argument("--max-body", type=byte_size, default=32 * 2**20, metavar="SIZE", help="request body size at most, e.g. 32MB (default 32 MiB)")
     p.add_argument("--read-timeout", type=non_negative_float, default=30.0, metavar="S", help="seconds to receive a body; slower is a 408 (default %(default)s)")
@@ -92,7 +95,7 @@ def cmd_serve(ns) -> int:
             model_name=ns.served_model_name or str(ns.model), kind=ns.kind, prompt=ns.prompt, normalize=not ns.no_normalize,
             alpha=ns.alpha, max_input_tokens=ns.max_input_tokens, truncate=ns.truncate, max_inputs=max_inputs, max_body=ns.max_body,
             read_timeout=ns.read_timeout, api_key=api_key, max_batch_size=ns.max_batch_size, max_batch_tokens=ns.max_batch_tokens,
-            max_queue=ns.max_queue, shutdown_timeout=ns.shutdown_timeout,
+            max_queue=ns.max_queue, batch_wait=ns.batch_wait_ms / 1000, shutdown_timeout=ns.shutdown_timeout,
         )
         service = Service(embedder, config)
         dtype = str(embedder.model.dtype).removeprefix("torch.")

@@ -56,6 +56,7 @@ class ServeConfig:
     max_batch_size: int = 32
     max_batch_tokens: int = 16384
     max_queue: int = 4096  # inputs
+    batch_wait: float = 0.02  # seconds a batch may wait for the clients the last one answered
     shutdown_timeout: float = 30.0
 
 
@@ -70,7 +71,7 @@ class Service:
         self.token_limit = min(config.max_input_tokens or context, context)
         self.metrics = Metrics()
         self.batcher = Batcher(self.compute, max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens,
-                               max_queue=config.max_queue, metrics=self.metrics, error_of=self.error_of)
+                               max_queue=config.max_queue, batch_wait=config.batch_wait, metrics=self.metrics, error_of=self.error_of)
         self.stopping = False
         self.in_flight = 0  # accepted requests not yet answered
         self.created = int(time.time())

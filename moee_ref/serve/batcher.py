@@ -2,7 +2,10 @@
 
 Requests from many clients are split into their inputs and queued; the worker gathers the oldest input and the
 queued inputs with the same settings into one batch, up to --max-batch-size inputs and --max-batch-tokens tokens
-(as padded: inputs times the longest), and computes it while the event loop goes on answering. A request larger
+(as padded: inputs times the longest), and computes it while the event loop goes on answering. After a batch
+that answered N requests, it waits up to --batch-wait-ms for N inputs before it starts the next: the clients it
+just answered are likely to send again, and a batch started the moment one of them is back would leave the
+others for a batch of their own (a lone client is never kept waiting: N is 1). A request larger
 than a batch is split over several; it is answered when its last input is done. The queue is bounded in inputs:
 a request that does not fit is refused at once (429), never left waiting.
 """
@@ -70,11 +73,13 @@ class Batcher:
     """compute(key, inputs) -> list of results, one per input, called on the worker thread only."""
 
     def __init__(self, compute: Callable[[Hashable, list], list], *, max_batch_size: int, max_batch_tokens: int,
-                 max_queue: int, metrics=None, error_of: Callable[[Exception], ApiError] | None = None):
+                 max_queue: int, batch_wait: float = 0.0, metrics=None, error_of: Callable[[Exception], ApiError] | None = None):
         self.compute = compute
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
+        self.batch_wait = batch_wait  # seconds
+        self._expected = 0  # requests the last batch answered: inputs worth waiting for before the next one
         self.metrics = metrics
         self.error_of = error_of or (lambda exc: ApiError(500, f"the batch failed: {type(exc).__name__}: {exc}", code="batch_failed"))
         self._queue: deque[Item] = deque()
@@ -142,13 +147,24 @@ class Batcher:
         """The next batch (None: closing and nothing left). Inputs of answered jobs (failed, or the client gone)
         are dropped, not computed."""
         with self._cond:
+            waited = False
             while True:
                 while self._queue and self._queue[0].job.done:
                     item = self._queue.popleft()
                     self._drop(item)
                     self._finish(item.job)  # a client that went away: its job counts as answered
-                if self._queue:
+                if self._queue and waited:
                     break
+                if self._queue:
+                    wanted = min(self._expected, self.max_batch_size)
+                    deadline = time.monotonic() + self.batch_wait
+                    while self.queued_inputs < wanted and not self._closing:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    waited = True
+                    continue  # the head may have gone meanwhile
                 if self._closing:
                     return None
                 self._cond.wait()
@@ -218,6 +234,7 @@ class Batcher:
         if seconds > 0 and tokens:
             rate = tokens / seconds
             self._tokens_per_second = rate if self._tokens_per_second is None else 0.8 * self._tokens_per_second + 0.2 * rate
+        self._expected = len(jobs)
         for item, result in zip(batch, results):
             job = item.job
             job.results[item.index] = result

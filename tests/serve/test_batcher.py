@@ -104,3 +104,27 @@ def test_dead_worker_answers_503_and_health_fails(tmp_path):
             assert "moee_worker_alive 0.0" in client.get("/metrics").text
     finally:
         service.batcher.close()
+
+
+def test_waits_for_the_clients_it_answered():
+    """After a batch that answered 3 requests, the next batch waits (up to batch_wait) for 3 inputs: clients
+    that come back a few ms apart share one batch instead of the first going alone."""
+    rec = Recorder()
+    batcher = Batcher(rec, max_batch_size=8, max_batch_tokens=1000, max_queue=100, batch_wait=2.0)
+
+    async def main():
+        first = [batcher.submit("k", [i], [1]) for i in range(3)]
+        batcher.start()
+        await asyncio.gather(*first)
+        again = []
+        for i in range(3, 6):
+            again.append(batcher.submit("k", [i], [1]))
+            await asyncio.sleep(0.02)
+        return await asyncio.gather(*again)
+
+    try:
+        assert asyncio.run(main()) == [["k:3"], ["k:4"], ["k:5"]]
+    finally:
+        batcher.close()
+        batcher.join(5)
+    assert [b for _, b in rec.batches] == [[0, 1, 2], [3, 4, 5]]
