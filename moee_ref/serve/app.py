@@ -25,7 +25,7 @@ from starlette.routing import Route
 import numpy as np
 
 from ..embedding import pipeline
-from ..embedding.conventions import truncated
+from ..embedding.conventions import check_truncate_dim, truncated
 from ..embedding.kinds import KINDS, get_kind, normalize_rows
 from ..embedding.routing import route_texts
 from ..embedding.spec import EmbedSpec, FeatureOptions
@@ -182,10 +182,10 @@ class Service:
             spec = self.spec(kind, self.config.prompt if req.prompt is None else req.prompt)
         except InputError as exc:
             raise ApiError(400, str(exc), param="prompt", code="invalid_value") from None
-        width = self.embedder.dimension(kind)
-        if req.dimensions is not None and req.dimensions > width:
-            raise ApiError(400, f"dimensions {req.dimensions} is more than the {width} dimensions of kind {kind}",
-                           param="dimensions", code="invalid_value")
+        try:  # the first d columns: for one-part kinds (hs, rw), as encode()'s truncate_dim
+            check_truncate_dim(req.dimensions, get_kind(kind), self.embedder.dimension(kind))
+        except InputError as exc:
+            raise ApiError(400, str(exc).replace("truncate_dim", "dimensions"), param="dimensions", code="invalid_value") from None
         texts = req.texts if req.texts is not None else await anyio.to_thread.run_sync(self.decode, req.token_ids)
         counts = await anyio.to_thread.run_sync(self.token_counts, texts, spec.features)
         rows = await self.batcher.submit(("embed", spec), texts, counts)
