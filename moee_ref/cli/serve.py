@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import Parser, UsageError, load_embedder, positive_int
+from .common import UsageError, load_embedder, positive_int
 
 API_KEY_ENV = "MOEE_API_KEY"
 
@@ -41,9 +41,7 @@ def byte_size(text: str) -> int:
 def add_serve_command(commands, add_model, add_memory) -> None:
     from ..embedding.kinds import KINDS
 
-    parser_class = getattr(commands, "_parser_class", None) or Parser
     p = commands.add_parser("serve", help="an OpenAI-compatible embeddings server (HS, RW, MoEE) with routing (needs the serve extra)")
-    assert isinstance(p, parser_class)
     add_model(p)
     add_memory(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; another than loopback needs --api-key)")
