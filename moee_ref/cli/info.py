@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..decoder.args import ModelArgs
-from ..decoder.model import DecoderOutput
 
 
 def human_count(n: int) -> str:
@@ -142,28 +139,6 @@ def _ranges(layers: list[int]) -> str:
         if layer is not None:
             start = prev = layer
     return ", ".join(parts)
-
-
-def routing_table(out: DecoderOutput, row: int, position: int, top: int | None = None) -> list[dict[str, Any]]:
-    """Per MoE layer: the experts chosen at one token, with their router probabilities and mixing weights."""
-    table = []
-    for i, layer in enumerate(out.moe_layers):
-        ids = out.topk_ids[row, i, position]
-        weights = out.topk_weights[row, i, position]
-        probs = out.router_probs[row, i, position]
-        order = torch.argsort(weights, descending=True)
-        if top is not None:
-            order = order[:top]
-        table.append(
-            {
-                "layer": layer,
-                "experts": [int(ids[j]) for j in order],
-                "weights": [round(float(weights[j]), 6) for j in order],
-                "probs": [round(float(probs[ids[j]]), 6) for j in order],
-                "entropy": round(float(-(probs * probs.clamp_min(1e-30).log()).sum()), 6),
-            }
-        )
-    return table
 
 
 def format_routing_table(table: list[dict[str, Any]]) -> str:

@@ -210,10 +210,9 @@ def embed_on_ray(ns, fmt: str, options, config=None) -> int:
 
 
 def cmd_route(ns) -> int:
-    import torch
-
-    from ..embedding.embedder import FeatureOptions, MoEEmbedder, last_real_position
-    from .info import format_routing_table, routing_table
+    from ..embedding.embedder import FeatureOptions, MoEEmbedder
+    from ..embedding.routing import route_texts
+    from .info import format_routing_table
 
     if ns.png:
         from ..evaluation.plot import check_picture_path
@@ -221,21 +220,7 @@ def cmd_route(ns) -> int:
         check_picture_path(ns.png)  # before the model is loaded
     options = FeatureOptions(prompt=ns.prompt, max_length=ns.max_length, truncation=ns.truncation).check()
     embedder = MoEEmbedder.from_pretrained(ns.model, dtype=ns.dtype or "auto", memory_limit=ns.memory_limit, device=ns.device)
-    model, tokenizer = embedder.model, embedder.tokenizer
-    sequences, _ = embedder.token_ids(ns.texts, options)  # the prompt applied and cut as `moee embed` does
-    batch = tokenizer.pad(sequences, padding_side="left")
-    with torch.inference_mode():
-        out = model(batch.input_ids, batch.attention_mask)
-    last = last_real_position(batch.attention_mask)
-    results = []
-    for row, text in enumerate(ns.texts):
-        positions = range(int(last[row]) - batch.lengths[row] + 1, int(last[row]) + 1) if ns.all_tokens else [int(last[row])]
-        tokens = []
-        for pos in positions:
-            token_id = int(batch.input_ids[row, pos])
-            tokens.append({"position": pos - (int(last[row]) - batch.lengths[row] + 1), "token_id": token_id,
-                           "token": tokenizer.decode([token_id]), "layers": routing_table(out, row, pos, top=ns.top)})
-        results.append({"text": text, "tokens": tokens})
+    out, results, last = route_texts(embedder, ns.texts, options, all_tokens=ns.all_tokens, top=ns.top)
     if ns.json:
         print(json.dumps({"model": str(ns.model), "moe_layers": list(out.moe_layers), "texts": results}, indent=2))
     else:
@@ -519,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze_commands(commands, add_model)
     add_log_flags(parser)
+
+    from .serve import add_serve_command
+
+    add_serve_command(commands, add_model, add_memory)
 
     p = commands.add_parser("demo", help="build small random checkpoints offline and run the commands on them")
     p.add_argument("--dir", default="demo-checkpoints", help="where to build them (default: %(default)s)")

@@ -244,7 +244,7 @@ def verify_jobs(runs, request, workdir):
 # ----------------------------------------------------------------------------- --help
 
 HELP = {
-    "moee": ((), ["embed", "route", "eval", "verify", "info", "prompts", "demo", "--verbose"]),
+    "moee": ((), ["embed", "route", "eval", "verify", "info", "prompts", "demo", "serve", "--verbose"]),
     "embed": (("embed",), ["--model", "--dtype", "--input", "--field", "--output", "--format", "--kind", "--normalize",
                            "--allow-empty", "--mode", "--prompt", "--alpha", "--batch-size", "--max-length",
                            "--truncation", "--pooling", "--hs-layer", "--rw-values", "--rw-layers", "--standardizer",
@@ -258,6 +258,9 @@ HELP = {
     "info": (("info",), ["--model", "--json"]),
     "prompts": (("prompts",), ["--json"]),
     "demo": (("demo",), ["--dir"]),
+    "serve": (("serve",), ["--model", "--dtype", "--int8", "--memory-budget", "--host", "--port", "--api-key",
+                           "--allow-unauthenticated", "--kind", "--prompt", "--max-batch-size", "--max-batch-tokens",
+                           "--max-queue", "--max-body", "--max-inputs", "--max-input-tokens", "--truncate"]),
 }
 
 
