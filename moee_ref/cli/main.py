@@ -503,7 +503,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .analyze import add_analyze_commands
 
     add_analyze_commands(commands, add_model)
-    add_log_flags(parser)
 
     from .serve import add_serve_command
 
@@ -512,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="build small random checkpoints offline and run the commands on them")
     p.add_argument("--dir", default="demo-checkpoints", help="where to build them (default: %(default)s)")
     p.set_defaults(run=cmd_demo)
+    add_log_flags(parser)  # last: every command takes them
     return parser
 
 

@@ -56,6 +56,14 @@ def test_verbose_and_quiet_are_taken_after_the_command(capsys, checkpoint, tmp_p
     assert (code, err) == (2, "moee info: error: --verbose and --quiet contradict each other; give one (see moee info --help)\n")
 
 
+def test_every_command_takes_verbose_and_quiet_after_it():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        flags = {option for action in sub._actions for option in action.option_strings}
+        assert {"--verbose", "--quiet"} <= flags, name
+
+
 def test_float16_is_a_cli_dtype_as_it_is_an_api_one():
     ns = cli.build_parser().parse_args(["embed", "--model", "m", "--input", "i", "--output", "o.npy", "--dtype", "float16"])
     assert ns.dtype == "float16"
