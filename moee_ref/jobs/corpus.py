@@ -534,8 +534,11 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
                 message = re.sub(r"the text at index (\d+)", lambda m: f"{records.name}, {records.where[int(m[1])]}", str(exc))
                 raise NumericalError(message) from exc
 
+        tokens_run = [0]  # the tokens of the rows this run computes (not those a resume found saved)
+
         def compute_rows(start: int, end: int, done):
             rows = order[start:end]
+            tokens_run[0] += sum(lengths[i] for i in rows)
             chunk = [texts[i] for i in rows]
             if spec.official:  # its vectors depend on the batch: chunks hold whole batches of the input order
                 return pipeline.run(embedder, chunk, spec, batch_size=batch_size, show_progress_bar=False).vectors
@@ -579,7 +582,7 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
         computed = job.done_rows - (job.resumed_rows or 0)
         if seconds > 0 and computed:
             report.texts_per_second = computed / seconds
-            report.tokens_per_second = sum(lengths[order[i]] for i in range(len(order) - computed, len(order))) / seconds
+            report.tokens_per_second = tokens_run[0] / seconds
         provenance = make_provenance(embedder, spec, source, report, records, identity, dim)
         from ..io.outputs import write_embeddings
 
