@@ -134,6 +134,8 @@ def cmd_embed(ns) -> int:
         # What loading decided (the auto dtype, int8 or streamed where memory is short): each changes the vectors.
         identity["computed"] = {"dtype": str(model.dtype).removeprefix("torch."), "int8": bool(getattr(model, "int8", False)),
                                 "streamed": embedder.streamed, "device": str(getattr(model, "device", "cpu"))}
+        if identity["computed"]["int8"]:  # int8 x int8 or weight-only: other rounding, so not mixed in one job
+            identity["computed"]["int8_integer"] = (getattr(model, "int8_kernel", None) or "").startswith("int8 x int8")
         job.check({"computed": identity["computed"]})
         if official:
             order, truncated, width = list(range(len(texts))), 0, embedder.dimension(ns.kind)
@@ -185,6 +187,8 @@ def cmd_embed(ns) -> int:
     batches = f", the authors' pipeline in batches of {report.batch_size}" if official else ""
     print(f"embedded {len(texts)} texts as {ns.kind} ({vectors.shape[1]} dims{alpha}) in {report.dtype}{batches} -> {ns.output}",
           file=sys.stderr)
+    if getattr(model, "int8", False):
+        print(f"int8: {model.int8_kernel}; prepared cache {model.prepared or 'not used (layer-streamed)'}", file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
@@ -341,6 +345,7 @@ def cmd_info(ns) -> int:
     from .info import format_facts, model_facts
     from .kernels.precision import resolve_dtype
     from .loading.checkpoint import memory_fit
+    from .info import int8_facts
     from .tokenizer import Tokenizer
 
     given = Path(ns.model)
@@ -356,6 +361,7 @@ def cmd_info(ns) -> int:
     facts["compute"] = {"auto_dtype": str(dtype).removeprefix("torch."), "reason": reason}
     if not given.is_file() and any(directory.glob("*.safetensors")):  # sizes from the shards' headers, nothing read
         facts["memory_fit"] = memory_fit(directory, ns.memory_limit)
+        facts["int8"] = int8_facts(directory, args, dtype, ns.cache_dir)
     print(json.dumps(facts, indent=2) if ns.json else format_facts(facts))
     return 0
 
@@ -385,8 +391,15 @@ def cmd_demo(ns) -> int:
 def add_memory(p) -> None:
     """Options for models larger than memory (loading/streamed.py, kernels/int8.py)."""
     p.add_argument("--memory-budget", default=None, metavar="SIZE", help="layer-streamed mode within this budget, e.g. 8GB: every layer is read once per run")
-    p.add_argument("--int8", action="store_true", help="weight-only int8 attention and expert matrices (about a quarter of fp32 memory)")
+    p.add_argument("--int8", action="store_true", help="int8 attention and expert matrices (about a quarter of fp32 memory)")
+    add_cache(p)
     p.add_argument("--spill-dir", default=None, metavar="DIR", help="where the streamed mode spills activations over budget (default: the temp dir)")
+
+
+def add_cache(p) -> None:
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where int8 loads keep prepared weights (default $MOEE_CACHE_DIR, else ~/.cache/moee-ref)")
+    p.add_argument("--no-prepared-cache", action="store_true", help="int8: quantize from the checkpoint, neither reading nor writing the cache")
 
 
 def add_official(p, e5: str | None = None) -> None:
@@ -496,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("info", help="family, layers, experts, parameter counts, memory, tokenizer, RW dimension")
     p.add_argument("--model", required=True, metavar="SRC", help="checkpoint directory, hub id, or a config.json file")
     p.add_argument("--memory-limit", default=None, metavar="SIZE", help="memory to size the modes against, instead of what the system reports")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="where int8 loads keep prepared weights (default $MOEE_CACHE_DIR, else ~/.cache/moee-ref)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_info)
 

@@ -89,6 +89,8 @@ def load_embedder(ns):
         share_prefix=not getattr(ns, "no_shared_prefix", False),
         memory_limit=ns.memory_limit,
         device=device,
+        cache_dir=getattr(ns, "cache_dir", None),
+        prepared_cache=not getattr(ns, "no_prepared_cache", False),
     )
 
 

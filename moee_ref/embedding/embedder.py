@@ -106,6 +106,8 @@ class EncodeReport:
     alpha_choice: AlphaChoice | None = None
     dtype: str | None = None  # the compute dtype that ran, and why it was chosen (kernels/precision.py)
     dtype_reason: str | None = None
+    int8_kernel: str | None = None  # with int8: which matmuls ran (kernels/int8.py `integer_path`)
+    prepared: str | None = None  # with int8: whether the prepared cache was read, built or not used (loading/prepared.py)
     batch_size: int | None = None  # the official mode's: its per-batch standardisation depends on it
     notes: list[str] = field(default_factory=list)
 
@@ -137,6 +139,8 @@ class MoEEmbedder:
         packed: bool | None = None,
         memory_limit: str | int | None = None,
         device: str | torch.device = "auto",
+        cache_dir: str | os.PathLike | None = None,
+        prepared_cache: bool = True,
         **kwargs,
     ) -> "MoEEmbedder":
         """Load a checkpoint for embedding (without its LM head, which embeddings never use).
@@ -151,7 +155,10 @@ class MoEEmbedder:
 
         memory_budget (e.g. "8GB"): layer-streamed corpus mode for models larger
         than memory (loading/streamed.py); each encode() call then reads every layer once.
-        int8: weight-only int8 for attention and expert matrices (kernels/int8.py).
+        int8: int8 attention and expert matrices (kernels/int8.py): int8 x int8 matmuls where this CPU
+        runs them faster, else weight-only. Resident, the quantized layers are kept in a prepared cache and
+        memory-mapped at the next load (loading/prepared.py): cache_dir is where (default $MOEE_CACHE_DIR,
+        else ~/.cache/moee-ref), prepared_cache=False neither reads nor writes it. last_report says which ran.
         packed: float32 matrices packed for oneDNN (kernels/onednn.py); by default on
         wherever it applies (resident, float32, no int8, torch built with
         oneDNN). The streamed mode reads each layer once per corpus, for a few
@@ -172,7 +179,8 @@ class MoEEmbedder:
         else:
             from ..loading.checkpoint import load_model
 
-            model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed, memory_limit=memory_limit, device=device)
+            model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed, memory_limit=memory_limit, device=device,
+                               cache_dir=cache_dir, prepared_cache=prepared_cache)
         model.dtype_reason = reason
         return cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
 
@@ -283,6 +291,7 @@ class MoEEmbedder:
             report.alpha = alpha_value
         report.dtype = str(self.model.dtype).removeprefix("torch.")
         report.dtype_reason = getattr(self.model, "dtype_reason", None)
+        report.int8_kernel, report.prepared = getattr(self.model, "int8_kernel", None), getattr(self.model, "prepared", None)
         self.last_report = report
         vectors = combine(hs, rw, kind, alpha_value)
         return normalize_rows(vectors) if normalize else vectors
