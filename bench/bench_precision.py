@@ -26,8 +26,8 @@ int8 is timed as the loader gives it (kernels/int8.py: int8 x int8 through
 fbgemm where its probe chose that, else weight-only) and its load with the
 prepared cache (loading/prepared.py, in --cache-dir) emptied first, so that
 row's load quantizes and writes the cache; int8-cached loads from that cache;
-int8-weight-only forces the weight-only matmuls (MOEE_INT8_KERNEL) for a
-comparison on the same machine. To time a CPU as if it had AVX2 only, cap all
+int8-weight-only and int8-integer force one of the two matmuls
+(MOEE_INT8_KERNEL) for a comparison on the same machine. To time a CPU as if it had AVX2 only, cap all
 three libraries: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (the children inherit them).
 
@@ -115,7 +115,7 @@ def timed(run, texts: list[str], batch1: int, reps: int):
 
 MODES = {  # name: (dtype, int8); "transformers" and the float64 reference are their own cases
     "float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "int8": ("auto", True),
-    "int8-cached": ("auto", True), "int8-weight-only": ("auto", True)}
+    "int8-cached": ("auto", True), "int8-weight-only": ("auto", True), "int8-integer": ("auto", True)}
 DEFAULT_MODES = "float32,bfloat16,int8,int8-cached"
 STREAMED_REFERENCE_BUDGET = "8GiB"  # float64 layer-streamed: one layer of OLMoE in float64 is 6.3 GiB as held
 
@@ -133,12 +133,12 @@ def peak_rss_gib() -> float:
 
 def prepare_mode(mode: str, directory: Path, cache_dir: str) -> None:
     """Before an int8 row's load: "int8" empties the prepared cache (its load then builds it), "int8-weight-only"
-    turns the integer path off."""
+    and "int8-integer" take that path whatever the probe chose."""
     if mode == "int8":
         args = read_config(directory)
         shutil.rmtree(PreparedCache(cache_dir, directory, resolve_dtype("auto")[0], args.num_layers).path, ignore_errors=True)
-    if mode == "int8-weight-only":
-        os.environ[KERNEL_ENV] = "weight-only"
+    if mode in ("int8-weight-only", "int8-integer"):
+        os.environ[KERNEL_ENV] = mode.removeprefix("int8-")
 
 
 def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: int, cache_dir: str) -> tuple[dict, dict]:
@@ -429,7 +429,7 @@ def ratios(summary: dict) -> str:
     if "bfloat16" in ok and "int8" in ok:
         b, i = ok["bfloat16"], ok["int8"]
         lines.append(f"int8 against bfloat16: b1 {i['b1_ms'] / b['b1_ms']:.2f}x its time, load {i['load_s'] / b['load_s']:.2f}x")
-    for name in ("int8", "int8-cached", "int8-weight-only"):
+    for name in ("int8", "int8-cached", "int8-weight-only", "int8-integer"):
         if "float32" in ok and name in ok:
             lines.append(f"{name} against float32: b1 {ok[name]['b1_ms'] / ok['float32']['b1_ms']:.2f}x its time, "
                          f"b32 {ok[name]['b32_texts_per_s'] / ok['float32']['b32_texts_per_s']:.2f}x its rate")

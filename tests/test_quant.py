@@ -428,7 +428,7 @@ def test_kernel_choice_env(monkeypatch):
     assert int8_kernels.integer_path(torch.float16) is None  # float16 and float64 rows always take the weight-only path
     if HAS_FBGEMM and any(int8_kernels._exact(b) for b in (8, 7)):
         path = int8_kernels.integer_path(torch.float32)
-        assert path is not None and path.reason == f"int8 x int8 through fbgemm, {path.bits}-bit activations (MOEE_INT8_KERNEL=integer)"
+        assert path is not None and path.reason == f"int8 x int8 through fbgemm, activations in two {path.bits}-bit levels (MOEE_INT8_KERNEL=integer)"
 
 
 @pytest.fixture(scope="module")

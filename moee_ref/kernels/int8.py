@@ -101,8 +101,11 @@ _QLINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_outpu
 # MOEE_INT8_KERNEL=weight-only or =integer overrides the probe (integer still needs a kernel that passed the exactness
 # check): for comparing the two, or for the same rounding as a machine where only one runs.
 KERNEL_ENV = "MOEE_INT8_KERNEL"
-# The integer path must take at most this share of the weight-only path's time in the probe to be chosen.
-INTEGER_MAX_TIME = 0.9
+# The integer path must take at most this share of the weight-only path's time in the probe to be chosen: a clear
+# win, as where the CPU has VNNI (0.51x-0.54x at 16 and 64 rows), not a near tie that could flip between processes
+# (AVX2's int8 products: 0.87x-0.95x) and would not pay for packing every matrix at each load (kernels/int8.py
+# pack_int8: about 20 ms a 2048 x 1024 matrix).
+INTEGER_MAX_TIME = 0.75
 
 
 @dataclass(frozen=True)
@@ -181,20 +184,22 @@ def _integer_decision(dtype: torch.dtype, asked: str) -> tuple[IntegerPath | Non
         return None, f"{KERNEL_ENV}={asked!r} is not one of auto, integer, weight-only: the weight-only path"
     if asked == "weight-only":
         return None, f"weight-only int8 ({KERNEL_ENV}=weight-only)"
-    if dtype not in (torch.float32, torch.bfloat16):
-        return None, f"weight-only int8 (no integer path for {str(dtype).removeprefix('torch.')})"
+    if dtype != torch.float32:
+        # bf16 compute runs where the CPU has bf16 dot products, whose bf16 matmuls ran level with fbgemm's int8 ones
+        # (0.98x-1.06x at 64 rows); float16 and float64 keep the weight-only path as well.
+        return None, f"weight-only int8 (the integer path is for float32 compute, not {str(dtype).removeprefix('torch.')})"
     if _QLINEAR is None or "fbgemm" not in torch.backends.quantized.supported_engines:
         return None, "weight-only int8 (this torch has no fbgemm int8 kernels)"
     bits = next((b for b in (8, 7) if _exact(b)), None)
     if bits is None:
         return None, "weight-only int8 (fbgemm's int8 products were not exact on this CPU)"
     if asked == "integer":
-        path = IntegerPath(bits, f"int8 x int8 through fbgemm, {bits}-bit activations ({KERNEL_ENV}=integer)")
+        path = IntegerPath(bits, f"int8 x int8 through fbgemm, activations in two {bits}-bit levels ({KERNEL_ENV}=integer)")
         return path, path.reason
     ratio = _probe_ratio(IntegerPath(bits, ""), dtype)
     if ratio > INTEGER_MAX_TIME:
         return None, f"weight-only int8 (fbgemm's int8 x int8 took {ratio:.2f}x its time here)"
-    path = IntegerPath(bits, f"int8 x int8 through fbgemm, {bits}-bit activations ({ratio:.2f}x weight-only's time here)")
+    path = IntegerPath(bits, f"int8 x int8 through fbgemm, activations in two {bits}-bit levels ({ratio:.2f}x weight-only's time here)")
     return path, path.reason
 
 
@@ -222,8 +227,8 @@ def _exact(bits: int) -> bool:
     return True
 
 
-def _probe_ratio(path: IntegerPath, dtype: torch.dtype, shape: tuple[int, int] = (2048, 1024), repeats: int = 7) -> float:
-    """The integer path's time / the weight-only path's for 4 and for 64 rows of one matrix of an expert's size
+def _probe_ratio(path: IntegerPath, dtype: torch.dtype, shape: tuple[int, int] = (2048, 1024), repeats: int = 15) -> float:
+    """The integer path's time / the weight-only path's for 16 and for 64 rows of one matrix of an expert's size
     (the larger of the two ratios), timed alternately as in precision.py's probe, on one thread: with two, a core
     taken by another process for a moment stalls whichever side is running, and the ratio swung from 0.55x to
     1.8x between runs."""
@@ -243,7 +248,7 @@ def _probe_ratio(path: IntegerPath, dtype: torch.dtype, shape: tuple[int, int] =
 def _time_sides(path, dtype, values, scale, packed, size, repeats, generator) -> float:
     worst = 0.0
     with torch.inference_mode():
-        for rows in (4, 64):
+        for rows in (16, 64):
             x = torch.randn(rows, size, generator=generator).to(dtype)
             sides = (lambda: packed_linear(x, packed, path), lambda: int8_linear(x, values, scale))
             best = [float("inf"), float("inf")]
