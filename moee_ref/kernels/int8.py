@@ -16,13 +16,14 @@ every row, though, so above INT8_KERNEL_ROWS the weight is converted to the
 compute dtype and the matmul runs there, the scales applied to its output
 (one pass fewer than dequantizing the weight).
 
-Where the CPU multiplies int8 by int8 (fbgemm's kernels: AVX2, AVX-512,
-VNNI), the matrices are instead packed for fbgemm and the activations
-quantized too, per row, as each matmul runs (`integer_path`): the products
-are then integer dot products, not a widening of int8 weights to bf16. It is
-chosen at run time, once per process and compute dtype, by checking that the
-kernel computes exact integer products on this CPU and timing it against the
-weight-only path (bench/README.md has the figures).
+For float32 compute, where the CPU's int8 dot products are clearly faster
+(fbgemm's kernels; VNNI), the matrices are instead packed for fbgemm and the
+activations quantized too, per row, as each matmul runs (`integer_path`): the
+products are then integer dot products, not a widening of int8 weights. It is
+chosen at run time, once per process, by checking that the kernel computes
+exact integer products on this CPU and timing it against the weight-only path
+(bench/README.md has the figures, and bench/bench_int8_kernels.py the
+other int8 matmuls torch offers, which did no better).
 """
 
 from __future__ import annotations
@@ -102,18 +103,17 @@ _QLINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_outpu
 # check): for comparing the two, or for the same rounding as a machine where only one runs.
 KERNEL_ENV = "MOEE_INT8_KERNEL"
 # The integer path must take at most this share of the weight-only path's time in the probe to be chosen: a clear
-# win, as where the CPU has VNNI (0.51x-0.54x at 16 and 64 rows), not a near tie that could flip between processes
-# (AVX2's int8 products: 0.87x-0.95x) and would not pay for packing every matrix at each load (kernels/int8.py
-# pack_int8: about 20 ms a 2048 x 1024 matrix).
+# win (VNNI), not a near tie (AVX2's int8 products) that could flip between processes, changing the rounding, and
+# would not pay for packing every matrix at each load.
 INTEGER_MAX_TIME = 0.75
 
 
 @dataclass(frozen=True)
 class IntegerPath:
     """How activations are quantized for fbgemm: per row, to int8 levels of that row's largest |x|, and the rounding
-    residual of those to int8 levels again, both halves in one matmul of twice the rows. One level alone (8 bits)
-    moved HS cosines to float32 down to 0.963 on the small test checkpoints; with the residual (about 15 bits) the
-    error is the weights' own, as in the weight-only path. `bits` is 8 where the CPU's dot product sums u8 x s8 pairs
+    residual of those to int8 levels again, both halves in one matmul of twice the rows. One level alone moved the
+    vectors measurably further from float32's than the weight-only path (bench/README.md); with the residual
+    (about 15 bits) the error is the weights' own. `bits` is 8 where the CPU's dot product sums u8 x s8 pairs
     exactly, 7 where it saturates at int16 (AVX2's vpmaddubsw: two 255 x 127 products overflow it), as fbgemm's
     own reduce_range does."""
 
@@ -185,8 +185,8 @@ def _integer_decision(dtype: torch.dtype, asked: str) -> tuple[IntegerPath | Non
     if asked == "weight-only":
         return None, f"weight-only int8 ({KERNEL_ENV}=weight-only)"
     if dtype != torch.float32:
-        # bf16 compute runs where the CPU has bf16 dot products, whose bf16 matmuls ran level with fbgemm's int8 ones
-        # (0.98x-1.06x at 64 rows); float16 and float64 keep the weight-only path as well.
+        # bf16 compute runs where the CPU has bf16 dot products, and its bf16 matmuls ran level with fbgemm's int8
+        # ones; float16 and float64 keep the weight-only path as well.
         return None, f"weight-only int8 (the integer path is for float32 compute, not {str(dtype).removeprefix('torch.')})"
     if _QLINEAR is None or "fbgemm" not in torch.backends.quantized.supported_engines:
         return None, "weight-only int8 (this torch has no fbgemm int8 kernels)"
@@ -230,8 +230,8 @@ def _exact(bits: int) -> bool:
 def _probe_ratio(path: IntegerPath, dtype: torch.dtype, shape: tuple[int, int] = (2048, 1024), repeats: int = 15) -> float:
     """The integer path's time / the weight-only path's for 16 and for 64 rows of one matrix of an expert's size
     (the larger of the two ratios), timed alternately as in precision.py's probe, on one thread: with two, a core
-    taken by another process for a moment stalls whichever side is running, and the ratio swung from 0.55x to
-    1.8x between runs."""
+    taken by another process for a moment stalls whichever side is running, and the ratio swung widely between
+    runs on a shared machine."""
     generator = torch.Generator().manual_seed(1)
     values, scale = quantize_rows(torch.randn(*shape, generator=generator))
     packed = pack_int8(values, scale)
