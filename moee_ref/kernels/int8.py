@@ -102,10 +102,10 @@ _QLINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_outpu
 # MOEE_INT8_KERNEL=weight-only or =integer overrides the probe (integer still needs a kernel that passed the exactness
 # check): for comparing the two, or for the same rounding as a machine where only one runs.
 KERNEL_ENV = "MOEE_INT8_KERNEL"
-# The integer path must take at most this share of the weight-only path's time in the probe to be chosen: a clear
-# win (VNNI), not a near tie (AVX2's int8 products) that could flip between processes, changing the rounding, and
-# would not pay for packing every matrix at each load.
-INTEGER_MAX_TIME = 0.75
+# Where the CPU sums int8 products exactly at 8 bits (VNNI), the integer path is chosen unless the probe finds it
+# slower than the weight-only path: a guard against a kernel that is not what it should be, far from the ratio such
+# CPUs show, so that the choice does not flip between processes (which would change the rounding).
+INTEGER_MAX_TIME = 1.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,11 @@ def _integer_decision(dtype: torch.dtype, asked: str) -> tuple[IntegerPath | Non
     if asked == "integer":
         path = IntegerPath(bits, f"int8 x int8 through fbgemm, activations in two {bits}-bit levels ({KERNEL_ENV}=integer)")
         return path, path.reason
+    if bits < 8:
+        # Sums of u8 x s8 pairs that saturate at int16 (AVX2 without VNNI) need 7-bit levels and twice the
+        # instructions: there the integer path ran level with the weight-only one, a near tie whose timing would
+        # flip between processes (changing the rounding) and would not pay for packing at every load.
+        return None, "weight-only int8 (fbgemm's int8 products saturate at 8 bits on this CPU, as without VNNI)"
     ratio = _probe_ratio(IntegerPath(bits, ""), dtype)
     if ratio > INTEGER_MAX_TIME:
         return None, f"weight-only int8 (fbgemm's int8 x int8 took {ratio:.2f}x its time here)"
