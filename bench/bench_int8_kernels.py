@@ -10,6 +10,7 @@ Candidates, each computing x @ W.T for int8 W with a float32 scale per row:
   uses where its probe chooses it)
 - onednn: torch.ops.onednn.qlinear_pointwise on the same two-level uint8 activations, its weight prepacked
 - int_mm: torch._int_mm (int8 x int8 -> int32) on the same activations, the weight stored transposed
+- torchao, where it is installed (pip install torchao; not a dependency): its dynamic int8 x int8 Linear
 onednn and int_mm are checked against fbgemm (exact integer sums agree to float32 rounding); a * marks a
 time whose results did not agree (int8 sums that saturate under that ISA).
 Timings are the best of --reps calls, the candidates taking turns.
@@ -37,6 +38,25 @@ def two_levels(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
 def combine(acc: torch.Tensor, factor: torch.Tensor, top: int) -> torch.Tensor:
     m = len(factor)
     return acc[:m].float().add_(acc[m:].float(), alpha=1 / (2 * top)).mul_(factor)
+
+
+def torchao_linear(values: torch.Tensor, scale: torch.Tensor):
+    """torchao's int8 x int8 (Int8DynamicActivationInt8WeightConfig: its own per-row quantization of the same
+    dequantized weight, one int8 level of activations), where torchao is installed; else None."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        return None
+    linear = torch.nn.Linear(values.shape[1], values.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(values.float() * scale[:, None])
+    quantize_(linear, Int8DynamicActivationInt8WeightConfig())
+
+    def run(x):
+        with torch.inference_mode():
+            return linear(x)
+
+    return run
 
 
 def main() -> None:
@@ -78,6 +98,9 @@ def main() -> None:
 
         sides = {"weight-only": lambda x: K.int8_linear(x, values, scale), "fbgemm": lambda x: K.packed_linear(x, packed, path),
                  "onednn": onednn, "int_mm": int_mm}
+        torchao = torchao_linear(values, scale)
+        if torchao is not None:
+            sides["torchao"] = torchao
         print(f"\n{n} x {k}: packing for fbgemm {1e3 * fbgemm_pack:.1f} ms, for onednn {1e3 * onednn_pack:.1f} ms")
         print(f"{'rows':>5} " + " ".join(f"{name:>12}" for name in sides) + "   fbgemm / weight-only")
         for rows in map(int, args.rows.split(",")):
