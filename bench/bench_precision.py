@@ -87,7 +87,17 @@ def prompts(count: int, seed: int = 0) -> list[str]:
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Parameters and buffers, and a byte a weight for int8 matrices on the integer path (held in fbgemm's packed
+    copies, not in buffers)."""
+    from moee_ref.kernels.int8 import Int8Linear, Int8RoutedExperts
+
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.packed is not None:
+            packed += int(np.prod(module.shape))
+        elif isinstance(module, Int8RoutedExperts) and module.packed is not None:
+            packed += sum(int(np.prod(shape)) for shape in module.shapes)
+    return packed + sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
