@@ -16,14 +16,15 @@ every row, though, so above INT8_KERNEL_ROWS the weight is converted to the
 compute dtype and the matmul runs there, the scales applied to its output
 (one pass fewer than dequantizing the weight).
 
-For float32 compute, where the CPU's int8 dot products are clearly faster
-(fbgemm's kernels; VNNI), the matrices are instead packed for fbgemm and the
+For float32 compute, where the CPU's int8 dot products are faster (fbgemm's
+kernels with VNNI), the matrices are instead packed for fbgemm and the
 activations quantized too, per row, as each matmul runs (`integer_path`): the
 products are then integer dot products, not a widening of int8 weights. It is
-chosen at run time, once per process, by checking that the kernel computes
-exact integer products on this CPU and timing it against the weight-only path
-(bench/README.md has the figures, and bench/bench_int8_kernels.py the
-other int8 matmuls torch offers, which did no better).
+chosen at run time, once per process, by checking that the kernel sums 8-bit
+products exactly on this CPU (it does not without VNNI, where it is no faster
+either) and timing it against the weight-only path (bench/README.md has the
+figures, and bench/bench_int8_kernels.py the other int8 matmuls torch offers,
+which did no better).
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def packed_linear(x: torch.Tensor, packed, path: IntegerPath, bias: torch.Tensor
     levels = rows * (top / peak)  # in [-top, top]
     coarse = levels.round()
     fine = (levels - coarse).mul_(2 * top)  # the residual, in [-1/2, 1/2], to [-top, top]
-    # Whole numbers with scale 1: fbgemm's own rounding of them is exact, so the two halves add up as computed here.
+    # Scale 1: the coarse half is whole numbers, which fbgemm's rounding keeps exactly, so what it drops is the fine
+    # half's own rounding, half a step of the residual's levels.
     out = _QLINEAR(torch.cat([coarse, fine]), 1.0, path.zero_point, packed)
     out = out[: len(rows)].add_(out[len(rows) :], alpha=1 / (2 * top)).mul_(peak / top)
     out = out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
@@ -240,14 +242,12 @@ def _probe_ratio(path: IntegerPath, dtype: torch.dtype, shape: tuple[int, int] =
     generator = torch.Generator().manual_seed(1)
     values, scale = quantize_rows(torch.randn(*shape, generator=generator))
     packed = pack_int8(values, scale)
-    worst = 0.0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        worst = _time_sides(path, dtype, values, scale, packed, shape[1], repeats, generator)
+        return _time_sides(path, dtype, values, scale, packed, shape[1], repeats, generator)
     finally:
         torch.set_num_threads(threads)
-    return worst
 
 
 def _time_sides(path, dtype, values, scale, packed, size, repeats, generator) -> float:
