@@ -109,15 +109,18 @@ class PreparedCache:
             file = self.path / name
             if not isinstance(entry, dict) or not file.is_file():
                 return False, f"damaged ({name} is missing)"
+            if not isinstance(entry.get("crc32"), int):
+                return False, f"damaged (the manifest has no checksum for {name})"
             if file.stat().st_size != entry.get("size"):
                 return False, f"damaged ({name} has {file.stat().st_size} bytes, {entry.get('size')} were written)"
         self.files = files
         return True, "used"
 
     def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """A layer's tensors, the int8 matrices memory-mapped (read from the file only as they are used) and the small
-        tensors copied. CheckpointError-free by design: a file whose checksum or header does not match raises
-        DamagedCacheError, for the loader to rebuild."""
+        """A layer's tensors: the int8 matrices views of the file's mapping (read once by the checksum; their pages
+        are the file's, shared with the page cache and dropped under memory pressure rather than swapped), the
+        small tensors copied. A file whose
+        checksum or header does not match raises DamagedCacheError, for the loader to rebuild the cache."""
         name = layer_file(layer)
         file = self.path / name
         size = file.stat().st_size
