@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "moee-ref-bench"))
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-extra-buffers", action="store_true", help="load without ggml's repacking and AMX int8 path")
+    parser.add_argument("--cache-dir", default=None, help="moee-ref int8's prepared cache (default WORKDIR/prepared-cache)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,7 +180,8 @@ def main() -> None:
     available, source = memory_available()
     results, left_out = {}, []
     child_args = SimpleNamespace(family=args.family, layers=args.layers, texts=args.texts, batch1=args.batch1,
-                                 reps=args.reps, workdir=args.workdir, reference_texts=args.texts, dir=str(directory))
+                                 reps=args.reps, workdir=args.workdir, reference_texts=args.texts, dir=str(directory),
+                                 cache_dir=args.cache_dir)
     with tempfile.TemporaryDirectory() as scratch:
         for mode in modes:
             results[f"moee-ref {mode}"] = bench_precision.run_child(child_args, mode, Path(scratch) / f"{mode}.npz")
@@ -211,12 +213,15 @@ def report(args, results: dict, left_out: list[str], version: str) -> None:
     for line in left_out:
         print(f"left out: {line}")
     pairs = [("moee-ref bfloat16", "llama.cpp bf16"), ("moee-ref float32", "llama.cpp f32"), ("moee-ref int8", "llama.cpp q8_0"),
-             ("moee-ref bfloat16", "llama.cpp q8_0")]
+             ("moee-ref int8-cached", "llama.cpp q8_0"), ("moee-ref bfloat16", "llama.cpp q8_0")]
     for ours, theirs in pairs:
         if ours in ran and theirs in ran:
             a, b = ran[ours], ran[theirs]
             print(f"{ours} against {theirs}: b32 {a['b32_texts_per_s'] / b['b32_texts_per_s']:.2f}x its rate, "
-                  f"b1 {a['b1_ms'] / b['b1_ms']:.2f}x its time")
+                  f"b1 {a['b1_ms'] / b['b1_ms']:.2f}x its time, load {a['load_s'] / b['load_s']:.2f}x its time")
+    for name, r in ran.items():
+        if r.get("int8_kernel"):
+            print(f"{name}: {r['int8_kernel']}; prepared cache {r['prepared']}")
     if args.json:
         Path(args.json).write_text(json.dumps({name: {k: v for k, v in r.items() if not isinstance(v, np.ndarray)}
                                                for name, r in results.items()} | {"left_out": left_out}, indent=2))

@@ -20,6 +20,16 @@ float32 matmul rate's share.
     python bench/bench_precision.py --family deepseek --layers 3
     python bench/bench_precision.py --layers 16              # OLMoE at full depth: 13.8 GB of shards
     python bench/bench_precision.py --interleave float32,int8  # batch 1 only, the modes in turn, one process
+    python bench/bench_precision.py --modes float32,int8,int8-cached,int8-weight-only
+
+int8 is timed as the loader gives it (kernels/int8.py: int8 x int8 through
+fbgemm where its probe chose that, else weight-only) and its load with the
+prepared cache (loading/prepared.py, in --cache-dir) emptied first, so that
+row's load quantizes and writes the cache; int8-cached loads from that cache;
+int8-weight-only and int8-integer force one of the two matmuls
+(MOEE_INT8_KERNEL) for a comparison on the same machine. To time a CPU as if it had AVX2 only, cap all
+three libraries: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (the children inherit them).
 
 Every mode runs in a process of its own, one after the other, so that each
 peak RSS is its own and full depth fits: OLMoE's 16 layers hold 13.8 GB in
@@ -41,7 +51,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,7 +70,8 @@ from moee_ref.loading.memory import InsufficientMemoryError, format_bytes, memor
 from moee_ref.demo.checkpoints import write_random_checkpoint
 from moee_ref.families import FAMILIES
 from moee_ref.embedding.embedder import FeatureOptions
-from moee_ref.kernels.int8 import int8_kernel_rows
+from moee_ref.kernels.int8 import KERNEL_ENV, int8_kernel_rows, integer_reason
+from moee_ref.loading.prepared import PreparedCache
 from moee_ref.kernels.onednn import linear, pack_weight, packing_available
 from moee_ref.kernels.precision import resolve_dtype
 
@@ -74,7 +87,17 @@ def prompts(count: int, seed: int = 0) -> list[str]:
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Parameters and buffers, and a byte a weight for int8 matrices on the integer path (held in fbgemm's packed
+    copies, not in buffers)."""
+    from moee_ref.kernels.int8 import Int8Linear, Int8RoutedExperts
+
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.packed is not None:
+            packed += int(np.prod(module.shape))
+        elif isinstance(module, Int8RoutedExperts) and module.packed is not None:
+            packed += sum(int(np.prod(shape)) for shape in module.shapes)
+    return packed + sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -101,7 +124,9 @@ def timed(run, texts: list[str], batch1: int, reps: int):
 
 
 MODES = {  # name: (dtype, int8); "transformers" and the float64 reference are their own cases
-    "float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "int8": ("auto", True)}
+    "float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "int8": ("auto", True),
+    "int8-cached": ("auto", True), "int8-weight-only": ("auto", True), "int8-integer": ("auto", True)}
+DEFAULT_MODES = "float32,bfloat16,int8,int8-cached"
 STREAMED_REFERENCE_BUDGET = "8GiB"  # float64 layer-streamed: one layer of OLMoE in float64 is 6.3 GiB as held
 
 
@@ -116,12 +141,23 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: int) -> tuple[dict, dict]:
+def prepare_mode(mode: str, directory: Path, cache_dir: str) -> None:
+    """Before an int8 row's load: "int8" empties the prepared cache (its load then builds it), "int8-weight-only"
+    and "int8-integer" take that path whatever the probe chose."""
+    if mode == "int8":
+        args = read_config(directory)
+        shutil.rmtree(PreparedCache(cache_dir, directory, resolve_dtype("auto")[0], args.num_layers).path, ignore_errors=True)
+    if mode in ("int8-weight-only", "int8-integer"):
+        os.environ[KERNEL_ENV] = mode.removeprefix("int8-")
+
+
+def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: int, cache_dir: str) -> tuple[dict, dict]:
     """One moee-ref mode: timings, read floor inputs and FLOPs (as JSON), and its vectors and top-k sets."""
     bench_cpu = bench_helpers()
     dtype, int8 = MODES[mode]
+    prepare_mode(mode, directory, cache_dir)
     start = time.perf_counter()
-    embedder = MoEEmbedder.from_pretrained(directory, dtype=dtype, int8=int8)
+    embedder = MoEEmbedder.from_pretrained(directory, dtype=dtype, int8=int8, cache_dir=cache_dir)
     load_s = time.perf_counter() - start
     load_rss = peak_rss_gib()
     feats, rate, b1_ms = timed(lambda t: embedder.features(t, OPTIONS, batch_size=len(t)), texts, batch1, reps)
@@ -137,7 +173,8 @@ def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: 
     stats = {"weight_bytes": model_bytes(model), "load_s": load_s, "load_peak_rss_gib": load_rss, "b32_texts_per_s": rate,
              "b1_ms": b1_ms, "alone_vs_batched_cos_min": invariance, "dtype": str(model.dtype).removeprefix("torch."),
              "b1_params_touched": touched, "bandwidth_gbs": bandwidth / 1e9,
-             "b32_gflop": bench_cpu.flops_done(model.args, tokens, len(texts), prefix) / 1e9, "peak_rss_gib": peak_rss}
+             "b32_gflop": bench_cpu.flops_done(model.args, tokens, len(texts), prefix) / 1e9, "peak_rss_gib": peak_rss,
+             "int8_kernel": getattr(model, "int8_kernel", None), "prepared": getattr(model, "prepared", None)}
     topk, mask = topk_sets(embedder, texts)
     return stats, {"hs": feats.hs, "rw": feats.rw, "topk": topk, "mask": mask}
 
@@ -151,9 +188,13 @@ def topk_sets(embedder: MoEEmbedder, texts: list[str]) -> tuple[np.ndarray, np.n
     return out.topk_ids.sort(-1).values.numpy(), batch.attention_mask.bool().numpy()
 
 
-def interleaved_b1(directory: Path, modes: list[str], texts: list[str], reps: int) -> dict[str, float]:
+def interleaved_b1(directory: Path, modes: list[str], texts: list[str], reps: int, cache_dir: str) -> dict[str, float]:
     """Median ms per text at batch 1 of each mode, all loaded together and called in turn for every text."""
-    embedders = {mode: MoEEmbedder.from_pretrained(directory, dtype=MODES[mode][0], int8=MODES[mode][1]) for mode in modes}
+    embedders = {}
+    for mode in modes:  # the int8 matmuls are chosen at load: each mode's setting holds for its own load
+        prepare_mode(mode, directory, cache_dir)
+        embedders[mode] = MoEEmbedder.from_pretrained(directory, dtype=MODES[mode][0], int8=MODES[mode][1], cache_dir=cache_dir)
+        os.environ.pop(KERNEL_ENV, None)
     for embedder in embedders.values():  # warm-up: kernels built for these shapes
         for text in texts[:2]:
             embedder.features([text], OPTIONS)
@@ -208,8 +249,13 @@ def run_child(args, mode: str, out: Path) -> dict:
                *(["--hf-dtype", hf_dtype] if hf_dtype else []),
                "--layers", str(args.layers), "--texts", str(args.texts), "--batch1", str(args.batch1),
                "--reps", str(args.reps), "--workdir", args.workdir, "--reference-texts", str(args.reference_texts),
+               "--cache-dir", cache_dir_of(args),
                *(["--dir", str(args.dir)] if getattr(args, "dir", None) else [])]
     return child_result(command, f"the {mode} process", out)
+
+
+def cache_dir_of(args) -> str:
+    return getattr(args, "cache_dir", None) or str(Path(args.workdir) / "prepared-cache")
 
 
 def child_result(command: list[str], what: str, out: Path) -> dict:
@@ -232,7 +278,7 @@ def child_main(args, directory: Path) -> None:
         elif args.child == "reference":
             stats, arrays = child_reference(directory, texts[: args.reference_texts])
         else:
-            stats, arrays = child_moee(directory, args.child, texts, args.batch1, args.reps)
+            stats, arrays = child_moee(directory, args.child, texts, args.batch1, args.reps, cache_dir_of(args))
     except InsufficientMemoryError as error:  # the loader refused the mode before reading weights (it does not fit)
         print(json.dumps({"refused": str(error).splitlines()[0]}))
         return
@@ -275,6 +321,10 @@ def ensure_checkpoint(directory: Path, family: str, layers: int) -> Path:
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "int8": 1}  # int8: its row scales and full-precision router are ~1%
 
 
+def mode_bytes(name: str) -> int:
+    return BYTES_PER_PARAM[name.split()[0].split("-")[0]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="olmoe", choices=sorted(FAMILIES))
@@ -287,6 +337,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers row")
     parser.add_argument("--interleave", default=None, help="comma-separated modes: batch 1 only, in turn, in one process")
+    parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, of {', '.join(MODES)} (bfloat16 only where native)")
+    parser.add_argument("--cache-dir", default=None, help="the int8 rows' prepared cache (default WORKDIR/prepared-cache)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--hf-dtype", default="bfloat16", help=argparse.SUPPRESS)
@@ -302,7 +354,7 @@ def main() -> None:
         modes = args.interleave.split(",")
         if not set(modes) <= set(MODES):
             parser.error(f"--interleave takes {', '.join(MODES)}, not {args.interleave!r}")
-        b1 = interleaved_b1(directory, modes, prompts(args.batch1), args.reps)
+        b1 = interleaved_b1(directory, modes, prompts(args.batch1), args.reps, cache_dir_of(args))
         print(f"{args.family}, {args.layers} layers, batch 1, {args.batch1} texts x {args.reps} in turn, "
               f"{torch.get_num_threads()} threads; auto dtype here: {str(resolve_dtype('auto')[0]).removeprefix('torch.')}")
         for mode, ms in b1.items():
@@ -313,20 +365,26 @@ def main() -> None:
     native = auto == torch.bfloat16  # else bf16 is emulated here: its rows would time the emulation
     rate_name = "bf16" if native else "float32"
     matmul_rate = matmul_gflops(auto)
-    names = [name for name in MODES if native or name != "bfloat16"]
+    names = args.modes.split(",")
+    if not set(names) <= set(MODES):
+        parser.error(f"--modes takes {', '.join(MODES)}, not {args.modes!r}")
+    names = [name for name in names if native or name != "bfloat16"]
     names += [] if args.no_transformers else [f"transformers {str(auto).removeprefix('torch.')}"]  # in auto's dtype
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             results[name] = run_child(args, name, Path(scratch) / f"{name.split()[0]}.npz")
-        if "refused" in results["float32"]:
+        if "float32" not in results:  # not asked for: speed only
+            ref_name, ref = "nothing (no float32 row)", None
+        elif "refused" in results["float32"]:
             ref_name, ref = "float64 streamed", run_child(args, "reference", Path(scratch) / "reference.npz")
         else:
             ref_name, ref = "float32", results["float32"]
-    rows = len(ref["hs"])
+    rows = len(ref["hs"]) if ref is not None else 0
     print(f"{args.family}, {args.layers} layers of the real dimensions, {args.texts} texts (random weights), "
           f"{torch.get_num_threads()} threads; auto dtype here: {str(auto)[6:]} ({reason}); "
-          f"int8 kernel for up to {int8_kernel_rows(auto)} rows; {rate_name} matmul rate {matmul_rate:.0f} GFLOP/s; "
+          f"int8: {integer_reason(auto)}, weight-only kernel for up to {int8_kernel_rows(auto)} rows; "
+          f"{rate_name} matmul rate {matmul_rate:.0f} GFLOP/s; "
           f"quality against {ref_name} on {rows} texts")
     header = (f"{'mode':<20} {'weights GiB':>11} {'load s':>7} {'peak RSS GiB':>12} {'b32 texts/s':>11} {f'b32 % {rate_name} rate':>15} "
               f"{'b1 ms':>7} {'b1 floor ms':>11} {'b1 / floor':>10} {'cos HS min':>10} {'cos RW min':>10} "
@@ -339,15 +397,18 @@ def main() -> None:
             print(f"{name:<20} refused by the loader: {r['refused']}")
             summary["modes"][name] = {"refused": r["refused"]}
             continue
-        cos_hs, cos_rw = cosines(ref["hs"], r["hs"][:rows]), cosines(ref["rw"], r["rw"][:rows])
+        if ref is None:
+            cos_hs = cos_rw = np.array([float("nan")])
+        else:
+            cos_hs, cos_rw = cosines(ref["hs"], r["hs"][:rows]), cosines(ref["rw"], r["rw"][:rows])
         changed = float("nan")
-        if "topk" in r:
+        if "topk" in r and ref is not None:
             # Left-padded batches: a text's tokens are its row's last positions, whatever the batch's width.
             width = min(ref["topk"].shape[2], r["topk"].shape[2])
             ref_topk, topk, real = ref["topk"][..., -width:, :], r["topk"][:rows, :, -width:], ref["mask"][:, -width:]
             differs = (ref_topk != topk).any(-1)  # [rows, L_moe, width]
             changed = float(differs[np.broadcast_to(real[:, None, :], differs.shape)].mean())
-        floor_ms = 1e3 * r["b1_params_touched"] * BYTES_PER_PARAM[name.split()[0]] / (r["bandwidth_gbs"] * 1e9) if "bandwidth_gbs" in r else float("nan")
+        floor_ms = 1e3 * r["b1_params_touched"] * mode_bytes(name) / (r["bandwidth_gbs"] * 1e9) if "bandwidth_gbs" in r else float("nan")
         share = r["b32_gflop"] * r["b32_texts_per_s"] / args.texts / matmul_rate if "b32_gflop" in r else float("nan")
         print(f"{name:<20} {r['weight_bytes'] / 2**30:>11.2f} {r['load_s']:>7.1f} {r['peak_rss_gib']:>12.2f} "
               f"{r['b32_texts_per_s']:>11.2f} {100 * share:>14.0f}% {r['b1_ms']:>7.1f} {floor_ms:>11.1f} {r['b1_ms'] / floor_ms:>10.2f} "
@@ -355,6 +416,9 @@ def main() -> None:
         summary["modes"][name] = {k: v for k, v in r.items() if not isinstance(v, np.ndarray)} | {
             "cos_hs_min": float(cos_hs.min()), "cos_rw_min": float(cos_rw.min()), "topk_sets_changed": changed,
             "b1_floor_ms": floor_ms, "b32_share_of_matmul_rate": share}
+    for name, r in results.items():
+        if r.get("int8_kernel"):
+            print(f"{name}: {r['int8_kernel']}; prepared cache {r['prepared']}")
     print(ratios(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -375,8 +439,12 @@ def ratios(summary: dict) -> str:
     if "bfloat16" in ok and "int8" in ok:
         b, i = ok["bfloat16"], ok["int8"]
         lines.append(f"int8 against bfloat16: b1 {i['b1_ms'] / b['b1_ms']:.2f}x its time, load {i['load_s'] / b['load_s']:.2f}x")
-    if "float32" in ok and "int8" in ok:
-        lines.append(f"int8 against float32: b1 {ok['int8']['b1_ms'] / ok['float32']['b1_ms']:.2f}x its time")
+    for name in ("int8", "int8-cached", "int8-weight-only", "int8-integer"):
+        if "float32" in ok and name in ok:
+            lines.append(f"{name} against float32: b1 {ok[name]['b1_ms'] / ok['float32']['b1_ms']:.2f}x its time, "
+                         f"b32 {ok[name]['b32_texts_per_s'] / ok['float32']['b32_texts_per_s']:.2f}x its rate")
+    if "int8" in ok and "int8-cached" in ok:
+        lines.append(f"int8 load from the prepared cache: {ok['int8-cached']['load_s'] / ok['int8']['load_s']:.2f}x the quantizing load's time")
     return "\n".join(lines)
 
 

@@ -73,6 +73,8 @@ def load_embedder(ns):
         memory_limit=ns.memory_limit,
         device=ns.device,
         fit="auto" if ns.dtype is None else None,
+        cache_dir=getattr(ns, "cache_dir", None),
+        prepared_cache=not getattr(ns, "no_prepared_cache", False),
     )
     if embedder.load_note and not getattr(ns, "quiet", False):
         print(f"moee: {embedder.load_note}", file=sys.stderr)

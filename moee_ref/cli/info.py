@@ -117,6 +117,10 @@ def format_facts(facts: dict[str, Any]) -> str:
         modes = ", ".join(f"{m['mode']} {human_bytes(m['need_bytes'])}{'' if m['fits'] else ' (does not fit)'}"
                           f"{' (slow here: no native bf16)' if m.get('slow') else ''}" for m in fit["modes"])
         lines.append(f"memory needed       {modes}; this process may use {human_bytes(fit['available_bytes'])} ({fit['source']})")
+    int8 = facts.get("int8")
+    if int8:
+        lines.append(f"int8 matmuls        {int8['kernel']}")
+        lines.append(f"int8 prepared cache {int8['cache']}: {int8['cache_state']}")
     tok = facts.get("tokenizer")
     if tok:
         lines.append(
@@ -147,3 +151,15 @@ def format_routing_table(table: list[dict[str, Any]]) -> str:
         choices = "  ".join(f"{e:>3}:{w:.3f}" for e, w in zip(entry["experts"], entry["weights"]))
         lines.append(f"{entry['layer']:>5}  {entry['entropy']:7.3f}  {choices}")
     return "\n".join(lines)
+
+
+def int8_facts(directory, args, dtype, cache_dir=None) -> dict[str, Any]:
+    """For `moee info`: which int8 matmuls run here in `dtype`, and whether a resident int8 load would read its
+    prepared weights from the cache (loading/prepared.py) or build them."""
+    from ..kernels.int8 import integer_reason
+    from ..loading.prepared import PreparedCache
+
+    cache = PreparedCache(cache_dir, directory, dtype, args.num_layers)
+    usable, why = cache.check()
+    return {"kernel": integer_reason(dtype), "cache": str(cache.path), "cache_usable": usable,
+            "cache_state": "present, an int8 load reads it" if usable else f"an int8 load builds it ({why})"}

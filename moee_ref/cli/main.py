@@ -113,6 +113,8 @@ def cmd_embed(ns) -> int:
     rate = f"; {report.texts_per_second:.1f} texts/s, {report.tokens_per_second:.0f} tokens/s" if report.texts_per_second else ""
     print(f"embedded {len(result.vectors)} texts as {spec.kind} ({result.vectors.shape[1]} dims{alpha}) in {report.dtype}{batches} "
           f"-> {'standard output' if ns.output == '-' else ns.output}{rate}", file=sys.stderr)
+    if report.int8_kernel:
+        print(f"int8: {report.int8_kernel}; prepared cache {report.prepared or 'not used (layer-streamed)'}", file=sys.stderr)
     if ns.save_config:
         print(f"wrote the embedding configuration to {ns.save_config}: --config {ns.save_config} embeds queries the same way",
               file=sys.stderr)
@@ -308,6 +310,7 @@ def cmd_info(ns) -> int:
     from .info import format_facts, model_facts
     from ..kernels.precision import resolve_dtype
     from ..loading.checkpoint import memory_fit
+    from .info import int8_facts
     from ..loading.tokenizer import Tokenizer
 
     if (ns.model is None) == (ns.output is None):
@@ -331,6 +334,7 @@ def cmd_info(ns) -> int:
     facts["compute"] = {"auto_dtype": str(dtype).removeprefix("torch."), "reason": reason}
     if not given.is_file() and any(directory.glob("*.safetensors")):  # sizes from the shards' headers, nothing read
         facts["memory_fit"] = memory_fit(directory, ns.memory_limit)
+        facts["int8"] = int8_facts(directory, args, dtype, ns.cache_dir)
     print(json.dumps(facts, indent=2) if ns.json else format_facts(facts))
     return 0
 
@@ -371,8 +375,15 @@ def cmd_demo(ns) -> int:
 def add_memory(p) -> None:
     """Options for models larger than memory (loading/streamed.py, kernels/int8.py)."""
     p.add_argument("--memory-budget", default=None, metavar="SIZE", help="layer-streamed mode within this budget, e.g. 8GB: every layer is read once per run")
-    p.add_argument("--int8", action="store_true", help="weight-only int8 attention and expert matrices (about a quarter of fp32 memory)")
+    p.add_argument("--int8", action="store_true", help="int8 attention and expert matrices (about a quarter of fp32 memory)")
+    add_cache(p)
     p.add_argument("--spill-dir", default=None, metavar="DIR", help="where the streamed mode spills activations over budget (default: the temp dir)")
+
+
+def add_cache(p) -> None:
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where int8 loads keep prepared weights (default $MOEE_CACHE_DIR, else ~/.cache/moee-ref)")
+    p.add_argument("--no-prepared-cache", action="store_true", help="int8: quantize from the checkpoint, neither reading nor writing the cache")
 
 
 def add_official(p, e5: str | None = None) -> None:
@@ -493,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="SRC", help="checkpoint directory, hub id, or a config.json file")
     p.add_argument("--output", default=None, metavar="FILE", help="instead of a model: the provenance an output of moee embed carries")
     p.add_argument("--memory-limit", default=None, metavar="SIZE", help="memory to size the modes against, instead of what the system reports")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="where int8 loads keep prepared weights (default $MOEE_CACHE_DIR, else ~/.cache/moee-ref)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_info)
 

@@ -230,6 +230,7 @@ class MoEDecoder(nn.Module):
         self.with_lm_head = with_lm_head
         self.source_dir = None  # set by the loader: where config, tokenizer and weights were found
         self.int8 = self.packed = False  # set by the loader: how the weights are held (kernels/)
+        self.int8_kernel = self.prepared = None  # set by the loader with int8: its matmuls, its prepared cache
         self.dtype_reason: str | None = None  # set by the loader: why this compute dtype (kernels/precision.py)
         self._prefix: SharedPrefix | None = None  # the last prefix `run` encoded, reused while its ids stay
         self._prefix_lock = threading.Lock()  # threads embedding with one model share that cache

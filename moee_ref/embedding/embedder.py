@@ -80,6 +80,8 @@ class MoEEmbedder:
         device: str | torch.device = "auto",
         fit: str | None = None,
         config=None,
+        cache_dir: str | os.PathLike | None = None,
+        prepared_cache: bool = True,
         **kwargs,
     ) -> "MoEEmbedder":
         """Load a checkpoint for embedding (without its LM head, which embeddings never use).
@@ -94,7 +96,10 @@ class MoEEmbedder:
 
         memory_budget (e.g. "8GB"): layer-streamed corpus mode for models larger
         than memory (loading/streamed.py); each encode() call then reads every layer once.
-        int8: weight-only int8 for attention and expert matrices (kernels/int8.py).
+        int8: int8 attention and expert matrices (kernels/int8.py): int8 x int8 matmuls where this CPU
+        runs them faster, else weight-only. Resident, the quantized layers are kept in a prepared cache and
+        memory-mapped at the next load (loading/prepared.py): cache_dir is where (default $MOEE_CACHE_DIR,
+        else ~/.cache/moee-ref), prepared_cache=False neither reads nor writes it. last_report says which ran.
         fit: "auto" chooses the mode from this process's memory when neither int8 nor memory_budget is given (on
         the CPU): the dtype resident where it fits, else int8, else layer-streamed (loading/checkpoint.py
         `choose_mode`), before any weight is read; `load_note` then says what was chosen and why. None: the mode
@@ -134,7 +139,8 @@ class MoEEmbedder:
         else:
             from ..loading.checkpoint import load_model
 
-            model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed, memory_limit=memory_limit, device=device)
+            model = load_model(source, dtype=dtype, int8=int8, lm_head=False, packed=packed, memory_limit=memory_limit, device=device,
+                               cache_dir=cache_dir, prepared_cache=prepared_cache)
         model.dtype_reason = reason
         embedder = cls(model, Tokenizer.from_dir(model.source_dir), **kwargs)
         embedder.load_note = note

@@ -28,6 +28,8 @@ class EncodeReport:
     alpha_choice: AlphaChoice | None = None
     dtype: str | None = None  # the compute dtype that ran, and why it was chosen (kernels/precision.py)
     dtype_reason: str | None = None
+    int8_kernel: str | None = None  # with int8: which matmuls ran (kernels/int8.py `integer_path`)
+    prepared: str | None = None  # with int8: whether the prepared cache was read, built or not used (loading/prepared.py)
     batch_size: int | None = None  # the official mode's: its per-batch standardisation depends on it
     notes: list[str] = field(default_factory=list)
     # Corpus jobs (jobs/corpus.py): the rows left out (--on-error skip), the rate of the rows computed in this
@@ -47,4 +49,4 @@ class Result:
 def new_report(embedder, num_texts: int, num_truncated: int = 0, **values) -> EncodeReport:
     model = embedder.model
     return EncodeReport(num_texts=num_texts, num_truncated=num_truncated, dtype=str(model.dtype).removeprefix("torch."),
-                        dtype_reason=model.dtype_reason, **values)
+                        dtype_reason=model.dtype_reason, int8_kernel=model.int8_kernel, prepared=model.prepared, **values)

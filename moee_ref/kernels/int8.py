@@ -9,15 +9,31 @@ The matmul (`int8_linear`) reads the int8 bytes themselves where it can:
 for few rows on the CPU (an expert's handful of tokens at batch 1), torch's
 weight-only int8 kernel streams a quarter of float32's bytes. It takes bf16
 rows and widens them in registers, so it needs no bf16 dot products: float32
-rows are rounded to bf16 for it, on a CPU without bf16 units too (there it
-ran 0.44x to 0.62x oneDNN-packed float32's time for 1 to 4 rows, and
-converting the weight 0.85x to 1.6x; bench/README.md). Its time grows with
+rows are rounded to bf16 for it, on a CPU without bf16 units too (where it
+also beats converting the weight for few rows; bench/README.md). Its time grows with
 every row, though, so above INT8_KERNEL_ROWS the weight is converted to the
 compute dtype and the matmul runs there, the scales applied to its output
 (one pass fewer than dequantizing the weight).
+
+For float32 compute, where the CPU's int8 dot products are faster (fbgemm's
+kernels with VNNI), the matrices are instead packed for fbgemm and the
+activations quantized too, per row, as each matmul runs (`integer_path`): the
+products are then integer dot products, not a widening of int8 weights. It is
+chosen at run time, once per process, by checking that the kernel sums 8-bit
+products exactly on this CPU (it does not without VNNI, where it is no faster
+either) and timing it against the weight-only path (bench/README.md has the
+figures, and bench/bench_int8_kernels.py the other int8 matmuls torch offers,
+which did no better).
 """
 
 from __future__ import annotations
+
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -34,6 +50,8 @@ QUANTIZE_ROWS = 1024
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, float32 scales) with weight ~= values * scales[..., None], one scale per output row."""
+    if weight.is_meta:  # the shapes only: a model built to receive prepared weights (loading/prepared.py)
+        return torch.empty(weight.shape, dtype=torch.int8, device="meta"), torch.empty(weight.shape[:-1], device="meta")
     rows = weight.reshape(-1, weight.shape[-1])
     values = torch.empty(rows.shape, dtype=torch.int8)
     scale = torch.empty(len(rows), dtype=torch.float32)
@@ -52,7 +70,9 @@ _INT8_MM = getattr(torch, "_weight_int8pack_mm", None)
 def int8_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (values * scale[:, None]).T + bias for int8 values [out, in] and float32 scales [out]."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and 0 < len(rows) <= int8_kernel_rows(x.dtype):
+    # torch 2.13's kernel reads out of bounds (a segmentation fault, on an AVX-512 CPU) where the input width is not a
+    # multiple of 16, e.g. 5 rows of 8 or 3 rows of 12: those convert the weight. Real models' widths are multiples of 64.
+    if x.device.type == "cpu" and 0 < len(rows) <= int8_kernel_rows(x.dtype) and x.shape[-1] % 16 == 0:
         # float32 rows are rounded to bf16 on the way in, and the bf16 result widened back
         out = _INT8_MM(rows.to(torch.bfloat16), values, scale.to(torch.bfloat16)).to(x.dtype).reshape(*x.shape[:-1], -1)
     else:
@@ -60,19 +80,189 @@ def int8_linear(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, bias
     return out if bias is None else out + bias
 
 
-# Up to this many rows of each compute dtype torch's int8 kernel beats converting the weight, timed with 2
-# threads (bench/README.md). bf16 rows, against a bf16 matmul on a CPU with AMX: the crossover fell between 8 and
-# 16 rows from run to run. float32 rows, on a CPU with AVX2 only: about level with converting at 16 rows on one
-# matrix, and in the model (OLMoE's dimensions, batch 1) 16 rows ran 0.82x float32's time where 8 ran 0.98x,
-# converting a weight to float32 writing four bytes a weight. Fixed numbers, not timings made at start-up: which
-# path a row takes changes its rounding, and the same text must get the same vector in every process.
-# float16 and float64 rows always convert the weight.
+# Up to this many rows of each compute dtype torch's int8 kernel beats converting the weight (the crossovers
+# bench/bench_expert_read.py measured, in bench/README.md): more for float32 rows, since converting a weight to
+# float32 writes four bytes a weight. Fixed numbers, not timings made at start-up: which path a row takes changes
+# its rounding, and the same text must get the same vector in every process. float16 and float64 rows always
+# convert the weight.
 INT8_KERNEL_ROWS = {torch.bfloat16: 8, torch.float32: 16}
 
 
 def int8_kernel_rows(dtype: torch.dtype) -> int:
     """The most rows of `dtype` sent to torch's weight-only int8 kernel (0 where this torch has none)."""
     return INT8_KERNEL_ROWS.get(dtype, 0) if _INT8_MM is not None else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The integer path: int8 weights packed for fbgemm, activations quantized per row as each matmul runs.
+
+_QLINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
+# MOEE_INT8_KERNEL=weight-only or =integer overrides the probe (integer still needs a kernel that passed the exactness
+# check): for comparing the two, or for the same rounding as a machine where only one runs.
+KERNEL_ENV = "MOEE_INT8_KERNEL"
+# Where the CPU sums int8 products exactly at 8 bits (VNNI), the integer path is chosen unless the probe finds it
+# slower than the weight-only path: a guard against a kernel that is not what it should be, far from the ratio such
+# CPUs show, so that the choice does not flip between processes (which would change the rounding).
+INTEGER_MAX_TIME = 1.0
+
+
+@dataclass(frozen=True)
+class IntegerPath:
+    """How activations are quantized for fbgemm: per row, to int8 levels of that row's largest |x|, and the rounding
+    residual of those to int8 levels again, both halves in one matmul of twice the rows. One level alone moved the
+    vectors measurably further from float32's than the weight-only path (bench/README.md); with the residual
+    (about 15 bits) the error is the weights' own. `bits` is 8 where the CPU's dot product sums u8 x s8 pairs
+    exactly, 7 where it saturates at int16 (AVX2's vpmaddubsw: two 255 x 127 products overflow it), as fbgemm's
+    own reduce_range does."""
+
+    bits: int
+    reason: str
+
+    @property
+    def top(self) -> int:
+        return 2 ** (self.bits - 1) - 1  # the largest level: a row's largest |x|
+
+    @property
+    def zero_point(self) -> int:
+        return 2 ** (self.bits - 1)
+
+
+@contextmanager
+def _fbgemm():
+    # Packing follows the quantized engine set at that moment; the packed weight runs fbgemm whatever it is later.
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        with warnings.catch_warnings():
+            # torch 2.13 warns that quantized tensors are deprecated: the path is probed at start and falls back to
+            # the weight-only one where a later torch lacks it.
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def pack_int8(values: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of int8 values [out, in] with float32 scales [out] (a copy in fbgemm's blocked layout)."""
+    with _fbgemm():
+        weight = torch._make_per_channel_quantized_tensor(
+            values.contiguous(), scale.to(torch.float64), torch.zeros(len(scale), dtype=torch.int64), 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+def packed_linear(x: torch.Tensor, packed, path: IntegerPath, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T + bias for a weight packed by pack_int8, each row of x quantized in two int8 levels (IntegerPath)."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    top = path.top
+    # An all-zero row stays exactly zero (a floor, not float32's smallest normal, whose top / peak overflows to inf).
+    peak = rows.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-30)
+    levels = rows * (top / peak)  # in [-top, top]
+    coarse = levels.round()
+    fine = (levels - coarse).mul_(2 * top)  # the residual, in [-1/2, 1/2], to [-top, top]
+    # Scale 1: the coarse half is whole numbers, which fbgemm's rounding keeps exactly, so what it drops is the fine
+    # half's own rounding, half a step of the residual's levels.
+    out = _QLINEAR(torch.cat([coarse, fine]), 1.0, path.zero_point, packed)
+    out = out[: len(rows)].add_(out[len(rows) :], alpha=1 / (2 * top)).mul_(peak / top)
+    out = out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+    return out if bias is None else out + bias
+
+
+def integer_path(dtype: torch.dtype) -> IntegerPath | None:
+    """The integer path for int8 models computing in `dtype` on the CPU, or None where the weight-only path runs."""
+    return _integer_decision(dtype, os.environ.get(KERNEL_ENV, "auto"))[0]
+
+
+def integer_reason(dtype: torch.dtype) -> str:
+    """Why integer_path(dtype) is what it is, in a few words."""
+    return _integer_decision(dtype, os.environ.get(KERNEL_ENV, "auto"))[1]
+
+
+@lru_cache(maxsize=None)
+def _integer_decision(dtype: torch.dtype, asked: str) -> tuple[IntegerPath | None, str]:
+    if asked not in ("auto", "integer", "weight-only"):
+        return None, f"{KERNEL_ENV}={asked!r} is not one of auto, integer, weight-only: the weight-only path"
+    if asked == "weight-only":
+        return None, f"weight-only int8 ({KERNEL_ENV}=weight-only)"
+    if dtype != torch.float32:
+        # bf16 compute runs where the CPU has bf16 dot products, and there bf16 matmuls are as fast as fbgemm's
+        # int8 ones (bench/README.md); float16 and float64 keep the weight-only path as well.
+        return None, f"weight-only int8 (the integer path is for float32 compute, not {str(dtype).removeprefix('torch.')})"
+    if _QLINEAR is None or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None, "weight-only int8 (this torch has no fbgemm int8 kernels)"
+    bits = next((b for b in (8, 7) if _exact(b)), None)
+    if bits is None:
+        return None, "weight-only int8 (fbgemm's int8 products were not exact on this CPU)"
+    if asked == "integer":
+        path = IntegerPath(bits, f"int8 x int8 through fbgemm, activations in two {bits}-bit levels ({KERNEL_ENV}=integer)")
+        return path, path.reason
+    if bits < 8:
+        # Sums of u8 x s8 pairs that saturate at int16 (AVX2 without VNNI) need 7-bit levels and twice the
+        # instructions: no faster than the weight-only path there, a near tie whose timing would flip between
+        # processes (changing the rounding) and would not pay for packing at every load.
+        return None, "weight-only int8 (fbgemm's int8 products saturate at 8 bits on this CPU, as without VNNI)"
+    ratio = _probe_ratio(IntegerPath(bits, ""), dtype)
+    if ratio > INTEGER_MAX_TIME:
+        return None, f"weight-only int8 (fbgemm's int8 x int8 took {ratio:.2f}x its time here)"
+    path = IntegerPath(bits, f"int8 x int8 through fbgemm, activations in two {bits}-bit levels ({ratio:.2f}x weight-only's time here)")
+    return path, path.reason
+
+
+def _exact(bits: int) -> bool:
+    """Whether fbgemm's product equals the exact integer one for activation levels of `bits` bits: at the extremes
+    (where an int16 sum of pairs saturates) and on random levels, for 1 and 5 rows. Rows that are whole levels with
+    their largest |x| at the top level have no residual, so what comes back must be exact."""
+    generator = torch.Generator().manual_seed(0)
+    top = 2 ** (bits - 1) - 1
+    path = IntegerPath(bits, "")
+    for rows in (1, 5):
+        levels = torch.randint(-top, top + 1, (rows, 256), generator=generator)
+        levels[:, :64] = top  # every row reaches +-top: its scale is exactly 1
+        levels[0, 64:] = top
+        values = torch.randint(-127, 128, (32, 256), generator=generator, dtype=torch.int8)
+        values[:8] = 127
+        values[8:16] = -127
+        expected = levels.double() @ values.double().T
+        try:
+            got = packed_linear(levels.float(), pack_int8(values, torch.ones(32)), path).double()
+        except RuntimeError:
+            return False
+        if not torch.allclose(got, expected, rtol=1e-6, atol=0):
+            return False
+    return True
+
+
+def _probe_ratio(path: IntegerPath, dtype: torch.dtype, shape: tuple[int, int] = (2048, 1024), repeats: int = 15) -> float:
+    """The integer path's time / the weight-only path's for 16 and for 64 rows of one matrix of an expert's size
+    (the larger of the two ratios), timed alternately as in precision.py's probe, on one thread: with two, a core
+    taken by another process for a moment stalls whichever side is running, and the ratio swung widely between
+    runs on a shared machine."""
+    generator = torch.Generator().manual_seed(1)
+    values, scale = quantize_rows(torch.randn(*shape, generator=generator))
+    packed = pack_int8(values, scale)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _time_sides(path, dtype, values, scale, packed, shape[1], repeats, generator)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_sides(path, dtype, values, scale, packed, size, repeats, generator) -> float:
+    worst = 0.0
+    with torch.inference_mode():
+        for rows in (16, 64):
+            x = torch.randn(rows, size, generator=generator).to(dtype)
+            sides = (lambda: packed_linear(x, packed, path), lambda: int8_linear(x, values, scale))
+            best = [float("inf"), float("inf")]
+            for fn in sides:
+                fn()
+            for _ in range(repeats):
+                for i, fn in enumerate(sides):
+                    start = time.perf_counter()
+                    fn()
+                    best[i] = min(best[i], time.perf_counter() - start)
+            worst = max(worst, best[0] / best[1])
+    return worst
 
 
 class Int8Linear(nn.Module):
@@ -82,8 +272,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("values", values)
         self.register_buffer("scale", scale)
         self.bias = linear.bias  # biases are tiny: kept as they are
+        self.packed, self.path = None, None
+
+    def pack_(self, path: IntegerPath) -> None:
+        """Run through the integer path from now on: the values move into fbgemm's packed copy (and leave the buffers)."""
+        self.packed, self.path = pack_int8(self.values, self.scale), path
+        self.shape = tuple(self.values.shape)  # the matrix's, once its values live only in the packed copy
+        self.values = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.device.type == "cpu":
+            return packed_linear(x, self.packed, self.path, self.bias)
         return int8_linear(x, self.values, self.scale, self.bias)
 
 
@@ -99,13 +298,26 @@ class Int8RoutedExperts(RoutedExperts):
             self.register_buffer(name, tensor)
         # Biases and the activation (gpt-oss) are kept as they are; only the matrices are quantized.
         self.gate_up_bias, self.down_bias, self.clamped_swiglu = experts.gate_up_bias, experts.down_bias, experts.clamped_swiglu
+        self.packed, self.path, self._num_experts = None, None, len(gate_up_scale)
 
     @property
     def num_experts(self) -> int:
-        return self.gate_up_values.shape[0]
+        return self._num_experts
+
+    def pack_(self, path: IntegerPath) -> None:
+        """As Int8Linear.pack_: each expert's two matrices packed for fbgemm, one at a time."""
+        self.packed = [(pack_int8(self.gate_up_values[e], self.gate_up_scale[e]), pack_int8(self.down_values[e], self.down_scale[e]))
+                       for e in range(self.num_experts)]
+        self.path = path
+        self.shapes = (tuple(self.gate_up_values.shape), tuple(self.down_values.shape))  # as Int8Linear.shape
+        self.gate_up_values = self.down_values = None
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         gate_up_bias, down_bias = self.biases(expert)
+        if self.packed is not None and x.device.type == "cpu":
+            gate_up, down = self.packed[expert]
+            gate, up = packed_linear(x, gate_up, self.path, gate_up_bias).chunk(2, dim=-1)
+            return packed_linear(self.activate(gate, up), down, self.path, down_bias)
         gate, up = int8_linear(x, self.gate_up_values[expert], self.gate_up_scale[expert], gate_up_bias).chunk(2, dim=-1)
         return int8_linear(self.activate(gate, up), self.down_values[expert], self.down_scale[expert], down_bias)
 
@@ -123,3 +335,10 @@ def quantize_block_(block: nn.Module) -> None:
     moe = getattr(block.mlp, "experts", None)
     if isinstance(moe, RoutedExperts) and not isinstance(moe, Int8RoutedExperts):
         block.mlp.experts = Int8RoutedExperts(moe)
+
+
+def pack_block_(block: nn.Module, path: IntegerPath) -> None:
+    """Move the int8 matrices of one quantized block onto the integer path (integer_path)."""
+    for module in block.modules():
+        if isinstance(module, (Int8Linear, Int8RoutedExperts)) and module.packed is None:
+            module.pack_(path)

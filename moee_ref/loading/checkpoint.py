@@ -34,8 +34,10 @@ from ..errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from ..families import name_map_groups, read_config, with_checkpoint_layout
 from ..families.names import Deinterleaved, Mxfp4, NameMap, Recipe, Stack, Tensor, Transposed, integer_leaves, leaves, shape_of
 from ..kernels import pack_weight, packing_available, quantize_block_, use_kernels
+from ..kernels.int8 import integer_path, integer_reason, pack_block_
 from ..kernels.precision import resolve_device, resolve_dtype
 from .memory import Mode, format_bytes, memory_available, modes_that_fit, refusal, resident_need
+from .prepared import DamagedCacheError, PreparedCache
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -301,6 +303,8 @@ def load_model(
     packed: bool = False,
     memory_limit: str | int | None = None,
     device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    prepared_cache: bool = True,
 ) -> MoEDecoder:
     """Load a supported MoE checkpoint (local directory or hub id) as an MoEDecoder in eval mode.
 
@@ -314,6 +318,10 @@ def load_model(
     (kernels/precision.py). Before any weight is read, the bytes this needs are compared with
     what the process may use (loading/memory.py; memory_limit replaces that figure):
     InsufficientMemoryError names the modes that fit.
+    With int8, the quantized layers are kept in a prepared cache (loading/prepared.py; cache_dir: where,
+    prepared_cache=False: neither read nor written) and memory-mapped from it at the next load;
+    model.prepared says what happened. On the CPU they run on the integer path where it was chosen
+    (kernels/int8.py `integer_path`); model.int8_kernel says which.
     """
     device = resolve_device(device)
     dtype, dtype_reason = resolve_dtype(dtype, device)
@@ -328,24 +336,62 @@ def load_model(
         mode = Mode(dtype, int8, need=need)
         raise refusal(str(source), mode, available, source_of_figure, modes_that_fit(groups, reader, dtype, available, device))
 
-    with torch.device("meta"):
-        model = use_kernels(MoEDecoder(args, with_lm_head=lm_head), dtype, packed)
-    for index, group in enumerate(groups):
-        names = [leaf.name for recipe in group.values() for leaf in leaves(recipe)]  # the order fill_module reads in
-        with reader.reading() as shards, ReadAhead(shards.read, names) as ahead:
-            fill_module(model, group, ahead.read, dtype, packed)
-        if int8 and 1 <= index <= args.num_layers:
-            quantize_block_(model.layers[index - 1])  # before the next layer is read: never all of it in float
-        if device.type != "cpu":  # read to host, moved a layer at a time: one layer's host copy at most
-            for module in _filled_by(model, index, args.num_layers):
-                module.to(device)
-    unset = [n for n, p in model.named_parameters() if p.is_meta]
-    if unset:  # the name map forgot a parameter: a bug in moee-ref, not in the checkpoint
-        raise AssertionError(f"parameters left unloaded: {unset}")
+    path = integer_path(dtype) if int8 and device.type == "cpu" else None
+    cache = PreparedCache(cache_dir, directory, dtype, args.num_layers) if int8 and prepared_cache else None
+    usable, why = cache.check() if cache is not None else (False, "off")
+    try:
+        model = _build(args, groups, reader, dtype, int8, lm_head, packed, device, path, cache if usable else None, cache)
+        prepared = f"read from {cache.path}" if usable else None
+    except DamagedCacheError as exc:  # a layer file failed its checksum: rebuilt from the checkpoint, never used
+        usable, why = False, f"damaged ({exc})"
+        model = _build(args, groups, reader, dtype, int8, lm_head, packed, device, path, None, cache)
+    if cache is None:
+        prepared = None if not int8 else "not used (prepared_cache=False)"
+    elif cache.error is not None:  # a folder that cannot be written: the load goes on without a cache
+        prepared = f"not written ({cache.error})"
+    elif not usable:
+        prepared = f"built at {cache.path}: {why}"
     model.source_dir = directory
     model.int8, model.packed = int8, packed
     model.dtype_reason = dtype_reason
+    model.prepared = prepared
+    model.int8_kernel = (path.reason if path is not None else integer_reason(dtype) if device.type == "cpu" else "weight-only int8") if int8 else None
     return model.eval().requires_grad_(False)
+
+
+def _build(args, groups, reader, dtype, int8, lm_head, packed, device, path, source, target) -> MoEDecoder:
+    """The model, its decoder layers read from the prepared cache `source` where given, else from the checkpoint
+    (and then written to `target` where given), packed for the integer path where `path` is one."""
+    with torch.device("meta"):
+        model = use_kernels(MoEDecoder(args, with_lm_head=lm_head), dtype, packed)
+    if source is None and target is not None:
+        target.start_writing()  # OSError: noted in target.error, and nothing more is written
+    for index, group in enumerate(groups):
+        layer = index - 1 if int8 and 1 <= index <= args.num_layers else None
+        if layer is not None and source is not None:
+            block = model.layers[layer]
+            with torch.device("meta"):
+                quantize_block_(block)  # the int8 modules' shapes, for the tensors read next
+            block.load_state_dict(source.read_layer(layer), strict=True, assign=True)
+        else:
+            names = [leaf.name for recipe in group.values() for leaf in leaves(recipe)]  # the order fill_module reads in
+            with reader.reading() as shards, ReadAhead(shards.read, names) as ahead:
+                fill_module(model, group, ahead.read, dtype, packed)
+            if layer is not None:
+                quantize_block_(model.layers[layer])  # before the next layer is read: never all of it in float
+                if target is not None and target.error is None:
+                    target.write_layer(layer, model.layers[layer].state_dict())
+        if layer is not None and path is not None:
+            pack_block_(model.layers[layer], path)
+        if device.type != "cpu":  # read to host, moved a layer at a time: one layer's host copy at most
+            for module in _filled_by(model, index, args.num_layers):
+                module.to(device)
+    if source is None and target is not None and target.error is None:
+        target.finish_writing()
+    unset = [n for n, p in model.named_parameters() if p.is_meta]
+    if unset:  # the name map forgot a parameter: a bug in moee-ref, not in the checkpoint
+        raise AssertionError(f"parameters left unloaded: {unset}")
+    return model
 
 
 def checked_checkpoint(source: str | os.PathLike, lm_head: bool = True):

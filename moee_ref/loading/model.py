@@ -19,6 +19,8 @@ class EmbeddingModel(Protocol):
     args: ModelArgs
     source_dir: Path  # where config.json, the tokenizer and the shards were found
     int8: bool  # attention and expert matrices held as int8 (kernels/int8.py)
+    int8_kernel: str | None  # with int8: which matmuls run (kernels/int8.py `integer_path`)
+    prepared: str | None  # with int8: whether the prepared cache was read, built or not used (loading/prepared.py)
     dtype_reason: str | None  # why this compute dtype was chosen (kernels/precision.py)
     layer_states_available: bool  # False where every block's output is not kept (the streamed mode)
 

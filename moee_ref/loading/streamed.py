@@ -35,6 +35,7 @@ from ..errors import CheckpointError, InputError, MoEERefError
 from ..families.names import leaves
 from ..progress import progress
 from ..kernels import quantize_block_, use_kernels
+from ..kernels.int8 import integer_path, integer_reason, pack_block_
 from .checkpoint import check_int8, check_packing, checked_checkpoint, fill_module
 from .memory import InsufficientMemoryError, format_bytes, held_bytes, memory_available, parse_bytes, streamed_budget, streamed_weights_need
 
@@ -140,6 +141,10 @@ class StreamedModel:
         self.embed_group, self.layer_groups = groups[0], groups[1:-1]
         self.norm_group = {k: v for k, v in groups[-1].items() if k != "lm_head.weight"}
         self.dtype, self.int8, self.prefetch, self.packed = dtype, int8, prefetch, packed
+        self.int8_path = integer_path(dtype) if int8 and self.device.type == "cpu" else None
+        self.int8_kernel = (self.int8_path.reason if self.int8_path else integer_reason(dtype) if self.device.type == "cpu"
+                            else "weight-only int8") if int8 else None
+        self.prepared = None  # streamed layers are read from the checkpoint each pass, never from the prepared cache
         self.budget = parse_bytes(memory_budget)
         self.spill_dir, self.memory_limit = spill_dir, memory_limit
         self.stats = StreamStats()
@@ -226,6 +231,8 @@ class StreamedModel:
         self._build(group, block)
         if self.int8:
             quantize_block_(block)
+            if self.int8_path is not None:  # the same matmuls as a resident int8 model on this CPU
+                pack_block_(block, self.int8_path)
         return block.eval().requires_grad_(False).to(self.device)  # read to the host, moved a layer at a time
 
     # ------------------------------------------------------------------ forward

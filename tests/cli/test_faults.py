@@ -395,7 +395,8 @@ def test_unknown_from_pretrained_option_is_refused_before_loading(tmp_path, monk
         MoEEmbedder.from_pretrained(tmp_path, dtpye="float32")
     assert str(info.value) == (
         "from_pretrained() got unknown option(s) 'dtpye' (did you mean 'dtype'?); it takes source, dtype, int8, "
-        "memory_budget, spill_dir, packed, memory_limit, device, fit, config, batch_size, share_prefix, prompts, default_prompt_name"
+        "memory_budget, spill_dir, packed, memory_limit, device, fit, config, cache_dir, prepared_cache, batch_size, share_prefix, "
+        "prompts, default_prompt_name"
     )
 
 

@@ -26,7 +26,7 @@ from moee_ref.decoder.layers import Linear, RMSNorm, SwiGLU
 from moee_ref.decoder.moe import RoutedExperts
 from moee_ref.decoder.moe import MoE
 from moee_ref.kernels.experts import OneDNNExperts
-from moee_ref.kernels.int8 import Int8Linear, Int8RoutedExperts, quantize_rows
+from moee_ref.kernels.int8 import Int8Linear, Int8RoutedExperts, integer_path, quantize_rows
 from moee_ref.loading.streamed import StreamedModel
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.loading.tokenizer import Tokenizer
@@ -55,7 +55,15 @@ def int8_models(checkpoints):
 
 
 def model_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Bytes of parameters and buffers, and one a weight for int8 matrices on the integer path (whose values then live
+    only in fbgemm's packed copy)."""
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.packed is not None:
+            packed += int(np.prod(module.shape))
+        elif isinstance(module, Int8RoutedExperts) and module.packed is not None:
+            packed += sum(int(np.prod(shape)) for shape in module.shapes)
+    return packed + sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 # ---------------------------------------------------------------------------
@@ -239,6 +247,11 @@ def test_int8_modules(float_models, int8_models, family):
             assert torch.equal(kept.pop(name), parameter), name
     assert not kept
     assert all(b.dtype == torch.int8 for n, b in model.named_buffers() if n.endswith("values"))
+    # On the integer path (where this CPU runs it) the values are in fbgemm's packed copies, the scales stay.
+    path = integer_path(torch.float32)
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int8RoutedExperts)):
+            assert (module.packed is not None) == (path is not None) and module.path == path
     # Bytes: 1 per quantized weight plus a float32 scale per row; everything else as before.
     expected = sum(
         p.numel() + 4 * (p.numel() // p.shape[-1]) if QUANTIZED_PARAMETERS.search(n) else p.numel() * 4
@@ -343,3 +356,143 @@ def test_int8_streamed_equals_int8_resident(checkpoints, int8_models, family, tm
             assert max_rel_error(ours, resident.encode(TEXTS, kind, batch_size=3)) <= 1e-5, (budget, kind)
     # The int8 plan holds less for weights than the float one.
     assert probe.memory_plan(shapes)["weights"] < StreamedModel(directory, memory_budget="8GB").memory_plan(shapes)["weights"]
+
+
+# ---------------------------------------------------------------------------
+# The integer path: int8 x int8 through fbgemm (kernels/int8.py `integer_path`)
+
+from moee_ref.kernels import int8 as int8_kernels  # noqa: E402
+
+HAS_FBGEMM = int8_kernels._QLINEAR is not None and "fbgemm" in torch.backends.quantized.supported_engines
+needs_fbgemm = pytest.mark.skipif(not HAS_FBGEMM, reason="this torch has no fbgemm int8 kernels")
+
+
+def exact_path() -> int8_kernels.IntegerPath:
+    bits = next((b for b in (8, 7) if int8_kernels._exact(b)), None)
+    if bits is None:
+        pytest.skip("fbgemm's int8 products are not exact on this CPU: the integer path is never chosen here")
+    return int8_kernels.IntegerPath(bits, "")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_error_bound(rows, bias):
+    """Against x @ dequantized W.T in float64, each output is off by at most sum_j |W[n, j]| times an activation's
+    largest error, peak / (4 top^2) (half a step of the residual's levels), plus float32 rounding (1e-5 relative);
+    an all-zero row gives exactly zero (or the bias)."""
+    path = exact_path()
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(48, 96, generator=generator) * torch.logspace(-2, 1, 48)[:, None]
+    x = torch.randn(rows, 96, generator=generator) * torch.logspace(-3, 2, rows)[:, None]  # rows of very different size
+    x[0] = 0.0
+    b = torch.randn(48, generator=generator) if bias else None
+    values, scale = quantize_rows(weight)
+    out = int8_kernels.packed_linear(x, int8_kernels.pack_int8(values, scale), path, b)
+    assert out.dtype == torch.float32 and out.shape == (rows, 48)
+    dequantized = values.double() * scale.double()[:, None]
+    reference = x.double() @ dequantized.T + (b.double() if bias else 0)
+    peak = x.double().abs().amax(-1, keepdim=True)
+    bound = dequantized.abs().sum(-1)[None, :] * peak / (4 * path.top**2) + 1e-5 * (x.double().abs() @ dequantized.abs().T) + 1e-6
+    assert bool(((out.double() - reference).abs() <= bound).all()), float(((out.double() - reference).abs() / bound).max())
+    assert torch.equal(out[0], b if bias else torch.zeros(48))
+    # bf16 rows come back bf16: the float32 result of the same (widened) rows, rounded
+    narrow = int8_kernels.packed_linear(x.bfloat16(), int8_kernels.pack_int8(values, scale), path)
+    assert narrow.dtype == torch.bfloat16
+    widened = int8_kernels.packed_linear(x.bfloat16().float(), int8_kernels.pack_int8(values, scale), path)
+    assert torch.equal(narrow, widened.bfloat16())
+
+
+@needs_fbgemm
+def test_packing_copies_the_values():
+    """fbgemm's packed weight is a copy: what happens to the int8 values afterwards does not change its results,
+    which is what lets Int8Linear.pack_ drop them."""
+    path = exact_path()
+    values, scale = quantize_rows(torch.randn(32, 64, generator=torch.Generator().manual_seed(12)))
+    packed = int8_kernels.pack_int8(values, scale)
+    x = torch.randn(3, 64)
+    before = int8_kernels.packed_linear(x, packed, path)
+    values.zero_()
+    assert torch.equal(int8_kernels.packed_linear(x, packed, path), before)
+
+
+def test_kernel_choice_env(monkeypatch):
+    monkeypatch.setenv(int8_kernels.KERNEL_ENV, "weight-only")
+    assert int8_kernels.integer_path(torch.float32) is None
+    assert int8_kernels.integer_reason(torch.float32) == "weight-only int8 (MOEE_INT8_KERNEL=weight-only)"
+    monkeypatch.setenv(int8_kernels.KERNEL_ENV, "fast")
+    assert int8_kernels.integer_path(torch.float32) is None
+    assert int8_kernels.integer_reason(torch.float32) == (
+        "MOEE_INT8_KERNEL='fast' is not one of auto, integer, weight-only: the weight-only path")
+    monkeypatch.setenv(int8_kernels.KERNEL_ENV, "integer")
+    assert int8_kernels.integer_path(torch.float16) is None  # float16 and float64 rows always take the weight-only path
+    if HAS_FBGEMM and any(int8_kernels._exact(b) for b in (8, 7)):
+        path = int8_kernels.integer_path(torch.float32)
+        assert path is not None and path.reason == f"int8 x int8 through fbgemm, activations in two {path.bits}-bit levels (MOEE_INT8_KERNEL=integer)"
+
+
+@pytest.fixture(scope="module")
+def kernel_models(checkpoints, tmp_path_factory):
+    """Every family loaded in int8 twice, on the integer path and on the weight-only one (the env override)."""
+    if not HAS_FBGEMM:
+        pytest.skip("this torch has no fbgemm int8 kernels")
+    exact_path()
+    models = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for kernel in ("integer", "weight-only"):
+            patch.setenv(int8_kernels.KERNEL_ENV, kernel)
+            models[kernel] = {family: load_model(checkpoints[family], int8=True, prepared_cache=False) for family in FAMILIES}
+    return models
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_integer_path_parity(checkpoints, float_models, kernel_models, family):
+    """Every int8 matrix of every family on the integer path, and its vectors as close to float32 as the weight-only
+    path's. Observed (min over TEXTS of the cosine to float32, integer / weight-only):
+    olmoe HS 0.99974 / 0.99973, RW 0.99971 / 0.99970; qwen2_moe 0.99970 / 0.99970, 0.99940 / 0.99937;
+    deepseek 0.99981 / 0.99980, 0.99949 / 0.99948; qwen3_moe 0.99968 / 0.99966, 0.99847 / 0.99835;
+    mixtral 0.99981 / 0.99982, 0.99996 / 0.99996; deepseek_v2 0.99869 / 0.99872, 0.99917 / 0.99917;
+    gpt_oss 0.99947 / 0.99946, 0.99989 / 0.99989. (With one level of activation int8 instead of two, mixtral's HS
+    fell to 0.963.) Asserted: cosine >= 0.995 for every text, at most 0.0005 below the weight-only path's, and the
+    two paths' vectors within cosine 0.999 of each other."""
+    model, weight_only = kernel_models["integer"][family], kernel_models["weight-only"][family]
+    assert model.int8_kernel.startswith("int8 x int8 through fbgemm") and weight_only.int8_kernel == "weight-only int8 (MOEE_INT8_KERNEL=weight-only)"
+    quantized = [m for m in model.modules() if isinstance(m, (Int8Linear, Int8RoutedExperts))]
+    assert quantized and all(m.packed is not None for m in quantized)
+    assert all(m.packed is None for m in weight_only.modules() if isinstance(m, (Int8Linear, Int8RoutedExperts)))
+    tokenizer = Tokenizer.from_dir(checkpoints[family])
+    full, ours, theirs = (MoEEmbedder(m, tokenizer) for m in (float_models[family], model, weight_only))
+    for kind in ("hs", "rw"):
+        a, b, c = full.encode(TEXTS, kind), ours.encode(TEXTS, kind), theirs.encode(TEXTS, kind)
+        cos = lambda u, v: (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))  # noqa: E731
+        assert cos(a, b).min() >= 0.995, (kind, cos(a, b).min())
+        assert cos(a, b).min() >= cos(a, c).min() - 5e-4, (kind, cos(a, b).min(), cos(a, c).min())
+        assert cos(b, c).min() >= 0.999, (kind, cos(b, c).min())
+        assert ours.last_report.int8_kernel == model.int8_kernel
+
+
+def test_integer_path_streamed_equals_resident(checkpoints, kernel_models, monkeypatch):
+    """Layer-streamed int8 packs each layer as it builds it: the same matmuls as resident, to 1e-5."""
+    monkeypatch.setenv(int8_kernels.KERNEL_ENV, "integer")
+    directory = checkpoints["qwen2_moe"]
+    resident = MoEEmbedder(kernel_models["integer"]["qwen2_moe"], Tokenizer.from_dir(directory))
+    streamed = MoEEmbedder.from_pretrained(directory, dtype=torch.float32, int8=True, memory_budget="8GB")
+    assert streamed.model.int8_kernel == resident.model.int8_kernel
+    for kind in ("hs", "rw"):
+        assert max_rel_error(streamed.encode(TEXTS, kind, batch_size=3), resident.encode(TEXTS, kind, batch_size=3)) <= 1e-5, kind
+
+
+def test_weight_only_kernel_skips_unaligned_widths(monkeypatch):
+    """torch's weight-only kernel read out of bounds (a segmentation fault on an AVX-512 CPU) for 5 rows of width 8:
+    widths that are not a multiple of 16 convert the weight instead."""
+    from moee_ref.kernels import int8
+
+    calls = []
+    kernel = int8._INT8_MM
+    if kernel is None:
+        pytest.skip("this torch has no _weight_int8pack_mm")
+    monkeypatch.setattr(int8, "_INT8_MM", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    values, scale = quantize_rows(torch.randn(16, 8, generator=torch.Generator().manual_seed(13)))
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(int8.int8_linear(x, values, scale), x @ (values.float() * scale[:, None]).T, rtol=1e-5, atol=1e-6)
+    assert calls == []

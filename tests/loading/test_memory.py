@@ -132,10 +132,12 @@ def test_cli_picks_the_first_mode_that_fits_and_says_so(model_dir):
     assert result.returncode == 0, result.stderr
     name = str(auto).removeprefix("torch.")
     lines = result.stderr.splitlines()
-    assert len(lines) == 2 and re.fullmatch(
+    assert len(lines) == 3 and re.fullmatch(
         rf"moee: resident {name} needs about [0-9.]+ GiB, more than the [0-9.]+ GiB this process may use \(the memory limit given\); "
         rf"running resident int8 \({name} compute\) \(about [0-9.]+ GiB\) instead\. --dtype, --int8 or --memory-budget choose the mode yourself",
         lines[0]), lines[0]
+    # What int8 ran: the matmuls (kernels/int8.py) and the prepared cache (loading/prepared.py), built by this first int8 load.
+    assert re.fullmatch(r"int8: (int8 x int8 through fbgemm|weight-only int8).*; prepared cache built at .+: no prepared cache yet", lines[2]), lines[2]
     expected = MoEEmbedder.from_pretrained(model_dir, dtype=auto, int8=True).encode(TEXTS, "hs")
     np.testing.assert_array_equal(np.load(out), expected)
 
