@@ -16,8 +16,7 @@ from pathlib import Path
 
 from .common import (
     EXIT_ERROR, EXIT_MISMATCH, EXIT_USAGE, Parser, Stopped, UsageError, add_model, add_spec_flags, comma_list, load_embedder,
-    spec_flags,
-    parse_alpha, parse_layers, positive_int, stop_signals_unwind,
+    positive_int, spec_flags, stop_signals_unwind,
 )
 from .. import __version__
 from ..errors import MoEERefError

@@ -22,7 +22,7 @@ import struct
 import sys
 import threading
 from contextlib import ExitStack
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..decoder.model import MoEDecoder
-from ..errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from ..errors import CheckpointError, ModelNotFoundError
 from ..families import name_map_groups, read_config, with_checkpoint_layout
 from ..families.names import Deinterleaved, Mxfp4, NameMap, Recipe, Stack, Tensor, Transposed, integer_leaves, leaves, shape_of
 from ..kernels import pack_weight, packing_available, quantize_block_, use_kernels
@@ -38,10 +38,8 @@ from ..kernels.int8 import integer_path, integer_reason, pack_block_
 from ..kernels.precision import resolve_device, resolve_dtype
 from .memory import Mode, format_bytes, memory_available, modes_that_fit, refusal, resident_need
 from .prepared import DamagedCacheError, PreparedCache
+from .shards import INDEX_FILE, shard_files  # noqa: F401  (importable here as before)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 STORED_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -91,47 +89,6 @@ def _download(repo_id: str) -> Path:
             f"Without network, download it elsewhere (huggingface-cli download {repo_id} "
             f"--include '*.json' '*.safetensors') and pass that local directory instead"
         ) from exc
-
-
-def shard_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, from its index when sharded."""
-    index = directory / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc}); re-download it") from exc
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(
-                f"{index}: 'weight_map' must map tensor names to shard file names, got {type(weight_map).__name__}; re-download it"
-            )
-        names = sorted(set(weight_map.values()))
-        outside = [n for n in names if not _inside(n)]
-        if outside:  # an index is data, and data does not get to choose which files are opened
-            raise CheckpointError(
-                f"{index}: shard name(s) {', '.join(map(repr, outside))} point outside the checkpoint directory; "
-                "shards must be files inside it. Refused: re-download the checkpoint from a source you trust"
-            )
-        missing = [n for n in names if not (directory / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{directory}: shard(s) listed in {INDEX_FILE} are missing: {', '.join(missing)}; download them")
-        return [directory / n for n in names]
-    if (directory / SINGLE_FILE).is_file():
-        return [directory / SINGLE_FILE]
-    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickled:
-        raise UnsafeCheckpointError(
-            f"{directory} holds only pickle-based weights ({', '.join(pickled)}). Loading pickle can run arbitrary code, "
-            "so moee-ref never does; convert them to safetensors in a trusted environment, or use the safetensors release"
-        )
-    raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; the weights must be in safetensors format")
-
-
-def _inside(name: str) -> bool:
-    """A shard name of an index is a relative path below the checkpoint directory: not absolute, no '..'.
-    Checked on the name, not the resolved path: hub snapshots are symlinks into a blob store beside them."""
-    path = PurePosixPath(name)
-    return bool(name) and not path.is_absolute() and ".." not in path.parts
 
 
 class ShardReader:

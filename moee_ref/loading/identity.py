@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .shards import INDEX_FILE, shard_files
+
 IDENTITY_SAMPLES, IDENTITY_SPAN = 16, 4096  # spans of each shard's data in a local checkpoint's digest
 
 
@@ -22,7 +24,6 @@ def checkpoint_identity(directory) -> tuple[str, str]:
     repo = directory.parent.parent.name
     if directory.parent.name == "snapshots" and repo.startswith("models--"):
         return repo.removeprefix("models--").replace("--", "__"), directory.name
-    from .checkpoint import INDEX_FILE, shard_files
 
     digest = hashlib.sha256()
     for file in [directory / "config.json", directory / INDEX_FILE]:

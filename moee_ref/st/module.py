@@ -31,7 +31,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from sentence_transformers.base.modules import InputModule
 
