@@ -19,7 +19,7 @@ from .alpha import AlphaChoice, select_alpha_supervised, select_alpha_unsupervis
 from .kinds import combine, get_kind, normalize_rows
 from .official import run_official
 from .result import EncodeReport, Features, Result, new_report  # noqa: F401  (part of the pipeline's API)
-from .spec import EmbedSpec
+from .spec import EmbedSpec, check_standardizers
 from .standardize import Standardizer
 from .stats import cosine_rows
 
@@ -103,8 +103,6 @@ def choose_auto_alpha(embedder, spec: EmbedSpec, hs, rw, alpha_pairs, batch_size
 
 def apply_standardizers(hs, rw, standardizer):
     """Apply fitted Standardizer(s) to their component ("hs" or "rw", by their kind)."""
-    from .spec import check_standardizers
-
     if standardizer is None:
         return hs, rw
     items = [standardizer] if isinstance(standardizer, Standardizer) else list(standardizer)
