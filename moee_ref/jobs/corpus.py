@@ -475,6 +475,7 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
     from ..embedding import pipeline
     from ..embedding.kinds import get_kind
     from ..io.inputs import Records
+    from ..kernels.int8 import int8_matmuls
 
     spec = spec.check()
     log = log or (lambda message: print(f"moee embed: {message}", file=sys.stderr))
@@ -514,8 +515,8 @@ def embed_corpus(texts: Sequence[str], spec, *, source, load: Callable[[], objec
         # What loading decided (the auto dtype, int8 or streamed where memory is short): each changes the vectors.
         identity["computed"] = {"dtype": str(model.dtype).removeprefix("torch."), "int8": bool(model.int8),
                                 "streamed": embedder.streamed, "device": str(model.device)}
-        if model.int8:  # int8 x int8 or weight-only: other rounding, so not mixed in one job
-            identity["computed"]["int8_integer"] = (model.int8_kernel or "").startswith("int8 x int8")
+        if model.int8:  # fbgemm, avx2 or weight-only: each rounds its own way, so they are not mixed in one job
+            identity["computed"]["int8_matmuls"] = int8_matmuls(model.int8_kernel)
         job.check({"computed": identity["computed"]})
         if spec.official:
             order, truncated, width = list(range(len(texts))), 0, embedder.dimension(spec.kind)

@@ -15,15 +15,15 @@ every row, though, so above INT8_KERNEL_ROWS the weight is converted to the
 compute dtype and the matmul runs there, the scales applied to its output
 (one pass fewer than dequantizing the weight).
 
-For float32 compute, where the CPU's int8 dot products are faster (fbgemm's
-kernels with VNNI), the matrices are instead packed for fbgemm and the
-activations quantized too, per row, as each matmul runs (`integer_path`): the
-products are then integer dot products, not a widening of int8 weights. It is
-chosen at run time, once per process, by checking that the kernel sums 8-bit
-products exactly on this CPU (it does not without VNNI, where it is no faster
-either) and timing it against the weight-only path (bench/README.md has the
-figures, and bench/bench_int8_kernels.py the other int8 matmuls torch offers,
-which did no better).
+For float32 compute the matmuls are integer dot products where the CPU has them (`integer_path`, chosen once
+per process by fixed rules, since which path runs changes the rounding):
+- with VNNI, where fbgemm sums 8-bit products exactly, the matrices are packed for fbgemm and each activation
+  row quantized in two int8 levels as each matmul runs;
+- with AVX2 and no VNNI, where fbgemm's 8-bit sums saturate, int8_avx2.c (built on first use with the system's
+  C compiler) multiplies the int8 weights by activation rows quantized to int16 (vpmaddwd): no packing, so the
+  weights stay the prepared cache's mapped bytes, and the routed experts of a layer run in one call per matrix.
+Elsewhere, and where neither is there, the weight-only path runs. bench/README.md has the figures, and
+bench/bench_int8_kernels.py the other int8 matmuls torch offers, which did no better.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from torch import nn
 
 from ..decoder.layers import Attention, LatentAttention, SwiGLU
 from ..decoder.moe import RoutedExperts
+from . import int8_avx2
 from .onednn import linear
 
 
@@ -97,9 +98,10 @@ def int8_kernel_rows(dtype: torch.dtype) -> int:
 # The integer path: int8 weights packed for fbgemm, activations quantized per row as each matmul runs.
 
 _QLINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
-# MOEE_INT8_KERNEL=weight-only or =integer overrides the probe (integer still needs a kernel that passed the exactness
-# check): for comparing the two, or for the same rounding as a machine where only one runs.
+# MOEE_INT8_KERNEL overrides the choice, for comparing kernels or for the same rounding as a machine where only one
+# runs: weight-only, fbgemm, avx2, or integer (the integer kernel auto would prefer; each still needs its check passed).
 KERNEL_ENV = "MOEE_INT8_KERNEL"
+KERNEL_CHOICES = ("auto", "integer", "fbgemm", "avx2", "weight-only")
 # Where the CPU sums int8 products exactly at 8 bits (VNNI), the integer path is chosen unless the probe finds it
 # slower than the weight-only path: a guard against a kernel that is not what it should be, far from the ratio such
 # CPUs show, so that the choice does not flip between processes (which would change the rounding).
@@ -108,15 +110,18 @@ INTEGER_MAX_TIME = 1.0
 
 @dataclass(frozen=True)
 class IntegerPath:
-    """How activations are quantized for fbgemm: per row, to int8 levels of that row's largest |x|, and the rounding
-    residual of those to int8 levels again, both halves in one matmul of twice the rows. One level alone moved the
-    vectors measurably further from float32's than the weight-only path (bench/README.md); with the residual
-    (about 15 bits) the error is the weights' own. `bits` is 8 where the CPU's dot product sums u8 x s8 pairs
-    exactly, 7 where it saturates at int16 (AVX2's vpmaddubsw: two 255 x 127 products overflow it), as fbgemm's
-    own reduce_range does."""
+    """An integer kernel and how it quantizes activations.
+
+    kernel "fbgemm": per row, to int8 levels of that row's largest |x|, and the rounding residual of those to int8
+    levels again, both halves in one matmul of twice the rows. One level alone moved the vectors measurably further
+    from float32's than the weight-only path (bench/README.md); with the residual (about 15 bits) the error is the
+    weights' own. `bits` is 8 where the CPU's dot product sums u8 x s8 pairs exactly, 7 where it saturates at int16
+    (AVX2's vpmaddubsw: two 255 x 127 products overflow it), as fbgemm's own reduce_range does.
+    kernel "avx2": int8_avx2.c, each row to int16 levels of its largest |x| (bits 16), one matmul."""
 
     bits: int
     reason: str
+    kernel: str = "fbgemm"
 
     @property
     def top(self) -> int:
@@ -179,32 +184,48 @@ def integer_reason(dtype: torch.dtype) -> str:
 
 @lru_cache(maxsize=None)
 def _integer_decision(dtype: torch.dtype, asked: str) -> tuple[IntegerPath | None, str]:
-    if asked not in ("auto", "integer", "weight-only"):
-        return None, f"{KERNEL_ENV}={asked!r} is not one of auto, integer, weight-only: the weight-only path"
+    if asked not in KERNEL_CHOICES:
+        return None, f"{KERNEL_ENV}={asked!r} is not one of {', '.join(KERNEL_CHOICES)}: the weight-only path"
     if asked == "weight-only":
         return None, f"weight-only int8 ({KERNEL_ENV}=weight-only)"
     if dtype != torch.float32:
         # bf16 compute runs where the CPU has bf16 dot products, and there bf16 matmuls are as fast as fbgemm's
         # int8 ones (bench/README.md); float16 and float64 keep the weight-only path as well.
         return None, f"weight-only int8 (the integer path is for float32 compute, not {str(dtype).removeprefix('torch.')})"
-    if _QLINEAR is None or "fbgemm" not in torch.backends.quantized.supported_engines:
-        return None, "weight-only int8 (this torch has no fbgemm int8 kernels)"
-    bits = next((b for b in (8, 7) if _exact(b)), None)
-    if bits is None:
-        return None, "weight-only int8 (fbgemm's int8 products were not exact on this CPU)"
-    if asked == "integer":
-        path = IntegerPath(bits, f"int8 x int8 through fbgemm, activations in two {bits}-bit levels ({KERNEL_ENV}=integer)")
-        return path, path.reason
-    if bits < 8:
-        # Sums of u8 x s8 pairs that saturate at int16 (AVX2 without VNNI) need 7-bit levels and twice the
-        # instructions: no faster than the weight-only path there, a near tie whose timing would flip between
-        # processes (changing the rounding) and would not pay for packing at every load.
-        return None, "weight-only int8 (fbgemm's int8 products saturate at 8 bits on this CPU, as without VNNI)"
+    has_fbgemm = _QLINEAR is not None and "fbgemm" in torch.backends.quantized.supported_engines
+    bits = next((b for b in (8, 7) if _exact(b)), None) if has_fbgemm else None
+    forced = f" ({KERNEL_ENV}={asked})" if asked != "auto" else ""
+    if asked == "fbgemm" or (asked == "integer" and bits == 8):
+        if bits is None:
+            return None, "weight-only int8 (" + ("fbgemm's int8 products were not exact on this CPU)" if has_fbgemm
+                                                 else "this torch has no fbgemm int8 kernels)")
+        return _fbgemm_path(bits, forced)
+    if asked in ("avx2", "integer") or bits != 8:
+        lib, why = int8_avx2.library()
+        if lib is not None:
+            because = "" if forced else ", as fbgemm's int8 products saturate at 8 bits without VNNI"
+            path = IntegerPath(16, f"int8 x int16 through AVX2 dot products (int8_avx2.c), activations in int16 per row{because}{forced}", "avx2")
+            return path, path.reason
+        if asked == "integer" and bits == 7:
+            return _fbgemm_path(bits, forced)
+        return None, f"weight-only int8 (no AVX2 integer kernel: {why})"
     ratio = _probe_ratio(IntegerPath(bits, ""), dtype)
     if ratio > INTEGER_MAX_TIME:
         return None, f"weight-only int8 (fbgemm's int8 x int8 took {ratio:.2f}x its time here)"
     path = IntegerPath(bits, f"int8 x int8 through fbgemm, activations in two {bits}-bit levels ({ratio:.2f}x weight-only's time here)")
     return path, path.reason
+
+
+def _fbgemm_path(bits: int, forced: str) -> tuple[IntegerPath, str]:
+    path = IntegerPath(bits, f"int8 x int8 through fbgemm, activations in two {bits}-bit levels{forced}")
+    return path, path.reason
+
+
+def int8_matmuls(reason: str | None) -> str:
+    """The kernel a model's int8_kernel reason names, in a word: fbgemm, avx2 or weight-only (each rounds its own way,
+    so a corpus job does not mix them)."""
+    text = reason or ""
+    return "fbgemm" if text.startswith("int8 x int8") else "avx2" if text.startswith("int8 x int16") else "weight-only"
 
 
 def _exact(bits: int) -> bool:
@@ -275,14 +296,19 @@ class Int8Linear(nn.Module):
         self.packed, self.path = None, None
 
     def pack_(self, path: IntegerPath) -> None:
-        """Run through the integer path from now on: the values move into fbgemm's packed copy (and leave the buffers)."""
-        self.packed, self.path = pack_int8(self.values, self.scale), path
-        self.shape = tuple(self.values.shape)  # the matrix's, once its values live only in the packed copy
-        self.values = None
+        """Run through the integer path from now on. fbgemm: the values move into its packed copy (and leave the
+        buffers); avx2: the values stay as they are."""
+        self.path = path
+        if path.kernel == "fbgemm":
+            self.packed = pack_int8(self.values, self.scale)
+            self.shape = tuple(self.values.shape)  # the matrix's, once its values live only in the packed copy
+            self.values = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.device.type == "cpu":
-            return packed_linear(x, self.packed, self.path, self.bias)
+        if self.path is not None and x.device.type == "cpu":
+            if self.packed is not None:
+                return packed_linear(x, self.packed, self.path, self.bias)
+            return int8_avx2.linear(x, self.values, self.scale, self.bias)
         return int8_linear(x, self.values, self.scale, self.bias)
 
 
@@ -305,15 +331,36 @@ class Int8RoutedExperts(RoutedExperts):
         return self._num_experts
 
     def pack_(self, path: IntegerPath) -> None:
-        """As Int8Linear.pack_: each expert's two matrices packed for fbgemm, one at a time."""
+        """As Int8Linear.pack_: for fbgemm each expert's two matrices packed, one at a time."""
+        self.path = path
+        if path.kernel != "fbgemm":
+            return
         self.packed = [(pack_int8(self.gate_up_values[e], self.gate_up_scale[e]), pack_int8(self.down_values[e], self.down_scale[e]))
                        for e in range(self.num_experts)]
-        self.path = path
         self.shapes = (tuple(self.gate_up_values.shape), tuple(self.down_values.shape))  # as Int8Linear.shape
         self.gate_up_values = self.down_values = None
 
+    def mix(self, x, token_of, slot_weights, counts) -> torch.Tensor:
+        """With the avx2 kernel: every expert's rows in one call per matrix (grouped by expert, as `forward` sorts
+        them); each row's result is what run_expert gives it, and the outputs are added in the same order."""
+        if self.path is None or self.path.kernel != "avx2" or x.device.type != "cpu":
+            return super().mix(x, token_of, slot_weights, counts)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        hidden = int8_avx2.matmul(x[token_of], self.gate_up_values, self.gate_up_scale, offsets)
+        expert_of = torch.repeat_interleave(torch.arange(self.num_experts), counts) if self.gate_up_bias is not None else None
+        if expert_of is not None:
+            hidden = hidden + self.gate_up_bias[expert_of]
+        gate, up = hidden.chunk(2, dim=-1)
+        out = int8_avx2.matmul(self.activate(gate, up), self.down_values, self.down_scale, offsets)
+        if expert_of is not None:
+            out = out + self.down_bias[expert_of]
+        return torch.zeros_like(x).index_add_(0, token_of, (out * slot_weights).to(x.dtype))
+
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         gate_up_bias, down_bias = self.biases(expert)
+        if self.path is not None and self.path.kernel == "avx2" and x.device.type == "cpu":
+            gate, up = int8_avx2.linear(x, self.gate_up_values[expert], self.gate_up_scale[expert], gate_up_bias).chunk(2, dim=-1)
+            return int8_avx2.linear(self.activate(gate, up), self.down_values[expert], self.down_scale[expert], down_bias)
         if self.packed is not None and x.device.type == "cpu":
             gate_up, down = self.packed[expert]
             gate, up = packed_linear(x, gate_up, self.path, gate_up_bias).chunk(2, dim=-1)
@@ -340,5 +387,5 @@ def quantize_block_(block: nn.Module) -> None:
 def pack_block_(block: nn.Module, path: IntegerPath) -> None:
     """Move the int8 matrices of one quantized block onto the integer path (integer_path)."""
     for module in block.modules():
-        if isinstance(module, (Int8Linear, Int8RoutedExperts)) and module.packed is None:
+        if isinstance(module, (Int8Linear, Int8RoutedExperts)) and module.path is None:
             module.pack_(path)

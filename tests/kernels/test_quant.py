@@ -247,11 +247,11 @@ def test_int8_modules(float_models, int8_models, family):
             assert torch.equal(kept.pop(name), parameter), name
     assert not kept
     assert all(b.dtype == torch.int8 for n, b in model.named_buffers() if n.endswith("values"))
-    # On the integer path (where this CPU runs it) the values are in fbgemm's packed copies, the scales stay.
+    # On fbgemm's integer path (where this CPU runs it) the values are in its packed copies, the scales stay.
     path = integer_path(torch.float32)
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int8RoutedExperts)):
-            assert (module.packed is not None) == (path is not None) and module.path == path
+            assert (module.packed is not None) == (path is not None and path.kernel == "fbgemm") and module.path == path
     # Bytes: 1 per quantized weight plus a float32 scale per row; everything else as before.
     expected = sum(
         p.numel() + 4 * (p.numel() // p.shape[-1]) if QUANTIZED_PARAMETERS.search(n) else p.numel() * 4
@@ -359,9 +359,10 @@ def test_int8_streamed_equals_int8_resident(checkpoints, int8_models, family, tm
 
 
 # ---------------------------------------------------------------------------
-# The integer path: int8 x int8 through fbgemm (kernels/int8.py `integer_path`)
+# The integer paths: int8 x int8 through fbgemm, int8 x int16 through int8_avx2.c (kernels/int8.py `integer_path`)
 
 from moee_ref.kernels import int8 as int8_kernels  # noqa: E402
+from moee_ref.kernels import int8_avx2  # noqa: E402
 
 HAS_FBGEMM = int8_kernels._QLINEAR is not None and "fbgemm" in torch.backends.quantized.supported_engines
 needs_fbgemm = pytest.mark.skipif(not HAS_FBGEMM, reason="this torch has no fbgemm int8 kernels")
@@ -423,42 +424,65 @@ def test_kernel_choice_env(monkeypatch):
     monkeypatch.setenv(int8_kernels.KERNEL_ENV, "fast")
     assert int8_kernels.integer_path(torch.float32) is None
     assert int8_kernels.integer_reason(torch.float32) == (
-        "MOEE_INT8_KERNEL='fast' is not one of auto, integer, weight-only: the weight-only path")
+        "MOEE_INT8_KERNEL='fast' is not one of auto, integer, fbgemm, avx2, weight-only: the weight-only path")
     monkeypatch.setenv(int8_kernels.KERNEL_ENV, "integer")
     assert int8_kernels.integer_path(torch.float16) is None  # float16 and float64 rows always take the weight-only path
-    if HAS_FBGEMM and any(int8_kernels._exact(b) for b in (8, 7)):
+    # "integer": fbgemm where its 8-bit products are exact (VNNI), else the AVX2 kernel, else fbgemm's 7-bit levels
+    path = int8_kernels.integer_path(torch.float32)
+    if HAS_FBGEMM and int8_kernels._exact(8):
+        assert path.reason == "int8 x int8 through fbgemm, activations in two 8-bit levels (MOEE_INT8_KERNEL=integer)"
+    elif int8_avx2.library()[0] is not None:
+        assert path.reason == ("int8 x int16 through AVX2 dot products (int8_avx2.c), activations in int16 per row"
+                               " (MOEE_INT8_KERNEL=integer)") and path.kernel == "avx2"
+    for kernel, available in (("fbgemm", HAS_FBGEMM and any(int8_kernels._exact(b) for b in (8, 7))),
+                              ("avx2", int8_avx2.library()[0] is not None)):
+        monkeypatch.setenv(int8_kernels.KERNEL_ENV, kernel)
         path = int8_kernels.integer_path(torch.float32)
-        assert path is not None and path.reason == f"int8 x int8 through fbgemm, activations in two {path.bits}-bit levels (MOEE_INT8_KERNEL=integer)"
+        assert (path is not None and path.kernel == kernel) if available else path is None, (kernel, path)
+
+
+INTEGER_KERNELS = {
+    "fbgemm": HAS_FBGEMM and any(int8_kernels._exact(b) for b in (8, 7)),
+    "avx2": int8_avx2.library()[0] is not None,
+}
 
 
 @pytest.fixture(scope="module")
 def kernel_models(checkpoints, tmp_path_factory):
-    """Every family loaded in int8 twice, on the integer path and on the weight-only one (the env override)."""
-    if not HAS_FBGEMM:
-        pytest.skip("this torch has no fbgemm int8 kernels")
-    exact_path()
+    """Every family loaded in int8 on each integer kernel this CPU has and on the weight-only path (the env override)."""
     models = {}
     with pytest.MonkeyPatch.context() as patch:
-        for kernel in ("integer", "weight-only"):
+        for kernel in [k for k, available in INTEGER_KERNELS.items() if available] + ["weight-only"]:
             patch.setenv(int8_kernels.KERNEL_ENV, kernel)
             models[kernel] = {family: load_model(checkpoints[family], int8=True, prepared_cache=False) for family in FAMILIES}
     return models
 
 
+def needs_integer_kernel(kernel: str) -> None:
+    if not INTEGER_KERNELS[kernel]:
+        pytest.skip(f"no {kernel} integer kernel on this CPU: {int8_kernels._integer_decision(torch.float32, kernel)[1]}")
+
+
+@pytest.mark.parametrize("kernel", INTEGER_KERNELS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_integer_path_parity(checkpoints, float_models, kernel_models, family):
-    """Every int8 matrix of every family on the integer path, and its vectors as close to float32 as the weight-only
-    path's. Observed (min over TEXTS of the cosine to float32, integer / weight-only):
+def test_integer_path_parity(checkpoints, float_models, kernel_models, family, kernel):
+    """Every int8 matrix of every family on each integer path, and its vectors as close to float32 as the weight-only
+    path's. Observed for fbgemm (min over TEXTS of the cosine to float32, integer / weight-only):
     olmoe HS 0.99974 / 0.99973, RW 0.99971 / 0.99970; qwen2_moe 0.99970 / 0.99970, 0.99940 / 0.99937;
     deepseek 0.99981 / 0.99980, 0.99949 / 0.99948; qwen3_moe 0.99968 / 0.99966, 0.99847 / 0.99835;
     mixtral 0.99981 / 0.99982, 0.99996 / 0.99996; deepseek_v2 0.99869 / 0.99872, 0.99917 / 0.99917;
     gpt_oss 0.99947 / 0.99946, 0.99989 / 0.99989. (With one level of activation int8 instead of two, mixtral's HS
     fell to 0.963.) Asserted: cosine >= 0.995 for every text, at most 0.0005 below the weight-only path's, and the
-    two paths' vectors within cosine 0.999 of each other."""
-    model, weight_only = kernel_models["integer"][family], kernel_models["weight-only"][family]
-    assert model.int8_kernel.startswith("int8 x int8 through fbgemm") and weight_only.int8_kernel == "weight-only int8 (MOEE_INT8_KERNEL=weight-only)"
+    two paths' vectors within cosine 0.999 of each other. avx2 (AMD EPYC Zen 4 under ATEN_CPU_CAPABILITY=avx2):
+    olmoe 0.99975 / 0.99971, qwen2_moe 0.99970 / 0.99940, deepseek 0.99981 / 0.99949, qwen3_moe 0.99968 / 0.99847,
+    mixtral 0.99981 / 0.99996, deepseek_v2 0.99868 / 0.99917, gpt_oss 0.99947 / 0.99989 (HS / RW)."""
+    needs_integer_kernel(kernel)
+    model, weight_only = kernel_models[kernel][family], kernel_models["weight-only"][family]
+    prefix = {"fbgemm": "int8 x int8 through fbgemm", "avx2": "int8 x int16 through AVX2 dot products"}[kernel]
+    assert model.int8_kernel.startswith(prefix) and weight_only.int8_kernel == "weight-only int8 (MOEE_INT8_KERNEL=weight-only)"
     quantized = [m for m in model.modules() if isinstance(m, (Int8Linear, Int8RoutedExperts))]
-    assert quantized and all(m.packed is not None for m in quantized)
+    assert quantized and all(m.path is not None and m.path.kernel == kernel for m in quantized)
+    assert all((m.packed is not None) == (kernel == "fbgemm") for m in quantized)
     assert all(m.packed is None for m in weight_only.modules() if isinstance(m, (Int8Linear, Int8RoutedExperts)))
     tokenizer = Tokenizer.from_dir(checkpoints[family])
     full, ours, theirs = (MoEEmbedder(m, tokenizer) for m in (float_models[family], model, weight_only))
@@ -471,11 +495,13 @@ def test_integer_path_parity(checkpoints, float_models, kernel_models, family):
         assert ours.last_report.int8_kernel == model.int8_kernel
 
 
-def test_integer_path_streamed_equals_resident(checkpoints, kernel_models, monkeypatch):
-    """Layer-streamed int8 packs each layer as it builds it: the same matmuls as resident, to 1e-5."""
-    monkeypatch.setenv(int8_kernels.KERNEL_ENV, "integer")
+@pytest.mark.parametrize("kernel", INTEGER_KERNELS)
+def test_integer_path_streamed_equals_resident(checkpoints, kernel_models, monkeypatch, kernel):
+    """Layer-streamed int8 puts each layer on the integer path as it builds it: the same matmuls as resident, to 1e-5."""
+    needs_integer_kernel(kernel)
+    monkeypatch.setenv(int8_kernels.KERNEL_ENV, kernel)
     directory = checkpoints["qwen2_moe"]
-    resident = MoEEmbedder(kernel_models["integer"]["qwen2_moe"], Tokenizer.from_dir(directory))
+    resident = MoEEmbedder(kernel_models[kernel]["qwen2_moe"], Tokenizer.from_dir(directory))
     streamed = MoEEmbedder.from_pretrained(directory, dtype=torch.float32, int8=True, memory_budget="8GB")
     assert streamed.model.int8_kernel == resident.model.int8_kernel
     for kind in ("hs", "rw"):

@@ -137,7 +137,7 @@ def test_cli_picks_the_first_mode_that_fits_and_says_so(model_dir):
         rf"running resident int8 \({name} compute\) \(about [0-9.]+ GiB\) instead\. --dtype, --int8 or --memory-budget choose the mode yourself",
         lines[0]), lines[0]
     # What int8 ran: the matmuls (kernels/int8.py) and the prepared cache (loading/prepared.py), built by this first int8 load.
-    assert re.fullmatch(r"int8: (int8 x int8 through fbgemm|weight-only int8).*; prepared cache built at .+: no prepared cache yet", lines[2]), lines[2]
+    assert re.fullmatch(r"int8: (int8 x int8 through fbgemm|int8 x int16 through AVX2 dot products|weight-only int8).*; prepared cache built at .+: no prepared cache yet", lines[2]), lines[2]
     expected = MoEEmbedder.from_pretrained(model_dir, dtype=auto, int8=True).encode(TEXTS, "hs")
     np.testing.assert_array_equal(np.load(out), expected)
 

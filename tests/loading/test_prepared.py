@@ -21,7 +21,7 @@ from safetensors import safe_open
 from embed_fixtures import TEXTS, single_thread  # noqa: F401  (fixture used by name)
 from moee_ref.demo.checkpoints import SMALL_CONFIGS, write_random_checkpoint
 from moee_ref.embedding.embedder import MoEEmbedder
-from moee_ref.kernels.int8 import KERNEL_ENV, Int8Linear, Int8RoutedExperts
+from moee_ref.kernels.int8 import KERNEL_ENV, Int8Linear, Int8RoutedExperts, integer_path, integer_reason
 from moee_ref.loading import prepared
 from moee_ref.loading.checkpoint import load_model
 from moee_ref.loading.prepared import CACHE_ENV, MANIFEST, PreparedCache, cache_root
@@ -49,12 +49,15 @@ def cache_files(path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
 
-@pytest.mark.parametrize("kernel", ["integer", "weight-only"])
+@pytest.mark.parametrize("kernel", ["fbgemm", "avx2", "weight-only"])
 def test_built_once_then_read(checkpoint, tmp_path, monkeypatch, kernel):
     """The first int8 load builds the cache (one safetensors file a layer and the manifest, nothing else left behind);
-    the next reads it, bit for bit the same model; on the weight-only path its int8 matrices are views of the mapped
-    file, not copies."""
+    the next reads it, bit for bit the same model; on the weight-only and avx2 paths its int8 matrices are views of
+    the mapped file, not copies (fbgemm packs copies of its own)."""
     monkeypatch.setenv(KERNEL_ENV, kernel)
+    path = integer_path(torch.float32)
+    if kernel != "weight-only" and (path is None or path.kernel != kernel):
+        pytest.skip(f"no {kernel} kernel on this CPU: {integer_reason(torch.float32)}")
     cache = tmp_path / "cache"
     first = load_model(checkpoint, int8=True, cache_dir=cache)
     folder = PreparedCache(cache, checkpoint, torch.float32, first.args.num_layers).path
@@ -65,7 +68,7 @@ def test_built_once_then_read(checkpoint, tmp_path, monkeypatch, kernel):
     assert second.prepared == f"read from {folder}"
     assert_same(run(first), run(second))
     assert_same(run(second), run(load_model(checkpoint, int8=True, prepared_cache=False)))
-    if kernel == "weight-only":
+    if kernel != "fbgemm":
         values = second.layers[0].attn.q_proj.values
         size = (folder / "layer-000.safetensors").stat().st_size
         assert values.untyped_storage().nbytes() == size  # a view into the whole file's mapping
