@@ -323,13 +323,27 @@ def _build(args, groups, reader, dtype, int8, lm_head, packed, device, path, sou
         model = use_kernels(MoEDecoder(args, with_lm_head=lm_head), dtype, packed)
     if source is None and target is not None:
         target.start_writing()  # OSError: noted in target.error, and nothing more is written
+    with ExitStack() as stack:
+        prepared = stack.enter_context(source.layers_in_order()) if source is not None else None
+        _fill(model, args, groups, reader, dtype, int8, packed, device, path, prepared, target)
+    if source is None and target is not None and target.error is None:
+        target.finish_writing()
+    unset = [n for n, p in model.named_parameters() if p.is_meta]
+    if unset:  # the name map forgot a parameter: a bug in moee-ref, not in the checkpoint
+        raise AssertionError(f"parameters left unloaded: {unset}")
+    return model
+
+
+def _fill(model, args, groups, reader, dtype, int8, packed, device, path, prepared, target) -> None:
+    """Each group of the checkpoint into the model in order: a decoder layer from `prepared` (an iterator of the
+    prepared cache's layers) where given, else read from the checkpoint and quantized (and written to `target`)."""
     for index, group in enumerate(groups):
         layer = index - 1 if int8 and 1 <= index <= args.num_layers else None
-        if layer is not None and source is not None:
+        if layer is not None and prepared is not None:
             block = model.layers[layer]
             with torch.device("meta"):
                 quantize_block_(block)  # the int8 modules' shapes, for the tensors read next
-            block.load_state_dict(source.read_layer(layer), strict=True, assign=True)
+            block.load_state_dict(next(prepared), strict=True, assign=True)
         else:
             names = [leaf.name for recipe in group.values() for leaf in leaves(recipe)]  # the order fill_module reads in
             with reader.reading() as shards, ReadAhead(shards.read, names) as ahead:
@@ -343,12 +357,6 @@ def _build(args, groups, reader, dtype, int8, lm_head, packed, device, path, sou
         if device.type != "cpu":  # read to host, moved a layer at a time: one layer's host copy at most
             for module in _filled_by(model, index, args.num_layers):
                 module.to(device)
-    if source is None and target is not None and target.error is None:
-        target.finish_writing()
-    unset = [n for n, p in model.named_parameters() if p.is_meta]
-    if unset:  # the name map forgot a parameter: a bug in moee-ref, not in the checkpoint
-        raise AssertionError(f"parameters left unloaded: {unset}")
-    return model
 
 
 def checked_checkpoint(source: str | os.PathLike, lm_head: bool = True):

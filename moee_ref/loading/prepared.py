@@ -26,7 +26,10 @@ import json
 import os
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -37,6 +40,7 @@ FORMAT = 1  # raised whenever what a layer file holds changes (names, dtypes, qu
 MANIFEST = "manifest.json"
 SAFETENSORS_DTYPES = {"I8": torch.int8, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 CHUNK = 64 << 20  # bytes checksummed at a time
+READ_THREADS = 4  # layer files read and checksummed at once (at most torch's thread count)
 SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 ALIGN = 64  # every tensor starts at a multiple of this in the file, as a vector load wants
 # Bytes of padding after the last tensor: torch's weight-only int8 kernel reads a little past a matrix's end, which
@@ -115,6 +119,17 @@ class PreparedCache:
                 return False, f"damaged ({name} has {file.stat().st_size} bytes, {entry.get('size')} were written)"
         self.files = files
         return True, "used"
+
+    @contextmanager
+    def layers_in_order(self) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
+        """Every layer's tensors (read_layer) in order, read by up to READ_THREADS threads at once: checksumming the
+        mapped bytes is most of a cached load's time, and zlib releases the GIL while it runs. Reads still under
+        way when the loader stops (a damaged file) are cancelled or waited for, never left running."""
+        pool = ThreadPoolExecutor(max(1, min(READ_THREADS, torch.get_num_threads())), thread_name_prefix="moee-prepared")
+        try:
+            yield pool.map(self.read_layer, range(self.num_layers))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
         """A layer's tensors: the int8 matrices views of the file's mapping (read once by the checksum; their pages
