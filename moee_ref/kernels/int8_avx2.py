@@ -156,8 +156,8 @@ def matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, offsets: 
     if rows == 0:
         return out
     lib.moee_int8_quantize(x.data_ptr(), rows, k, q.data_ptr(), step.data_ptr())
-    threads = max(1, min(torch.get_num_threads(), n // 3))
-    cuts = [n * i // threads // 3 * 3 for i in range(threads)] + [n]  # column ranges, multiples of a tile's 3
+    threads = max(1, min(torch.get_num_threads(), n // 2))
+    cuts = [n * i // threads // 2 * 2 for i in range(threads)] + [n]  # column ranges, multiples of a tile's 2
 
     def run(part: int) -> None:
         lib.moee_int8_matmul(q.data_ptr(), step.data_ptr(), offsets.data_ptr(), experts, k, values.data_ptr(),
