@@ -127,14 +127,16 @@ def _exact(lib) -> bool:
     return True
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    """The column ranges' threads: made again for more workers, and in a forked child, which inherits the pool
+    object but not its threads (work submitted to it would wait forever)."""
     global _POOL
-    if _POOL is None or _POOL._max_workers < workers:
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moee-int8")
-    return _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moee-int8"))
+    return _POOL[2]
 
 
 def matmul(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor, lib=None) -> torch.Tensor:

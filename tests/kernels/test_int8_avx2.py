@@ -138,3 +138,27 @@ def test_damaged_library_is_built_again(monkeypatch, tmp_path):
         assert damaged.read_bytes() == built.read_bytes() and list(damaged.parent.iterdir()) == [damaged]
     finally:
         int8_avx2.library.cache_clear()
+
+
+@needs_kernel
+def test_works_in_a_forked_child():
+    """A child forked after the threads were made (a multiprocessing worker) makes its own: it inherits the pool
+    object but not its threads."""
+    import multiprocessing
+
+    values, scale = quantize_rows(torch.randn(64, 128, generator=torch.Generator().manual_seed(24)))
+    x = torch.randn(5, 128)
+    expected = int8_avx2.linear(x, values, scale)  # the parent's pool exists now
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two column ranges: one runs in the pool
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_child_linear, (x, values, scale)).get(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, expected)
+
+
+def _child_linear(x, values, scale):
+    torch.set_num_threads(2)
+    return int8_avx2.linear(x, values, scale)
