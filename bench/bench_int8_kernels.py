@@ -11,6 +11,8 @@ Candidates, each computing x @ W.T for int8 W with a float32 scale per row:
 - onednn: torch.ops.onednn.qlinear_pointwise on the same two-level uint8 activations, its weight prepacked
 - int_mm: torch._int_mm (int8 x int8 -> int32) on the same activations, the weight stored transposed
 - torchao, where it is installed (pip install torchao; not a dependency): its dynamic int8 x int8 Linear
+- avx2: kernels/int8_avx2.py, int8 x int16 with AVX2's vpmaddwd, activations in int16 per row (what the loader uses
+  on AVX2 without VNNI), where it builds
 onednn and int_mm are checked against fbgemm (exact integer sums agree to float32 rounding); a * marks a
 time whose results did not agree (int8 sums that saturate under that ISA).
 Timings are the best of --reps calls, the candidates taking turns.
@@ -25,6 +27,7 @@ import moee_ref  # noqa: F401  first, before torch: its OpenMP wait setting appl
 import torch
 
 from moee_ref.kernels import int8 as K
+from moee_ref.kernels import int8_avx2
 
 
 def two_levels(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +104,10 @@ def main() -> None:
         torchao = torchao_linear(values, scale)
         if torchao is not None:
             sides["torchao"] = torchao
+        if int8_avx2.library()[0] is not None:
+            sides["avx2"] = lambda x: int8_avx2.linear(x, values, scale)
         print(f"\n{n} x {k}: packing for fbgemm {1e3 * fbgemm_pack:.1f} ms, for onednn {1e3 * onednn_pack:.1f} ms")
-        print(f"{'rows':>5} " + " ".join(f"{name:>12}" for name in sides) + "   fbgemm / weight-only")
+        print(f"{'rows':>5} " + " ".join(f"{name:>12}" for name in sides) + "   fbgemm / weight-only   avx2 / weight-only")
         for rows in map(int, args.rows.split(",")):
             x = torch.randn(rows, k, generator=generator)
             reference = sides["fbgemm"](x)
@@ -118,7 +123,8 @@ def main() -> None:
                     fn(x)
                     best[name] = min(best[name], time.perf_counter() - start)
             print(f"{rows:>5} " + " ".join(f"{1e6 * best[name]:>11.0f}{'*' if name in inexact else ' '}" for name in best)
-                  + f"   {best['fbgemm'] / best['weight-only']:.2f}x")
+                  + f"   {best['fbgemm'] / best['weight-only']:>20.2f}x"
+                  + (f"   {best['avx2'] / best['weight-only']:>17.2f}x" if "avx2" in best else ""))
 
 if __name__ == "__main__":
     main()

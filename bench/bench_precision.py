@@ -23,11 +23,12 @@ float32 matmul rate's share.
     python bench/bench_precision.py --modes float32,int8,int8-cached,int8-weight-only
 
 int8 is timed as the loader gives it (kernels/int8.py: int8 x int8 through
-fbgemm where its probe chose that, else weight-only) and its load with the
-prepared cache (loading/prepared.py, in --cache-dir) emptied first, so that
-row's load quantizes and writes the cache; int8-cached loads from that cache;
-int8-weight-only and int8-integer force one of the two matmuls
-(MOEE_INT8_KERNEL) for a comparison on the same machine. To time a CPU as if it had AVX2 only, cap all
+fbgemm with VNNI, int8 x int16 through int8_avx2.c on AVX2 without it, else
+weight-only) and its load with the prepared cache (loading/prepared.py, in
+--cache-dir) emptied first, so that row's load quantizes and writes the cache;
+int8-cached loads from that cache; int8-weight-only, int8-integer,
+int8-fbgemm and int8-avx2 force one matmul (MOEE_INT8_KERNEL) for a comparison
+on the same machine. To time a CPU as if it had AVX2 only, cap all
 three libraries: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (the children inherit them).
 
@@ -70,7 +71,7 @@ from moee_ref.loading.memory import InsufficientMemoryError, format_bytes, memor
 from moee_ref.demo.checkpoints import write_random_checkpoint
 from moee_ref.families import FAMILIES
 from moee_ref.embedding.embedder import FeatureOptions
-from moee_ref.kernels.int8 import KERNEL_ENV, int8_kernel_rows, integer_reason
+from moee_ref.kernels.int8 import KERNEL_ENV, integer_reason
 from moee_ref.loading.prepared import PreparedCache
 from moee_ref.kernels.onednn import linear, pack_weight, packing_available
 from moee_ref.kernels.precision import resolve_dtype
@@ -125,7 +126,8 @@ def timed(run, texts: list[str], batch1: int, reps: int):
 
 MODES = {  # name: (dtype, int8); "transformers" and the float64 reference are their own cases
     "float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "int8": ("auto", True),
-    "int8-cached": ("auto", True), "int8-weight-only": ("auto", True), "int8-integer": ("auto", True)}
+    "int8-cached": ("auto", True), "int8-weight-only": ("auto", True), "int8-integer": ("auto", True),
+    "int8-fbgemm": ("auto", True), "int8-avx2": ("auto", True)}
 DEFAULT_MODES = "float32,bfloat16,int8,int8-cached"
 STREAMED_REFERENCE_BUDGET = "8GiB"  # float64 layer-streamed: one layer of OLMoE in float64 is 6.3 GiB as held
 
@@ -142,12 +144,12 @@ def peak_rss_gib() -> float:
 
 
 def prepare_mode(mode: str, directory: Path, cache_dir: str) -> None:
-    """Before an int8 row's load: "int8" empties the prepared cache (its load then builds it), "int8-weight-only"
-    and "int8-integer" take that path whatever the probe chose."""
+    """Before an int8 row's load: "int8" empties the prepared cache (its load then builds it); "int8-weight-only",
+    "int8-integer", "int8-fbgemm" and "int8-avx2" take that path whatever the loader would choose."""
     if mode == "int8":
         args = read_config(directory)
         shutil.rmtree(PreparedCache(cache_dir, directory, resolve_dtype("auto")[0], args.num_layers).path, ignore_errors=True)
-    if mode in ("int8-weight-only", "int8-integer"):
+    if mode in ("int8-weight-only", "int8-integer", "int8-fbgemm", "int8-avx2"):
         os.environ[KERNEL_ENV] = mode.removeprefix("int8-")
 
 
@@ -383,7 +385,7 @@ def main() -> None:
     rows = len(ref["hs"]) if ref is not None else 0
     print(f"{args.family}, {args.layers} layers of the real dimensions, {args.texts} texts (random weights), "
           f"{torch.get_num_threads()} threads; auto dtype here: {str(auto)[6:]} ({reason}); "
-          f"int8: {integer_reason(auto)}, weight-only kernel for up to {int8_kernel_rows(auto)} rows; "
+          f"int8: {integer_reason(auto)}; "
           f"{rate_name} matmul rate {matmul_rate:.0f} GFLOP/s; "
           f"quality against {ref_name} on {rows} texts")
     header = (f"{'mode':<20} {'weights GiB':>11} {'load s':>7} {'peak RSS GiB':>12} {'b32 texts/s':>11} {f'b32 % {rate_name} rate':>15} "
@@ -439,7 +441,7 @@ def ratios(summary: dict) -> str:
     if "bfloat16" in ok and "int8" in ok:
         b, i = ok["bfloat16"], ok["int8"]
         lines.append(f"int8 against bfloat16: b1 {i['b1_ms'] / b['b1_ms']:.2f}x its time, load {i['load_s'] / b['load_s']:.2f}x")
-    for name in ("int8", "int8-cached", "int8-weight-only", "int8-integer"):
+    for name in ("int8", "int8-cached", "int8-weight-only", "int8-integer", "int8-fbgemm", "int8-avx2"):
         if "float32" in ok and name in ok:
             lines.append(f"{name} against float32: b1 {ok[name]['b1_ms'] / ok['float32']['b1_ms']:.2f}x its time, "
                          f"b32 {ok[name]['b32_texts_per_s'] / ok['float32']['b32_texts_per_s']:.2f}x its rate")

@@ -1,7 +1,7 @@
 """int8 x int16 matmuls with AVX2's integer dot products (int8_avx2.c), for CPUs without VNNI.
 
 The C file is compiled once per machine with the system's C compiler (`$CC`, else cc or gcc) into moee-ref's cache
-folder (loading/prepared.py `cache_root`), named by a hash of the source, the flags and the compiler, and loaded
+folder (cache_dir.py `cache_root`), named by a hash of the source, the flags and the compiler, and loaded
 with ctypes: no build step at install and no dependency beyond a compiler, which is only needed the first time.
 Where there is none, or the CPU lacks AVX2, or the built kernel does not reproduce exact integer products on
 extreme values, `available()` says why and kernels/int8.py keeps torch's weight-only path.
@@ -24,6 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from ..cache_dir import cache_root
 
 SOURCE = Path(__file__).with_name("int8_avx2.c")
 FLAGS = ("-O3", "-mavx2", "-fPIC", "-shared", "-fno-strict-aliasing")
@@ -59,8 +61,6 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"{compiler} --version failed ({exc})"
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + repr(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    from ..loading.prepared import cache_root
-
     target = cache_root() / "kernels" / f"int8_avx2-{key}.so"
     if not target.is_file():
         error = _build(compiler, target)
@@ -68,7 +68,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
             return None, error
     try:
         lib = ctypes.CDLL(str(target))
-    except OSError as exc:  # a damaged file: built again once
+    except OSError:  # a damaged file: built again once
         target.unlink(missing_ok=True)
         error = _build(compiler, target)
         if error:

@@ -33,9 +33,9 @@ from typing import Iterator
 
 import torch
 
+from ..cache_dir import cache_root
 from .identity import checkpoint_identity
 
-CACHE_ENV = "MOEE_CACHE_DIR"
 FORMAT = 1  # raised whenever what a layer file holds changes (names, dtypes, quantization)
 MANIFEST = "manifest.json"
 SAFETENSORS_DTYPES = {"I8": torch.int8, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -56,16 +56,6 @@ def moee_version() -> str:
         return version("moee-ref")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"
-
-
-def cache_root(option: str | os.PathLike | None = None) -> Path:
-    """The folder caches go under: the option, else $MOEE_CACHE_DIR, else $XDG_CACHE_HOME/moee-ref, else ~/.cache/moee-ref."""
-    if option is not None:
-        return Path(option).expanduser()
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "moee-ref"
 
 
 def layer_file(layer: int) -> str:

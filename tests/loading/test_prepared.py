@@ -24,7 +24,8 @@ from moee_ref.embedding.embedder import MoEEmbedder
 from moee_ref.kernels.int8 import KERNEL_ENV, Int8Linear, Int8RoutedExperts, integer_path, integer_reason
 from moee_ref.loading import prepared
 from moee_ref.loading.checkpoint import load_model
-from moee_ref.loading.prepared import CACHE_ENV, MANIFEST, PreparedCache, cache_root
+from moee_ref.cache_dir import CACHE_ENV, cache_root
+from moee_ref.loading.prepared import MANIFEST, PreparedCache
 
 IDS = torch.tensor([[3, 17, 99, 250, 4, 8, 41, 7]])
 
