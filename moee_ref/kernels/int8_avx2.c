@@ -15,6 +15,9 @@
 // 2 * 32767 * 127 per 16 elements, so a lane's sum of 1024 elements stays below 2^29, whatever the values.
 #define CHUNK 1024
 #define ROW_BLOCK 64  // rows whose activations (2 bytes an element) stay in cache while a weight tile is reused
+// Bytes ahead of the weights being read that are asked for early: at batch 1 an expert's matrix is read from memory
+// once, and this let a 2048 x 2048 matrix stream at 1.5x-2x the rate without it (no change once it is in cache).
+#define PREFETCH 2048
 
 // x [rows, k] float32 -> q [rows, k] int16, step [rows]: x ~= q * step, step = the row's largest |x| / 32767.
 void moee_int8_quantize(const float *x, int64_t rows, int64_t k, int16_t *q, float *step) {
@@ -72,6 +75,7 @@ static inline __attribute__((always_inline)) void tile(const int16_t *q, const f
         int64_t t = k0;
         for (; t + 16 <= k1; t += 16) {
             __m256i wv[2];
+            for (int j = 0; j < C; j++) _mm_prefetch((const char *)(w + j * k + t + PREFETCH), _MM_HINT_T0);
             for (int j = 0; j < C; j++) wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + j * k + t)));
             for (int i = 0; i < R; i++) {
                 const __m256i qv = _mm256_loadu_si256((const __m256i *)(q + i * k + t));
@@ -100,6 +104,17 @@ void moee_int8_matmul(const int16_t *q, const float *step, const int64_t *offset
         for (int64_t r0 = offsets[e]; r0 < offsets[e + 1]; r0 += ROW_BLOCK) {
             const int64_t r1 = r0 + ROW_BLOCK < offsets[e + 1] ? r0 + ROW_BLOCK : offsets[e + 1];
             int64_t c = n0;
+            if (r1 - r0 < 4) {
+                // Fewer rows than a tile (an expert's few tokens at batch 1): a column at a time with all of them, so
+                // the matrix is read in order, one stream, which ran 2.5x faster from memory than two at once.
+                for (; c < n1; c++) {
+                    float *o = out + r0 * n + c;
+                    if (r1 - r0 == 1) tile(q + r0 * k, step + r0, k, we + c * k, se + c, o, n, 1, 1);
+                    else if (r1 - r0 == 2) tile(q + r0 * k, step + r0, k, we + c * k, se + c, o, n, 2, 1);
+                    else tile(q + r0 * k, step + r0, k, we + c * k, se + c, o, n, 3, 1);
+                }
+                continue;
+            }
             for (; c + 2 <= n1; c += 2) {
                 int64_t r = r0;
                 for (; r + 4 <= r1; r += 4) tile(q + r * k, step + r, k, we + c * k, se + c, out + r * n + c, n, 4, 2);
