@@ -40,7 +40,7 @@ FORMAT = 1  # raised whenever what a layer file holds changes (names, dtypes, qu
 MANIFEST = "manifest.json"
 SAFETENSORS_DTYPES = {"I8": torch.int8, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 CHUNK = 64 << 20  # bytes checksummed at a time
-READ_THREADS = 4  # layer files read and checksummed at once (at most torch's thread count)
+READ_THREADS = 4  # layer files read and checksummed at once
 SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 ALIGN = 64  # every tensor starts at a multiple of this in the file, as a vector load wants
 # Bytes of padding after the last tensor: torch's weight-only int8 kernel reads a little past a matrix's end, which
@@ -112,10 +112,13 @@ class PreparedCache:
 
     @contextmanager
     def layers_in_order(self) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
-        """Every layer's tensors (read_layer) in order, read by up to READ_THREADS threads at once: checksumming the
-        mapped bytes is most of a cached load's time, and zlib releases the GIL while it runs. Reads still under
-        way when the loader stops (a damaged file) are cancelled or waited for, never left running."""
-        pool = ThreadPoolExecutor(max(1, min(READ_THREADS, torch.get_num_threads())), thread_name_prefix="moee-prepared")
+        """Every layer's tensors (read_layer) in order, READ_THREADS files read at once, after asking the kernel to
+        read every file ahead: checksumming the mapped bytes is most of a cached load's time (zlib releases the
+        GIL), and from disk several reads in flight go faster than one. Reads still under way when the loader stops
+        (a damaged file) are cancelled or waited for, never left running."""
+        for layer in range(self.num_layers):
+            _read_ahead(self.path / layer_file(layer))
+        pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="moee-prepared")
         try:
             yield pool.map(self.read_layer, range(self.num_layers))
         finally:
@@ -244,6 +247,23 @@ def write_safetensors(file: Path, tensors: dict[str, torch.Tensor], metadata: di
         handle.write(len(text).to_bytes(8, "little") + text)
         for part in order:
             handle.write(memoryview(part))
+
+
+def _read_ahead(file: Path) -> None:
+    """Ask the kernel to start reading the whole file into the page cache now (where it can be asked)."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    try:
+        descriptor = os.open(file, os.O_RDONLY)
+    except OSError:
+        return  # a missing file is read_layer's to report
+    try:
+        advise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _numel(shape) -> int:
