@@ -342,7 +342,7 @@ class Int8RoutedExperts(RoutedExperts):
 
     def mix(self, x, token_of, slot_weights, counts) -> torch.Tensor:
         """With the avx2 kernel: every expert's rows in one call per matrix (grouped by expert, as `forward` sorts
-        them); each row's result is what run_expert gives it, and the outputs are added in the same order."""
+        them): each row's result is what a call per expert gives it, and the outputs are added in the same order."""
         if self.path is None or self.path.kernel != "avx2" or x.device.type != "cpu":
             return super().mix(x, token_of, slot_weights, counts)
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
@@ -358,9 +358,6 @@ class Int8RoutedExperts(RoutedExperts):
 
     def run_expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         gate_up_bias, down_bias = self.biases(expert)
-        if self.path is not None and self.path.kernel == "avx2" and x.device.type == "cpu":
-            gate, up = int8_avx2.linear(x, self.gate_up_values[expert], self.gate_up_scale[expert], gate_up_bias).chunk(2, dim=-1)
-            return int8_avx2.linear(self.activate(gate, up), self.down_values[expert], self.down_scale[expert], down_bias)
         if self.packed is not None and x.device.type == "cpu":
             gate_up, down = self.packed[expert]
             gate, up = packed_linear(x, gate_up, self.path, gate_up_bias).chunk(2, dim=-1)
