@@ -124,6 +124,23 @@ def timed(run, texts: list[str], batch1: int, reps: int):
     return result, len(texts) / statistics.median(times), 1000 * statistics.median(one)
 
 
+def first_text_s(run, texts: list[str]) -> float:
+    """Seconds of the first text embedded after the load: what a load that maps its weights without reading them
+    (llama.cpp's) pays there instead. Load plus this is the time to the first vector."""
+    start = time.perf_counter()
+    run(texts[:1])
+    return time.perf_counter() - start
+
+
+def drop_page_cache() -> None:
+    """--drop-caches: the kernel's page cache emptied (root only), so that the next side reads its files from disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as exc:
+        sys.exit(f"--drop-caches: cannot write /proc/sys/vm/drop_caches ({exc.strerror}): it needs root")
+
+
 MODES = {  # name: (dtype, int8); "transformers" and the float64 reference are their own cases
     "float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "int8": ("auto", True),
     "int8-cached": ("auto", True), "int8-weight-only": ("auto", True), "int8-integer": ("auto", True),
@@ -162,6 +179,7 @@ def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: 
     embedder = MoEEmbedder.from_pretrained(directory, dtype=dtype, int8=int8, cache_dir=cache_dir)
     load_s = time.perf_counter() - start
     load_rss = peak_rss_gib()
+    first_s = first_text_s(lambda t: embedder.features(t, OPTIONS, batch_size=len(t)), texts)
     feats, rate, b1_ms = timed(lambda t: embedder.features(t, OPTIONS, batch_size=len(t)), texts, batch1, reps)
     peak_rss = peak_rss_gib()  # of load and embedding, before the 1 GiB array of the bandwidth measurement
     bandwidth = bench_cpu.read_bandwidth(torch.ones(2**28))  # right after the batch-1 timings, which it bounds
@@ -172,8 +190,8 @@ def child_moee(directory: Path, mode: str, texts: list[str], batch1: int, reps: 
     model, prefix = embedder.model, bench_cpu.shared_prefix_tokens(embedder)
     touched = statistics.mean(bench_cpu.batch1_bytes(model, embedder.tokenizer, t, prefix) / 4 for t in texts[:batch1])
     tokens = sum(bench_cpu.token_count(embedder.tokenizer, t) for t in texts)
-    stats = {"weight_bytes": model_bytes(model), "load_s": load_s, "load_peak_rss_gib": load_rss, "b32_texts_per_s": rate,
-             "b1_ms": b1_ms, "alone_vs_batched_cos_min": invariance, "dtype": str(model.dtype).removeprefix("torch."),
+    stats = {"weight_bytes": model_bytes(model), "load_s": load_s, "first_text_s": first_s, "load_peak_rss_gib": load_rss,
+             "b32_texts_per_s": rate, "b1_ms": b1_ms, "alone_vs_batched_cos_min": invariance, "dtype": str(model.dtype).removeprefix("torch."),
              "b1_params_touched": touched, "bandwidth_gbs": bandwidth / 1e9,
              "b32_gflop": bench_cpu.flops_done(model.args, tokens, len(texts), prefix) / 1e9, "peak_rss_gib": peak_rss,
              "int8_kernel": getattr(model, "int8_kernel", None), "prepared": getattr(model, "prepared", None)}
@@ -247,6 +265,8 @@ def run_child(args, mode: str, out: Path) -> dict:
     """Run one mode in a fresh process; its stats, with its arrays from out (or "refused": the loader's reason).
     mode: a MODES name, "reference", or "transformers DTYPE"."""
     mode, _, hf_dtype = mode.partition(" ")
+    if getattr(args, "drop_caches", False):
+        drop_page_cache()
     command = [sys.executable, __file__, "--child", mode, "--child-out", str(out), "--family", args.family,
                *(["--hf-dtype", hf_dtype] if hf_dtype else []),
                "--layers", str(args.layers), "--texts", str(args.texts), "--batch1", str(args.batch1),
@@ -341,6 +361,8 @@ def main() -> None:
     parser.add_argument("--interleave", default=None, help="comma-separated modes: batch 1 only, in turn, in one process")
     parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, of {', '.join(MODES)} (bfloat16 only where native)")
     parser.add_argument("--cache-dir", default=None, help="the int8 rows' prepared cache (default WORKDIR/prepared-cache)")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="empty the kernel's page cache before each side (root only): every side reads its files from disk")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--hf-dtype", default="bfloat16", help=argparse.SUPPRESS)
