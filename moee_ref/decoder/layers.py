@@ -79,6 +79,16 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def on_rows(project, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """project(x) for x [B, T, D], computed at the flat positions `rows` only (the real tokens) and zero at the
+    others (padding: masked as keys, never read as queries). rows None: every position."""
+    if rows is None:
+        return project(x)
+    flat = x.reshape(-1, x.shape[-1])
+    out = project(flat[rows])
+    return out.new_zeros(len(flat), out.shape[-1]).index_copy_(0, rows, out).view(*x.shape[:-1], -1)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (i, i + head_dim/2) of x [B, H, T, head_dim] by the position angle."""
     half = x.shape[-1] // 2
@@ -108,7 +118,8 @@ class Attention(nn.Module):
         self.clip_qkv = args.clip_qkv
         self.scale = args.attention_scale  # None: 1 / sqrt(head_dim)
 
-    def forward(self, x, cos, sin, mask, keep: torch.Tensor | None = None, past: tuple | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, keep: torch.Tensor | None = None, past: tuple | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """Causal self-attention over x [B, T, D].
 
         keep [B, P]: compute queries (and the output) only at these positions;
@@ -118,10 +129,12 @@ class Attention(nn.Module):
         tokens that every row continues (computed once, see `keys_values`);
         they come before x's own keys, and mask [B, 1, ., S + T] covers them.
         mask: boolean [B, 1, P or T, T], or None for plain causal attention.
+        rows (with keep None): the flat positions of real tokens; the projections skip padding (`on_rows`).
         """
         batch, length, _ = x.shape
         x_q = x if keep is None else gather_positions(x, keep)
-        q = self.q_proj(x_q)
+        q_rows = rows if keep is None else None
+        q = on_rows(self.q_proj, x_q, q_rows)
         if self.qk_norm == "projection":
             q = self.q_norm(q)
         if self.clip_qkv is not None:  # OLMoE clamps after the q/k norms
@@ -132,7 +145,7 @@ class Attention(nn.Module):
             q = apply_rotary(q, cos, sin)
         else:
             q = apply_rotary(q, gather_positions(cos, keep), gather_positions(sin, keep))
-        k, v = self.keys_values(x, cos, sin)
+        k, v = self.keys_values(x, cos, sin, rows)
         if past is not None:
             k = torch.cat((past[0].expand(batch, -1, -1, -1), k), dim=2)
             v = torch.cat((past[1].expand(batch, -1, -1, -1), v), dim=2)
@@ -143,11 +156,11 @@ class Attention(nn.Module):
             )
         else:
             out = attention_with_sinks(q, k, v, mask, self.sinks, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, queries, -1))
+        return on_rows(self.o_proj, out.transpose(1, 2).reshape(batch, queries, -1), q_rows)
 
-    def keys_values(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, x, cos, sin, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (normed, clipped, rotated) and values [B, kv_heads, T, head_dim] of x [B, T, D]."""
-        k, v = self.k_proj(x), self.v_proj(x)
+        k, v = on_rows(self.k_proj, x, rows), on_rows(self.v_proj, x, rows)
         if self.qk_norm == "projection":
             k = self.k_norm(k)
         if self.clip_qkv is not None:
@@ -214,26 +227,28 @@ class LatentAttention(nn.Module):
         self.o_proj = Linear(heads * mla.value_dim, d, bias=False)
         self.scale = args.attention_scale
 
-    def forward(self, x, cos, sin, mask, keep: torch.Tensor | None = None, past: tuple | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, keep: torch.Tensor | None = None, past: tuple | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         batch = x.shape[0]
         x_q = x if keep is None else gather_positions(x, keep)
-        q = self.q_proj(x_q) if self.q_proj is not None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x_q)))
+        q_rows = rows if keep is None else None
+        q = on_rows(self.q_proj if self.q_proj is not None else lambda t: self.q_b_proj(self.q_a_norm(self.q_a_proj(t))), x_q, q_rows)
         queries = q.shape[1]
         q = q.view(batch, queries, self.num_heads, -1).transpose(1, 2)
         q_cos, q_sin = (cos, sin) if keep is None else (gather_positions(cos, keep), gather_positions(sin, keep))
         q = torch.cat((q[..., : self.nope_dim], self.rotated(q[..., self.nope_dim :], q_cos, q_sin)), dim=-1)
-        k, v = self.keys_values(x, cos, sin)
+        k, v = self.keys_values(x, cos, sin, rows)
         if past is not None:
             k = torch.cat((past[0].expand(batch, -1, -1, -1), k), dim=2)
             v = torch.cat((past[1].expand(batch, -1, -1, -1), v), dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, queries, -1))
+        return on_rows(self.o_proj, out.transpose(1, 2).reshape(batch, queries, -1), q_rows)
 
-    def keys_values(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, x, cos, sin, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys [B, heads, T, nope + rope] and values [B, heads, T, value_dim] of x [B, T, D]."""
         batch, length, _ = x.shape
-        latent, k_rope = self.kv_a_proj(x).split([self.kv_a_norm.weight.shape[0], self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_norm(latent)).view(batch, length, self.num_heads, -1).transpose(1, 2)
+        latent, k_rope = on_rows(self.kv_a_proj, x, rows).split([self.kv_a_norm.weight.shape[0], self.rope_dim], dim=-1)
+        kv = on_rows(lambda t: self.kv_b_proj(self.kv_a_norm(t)), latent, rows).view(batch, length, self.num_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.value_dim], dim=-1)
         k_rope = self.rotated(k_rope[:, None], cos, sin).expand(-1, self.num_heads, -1, -1)
         return torch.cat((k_nope, k_rope), dim=-1), v

@@ -92,16 +92,18 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, keep=None, real=None, past=None) -> tuple[torch.Tensor, LayerRouting | None]:
         """keep [B, P]: return only these positions (queries and MLP run on them alone).
 
-        real [B * T] bool: the MLP (and the router) run on these token rows only.
-        Padding rows get a zero MLP output and zero routing: nothing reads them,
-        and on batches of unequal lengths they are a third of the work.
+        real [B * T] bool (with keep None): the attention's projections, the MLP
+        and the router run on these token rows only. Padding rows get zero
+        projections, a zero MLP output and zero routing: their keys are masked
+        and nothing reads the rest, and on batches of unequal lengths they are a
+        third of the work.
         past: keys and values of a shared prefix, put before x's own.
         """
+        rows = None if real is None else real.nonzero().squeeze(1)
         residual = x if keep is None else gather_positions(x, keep)
-        x = residual + self.attn(self.attn_norm(x), cos, sin, mask, keep, past)
+        x = residual + self.attn(self.attn_norm(x), cos, sin, mask, keep, past, rows=rows)
         batch, length, dim = x.shape
         flat = self.mlp_norm(x).reshape(-1, dim)
-        rows = None if real is None else real.nonzero().squeeze(1)
         tokens = flat if rows is None else flat[rows]
         out, routing = self.mlp(tokens) if self.is_moe else (self.mlp(tokens), None)
         if rows is not None:
