@@ -172,6 +172,30 @@ def test_padding_content_does_not_matter(olmoe):
     assert max_rel_error(a.router_probs.transpose(1, 2)[real], b.router_probs.transpose(1, 2)[real]) <= REL_TOL
 
 
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v2"])  # attention, and latent attention
+def test_attention_projections_skip_padding(models, family):
+    """Below the last layer every attention projection runs on the real tokens only (padding gets zeros: its keys
+    are masked and nothing reads the rest), as the MLP does: on batches of unequal lengths padding is much of the
+    work. Checked by the rows each projection receives."""
+    model = models[family]
+    ids, mask = padded_batch(model.args.vocab_size, LENGTHS, "left", seed=6)
+    attn = model.layers[0].attn
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = args[0].reshape(-1, args[0].shape[-1]).shape[0]  # rows, whatever the leading dims
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in attn.named_children() if name.endswith("proj")]
+    try:
+        model(ids, mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen and set(seen.values()) == {sum(LENGTHS)}, seen
+
+
 # ---------------------------------------------------------------------------
 # No NaN or inf anywhere, padded positions included
 
