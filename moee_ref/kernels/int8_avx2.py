@@ -1,10 +1,10 @@
 """int8 x int16 matmuls with AVX2's integer dot products (int8_avx2.c), for CPUs without VNNI.
 
-The C file is compiled once per machine with the system's C compiler (`$CC`, else cc or gcc) into moee-ref's cache
+The C file is compiled once per machine with the system's C compiler (`$CC`, else cc, gcc or clang) into moee-ref's cache
 folder (cache_dir.py `cache_root`), named by a hash of the source, the flags and the compiler, and loaded
 with ctypes: no build step at install and no dependency beyond a compiler, which is only needed the first time.
 Where there is none, or the CPU lacks AVX2, or the built kernel does not reproduce exact integer products on
-extreme values, `available()` says why and kernels/int8.py keeps torch's weight-only path.
+extreme values, `library()` says why and kernels/int8.py keeps torch's weight-only path.
 
 Threads: the C function computes a range of output columns; `torch.get_num_threads()` ranges run at once, one in
 the calling thread and the others in a pool (ctypes releases the GIL for the call).
