@@ -31,7 +31,10 @@ void moee_int8_quantize(const float *x, int64_t rows, int64_t k, int16_t *q, flo
         float lanes[8], peak = 0.0f;
         _mm256_storeu_ps(lanes, most);
         for (int j = 0; j < 8; j++) peak = lanes[j] > peak ? lanes[j] : peak;
-        for (int64_t t = i; t < k; t++) peak = (xr[t] < 0 ? -xr[t] : xr[t]) > peak ? (xr[t] < 0 ? -xr[t] : xr[t]) : peak;
+        for (int64_t t = i; t < k; t++) {
+            const float magnitude = xr[t] < 0 ? -xr[t] : xr[t];
+            peak = magnitude > peak ? magnitude : peak;
+        }
         const float s = peak / TOP;
         const float inverse = s > 0.0f ? 1.0f / s : 0.0f;  // an all-zero row stays zero
         const __m256 scale = _mm256_set1_ps(inverse);

@@ -21,7 +21,7 @@ import re
 import struct
 import sys
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -323,8 +323,7 @@ def _build(args, groups, reader, dtype, int8, lm_head, packed, device, path, sou
         model = use_kernels(MoEDecoder(args, with_lm_head=lm_head), dtype, packed)
     if source is None and target is not None:
         target.start_writing()  # OSError: noted in target.error, and nothing more is written
-    with ExitStack() as stack:
-        prepared = stack.enter_context(source.layers_in_order()) if source is not None else None
+    with source.layers_in_order() if source is not None else nullcontext() as prepared:
         _fill(model, args, groups, reader, dtype, int8, packed, device, path, prepared, target)
     if source is None and target is not None and target.error is None:
         target.finish_writing()
